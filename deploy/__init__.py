@@ -1,0 +1,1 @@
+"""The process edge: settings, the CLI, the local stack, manifests."""

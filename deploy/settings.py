@@ -1,0 +1,106 @@
+"""Settings read once from the environment (TICKSERVE_*), validated, then passed down frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from features.spec import NS_PER_SECOND, FeatureSpec
+from tickserve.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Every knob of a tickserve process; see README 'Configuration'."""
+
+    model_config = SettingsConfigDict(env_prefix="TICKSERVE_", frozen=True, extra="ignore")
+
+    state_dir: Path = Path(".tickserve")
+
+    # Kafka
+    broker_port: int = Field(19092, ge=1, le=65535)
+    bootstrap_servers: str | None = None
+    ticks_topic: str = "ticks"
+    signals_topic: str = "signals"
+    dlq_topic: str = "ticks.dlq"
+    partitions: int = Field(4, ge=1)
+    group_id: str = "tickserve-worker"
+    archive_group_id: str = "tickserve-archive"
+    # Tansu stalls short fetch waits (shared/BROKER.md): keep >= 20 ms.
+    fetch_max_wait_ms: int = Field(20, ge=1)
+    linger_ms: int = Field(5, ge=0)
+    max_batch: int = Field(2000, ge=1)
+
+    # Redis / Feast
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("TICKSERVE_REDIS_URL", "REDIS_URL")
+    )
+    valkey_port: int = Field(16379, ge=1, le=65535)
+
+    # MLflow
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("TICKSERVE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
+    )
+    model_name: str = "tickserve-crypto"
+    model_alias: str = "champion"
+    prefer_gpu: bool = True
+
+    # ClickHouse
+    clickhouse_dsn: str | None = None
+
+    # Features
+    bar_seconds: float = Field(60.0, gt=0)
+    max_symbols: int = Field(10_000, ge=1)
+    max_future_ms: int = Field(5_000, ge=0)
+
+    # Serving
+    metrics_port: int = Field(8000, ge=0, le=65535)  # 0 disables the HTTP endpoint
+    log_level: str = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://")):
+            raise ValueError(f"must start with redis:// or rediss://, got {value!r}")
+        return value
+
+    @property
+    def bootstrap(self) -> str:
+        """Kafka bootstrap servers: explicit, else the local broker."""
+        return self.bootstrap_servers or f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def redis(self) -> str:
+        """Redis URL: REDIS_URL if set, else the local Valkey."""
+        return self.redis_url or f"redis://127.0.0.1:{self.valkey_port}/0"
+
+    @property
+    def mlflow_uri(self) -> str:
+        """MLflow tracking URI: MLFLOW_TRACKING_URI if set, else sqlite in the state dir."""
+        return self.mlflow_tracking_uri or f"sqlite:///{self.state_dir.resolve()}/mlflow.db"
+
+    @property
+    def clickhouse(self) -> str:
+        """ClickHouse DSN: a server URL, else the embedded engine in the state dir."""
+        return self.clickhouse_dsn or f"chdb:///{self.state_dir.resolve()}/clickhouse"
+
+    @property
+    def feast_registry(self) -> Path:
+        """Feast registry file (the online store itself is Redis)."""
+        return self.state_dir.resolve() / "feast" / "registry.db"
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        """The FeatureSpec this configuration computes."""
+        return FeatureSpec(bar_ns=int(self.bar_seconds * NS_PER_SECOND))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; raise ConfigError with one readable line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"bad setting {where}: {first['msg']}") from None

@@ -1,0 +1,1 @@
+"""Streaming features: FeatureSpec, Numba kernels over micro-batches, the online store."""

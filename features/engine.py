@@ -1,0 +1,116 @@
+"""FeatureEngine: symbol slots, preallocated state, and the one entry point online and offline."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from features import kernels
+from features.spec import FeatureSpec
+from tickserve.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureBatch:
+    """Feature rows for one micro-batch, aligned with its ticks."""
+
+    values: np.ndarray  # (n, n_features) float64, NaN where not ready
+    ready: np.ndarray  # (n,) bool: every window full, safe to score
+    status: np.ndarray  # (n,) int8: kernels.STATUS_OK or STATUS_LATE
+
+
+class FeatureEngine:
+    """Per-symbol streaming state for one `FeatureSpec`; growable up to `max_symbols`.
+
+    The stream worker and the offline path (`compute_features`) both call `update`,
+    so a value computed live is the value training saw.
+    """
+
+    def __init__(self, spec: FeatureSpec, max_symbols: int = 10_000, initial_symbols: int = 64):
+        """Allocate state for `initial_symbols`, doubling on demand up to `max_symbols`."""
+        self.spec = spec
+        self.max_symbols = max_symbols
+        self.slot_of: dict[str, int] = {}
+        self.symbols: list[str] = []
+        capacity = min(initial_symbols, max_symbols)
+        self.fstate = np.zeros((capacity, kernels.N_FSTATE), np.float64)
+        self.istate = np.zeros((capacity, kernels.N_ISTATE), np.int64)
+        self.istate[:, kernels.I_BAR] = -1
+        self.closes = np.zeros((capacity, spec.history), np.float64)
+        self.volumes = np.zeros((capacity, spec.history), np.float64)
+
+    def _grow(self) -> None:
+        old = self.fstate.shape[0]
+        new = min(old * 2, self.max_symbols)
+        if new <= old:
+            raise ConfigError(f"more than max_symbols={self.max_symbols} symbols seen")
+        self.fstate = np.concatenate([self.fstate, np.zeros((new - old, kernels.N_FSTATE))])
+        istate = np.zeros((new - old, kernels.N_ISTATE), np.int64)
+        istate[:, kernels.I_BAR] = -1
+        self.istate = np.concatenate([self.istate, istate])
+        self.closes = np.concatenate([self.closes, np.zeros((new - old, self.spec.history))])
+        self.volumes = np.concatenate([self.volumes, np.zeros((new - old, self.spec.history))])
+        logger.info("feature state grown", extra={"symbols": new})
+
+    def slots(self, symbols: Sequence[str]) -> np.ndarray:
+        """Slot per symbol, assigning new slots to symbols seen for the first time."""
+        out = np.empty(len(symbols), np.int64)
+        slot_of = self.slot_of
+        for i, symbol in enumerate(symbols):
+            slot = slot_of.get(symbol)
+            if slot is None:
+                slot = len(self.symbols)
+                if slot >= self.fstate.shape[0]:
+                    self._grow()
+                slot_of[symbol] = slot
+                self.symbols.append(symbol)
+            out[i] = slot
+        return out
+
+    def update(
+        self,
+        slots: np.ndarray,
+        event_ns: np.ndarray,
+        price: np.ndarray,
+        quantity: np.ndarray,
+        is_buy: np.ndarray,
+    ) -> FeatureBatch:
+        """Apply ticks in order; return one feature row per tick."""
+        n = slots.shape[0]
+        values = np.empty((n, self.spec.n_features), np.float64)
+        ready = np.empty(n, np.bool_)
+        status = np.empty(n, np.int8)
+        spec = self.spec
+        kernels.update_batch(
+            slots, event_ns, price, quantity, is_buy,
+            self.fstate, self.istate, self.closes, self.volumes,
+            spec.bar_ns, spec.late_tolerance_ns, spec.return_bars, spec.rsi_period,
+            spec.bb_period, spec.bb_k, spec.vol_bars,
+            values, ready, status,
+        )  # fmt: skip
+        return FeatureBatch(values, ready, status)
+
+
+def compute_features(
+    spec: FeatureSpec,
+    symbols: Sequence[str],
+    event_ns: np.ndarray,
+    price: np.ndarray,
+    quantity: np.ndarray,
+    is_buy: np.ndarray,
+) -> FeatureBatch:
+    """Offline entry point: the streaming kernels over a whole history in one batch."""
+    engine = FeatureEngine(spec, max_symbols=max(len(set(symbols)), 1))
+    slots = engine.slots(symbols)
+    return engine.update(
+        slots,
+        np.ascontiguousarray(event_ns, np.int64),
+        np.ascontiguousarray(price, np.float64),
+        np.ascontiguousarray(quantity, np.float64),
+        np.ascontiguousarray(is_buy, np.bool_),
+    )

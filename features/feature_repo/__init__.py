@@ -1,0 +1,1 @@
+"""The Feast feature repository: entity `symbol`, FeatureView `crypto_ohlcv_features`."""

@@ -1,0 +1,1 @@
+"""ONNX scoring: sessions and providers, the MLflow model source."""

@@ -1,0 +1,1 @@
+"""Kafka I/O: the tick contract, codecs, feeds, the stream worker and the archiver."""

@@ -1,0 +1,91 @@
+"""Kafka clients configured for this job (and for the local broker's known defects)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from tickserve.errors import ConfigError, StackError
+
+logger = logging.getLogger(__name__)
+
+
+def make_producer(bootstrap: str, linger_ms: int = 5) -> AIOKafkaProducer:
+    """A producer for ticks/signals: acks=all, no idempotence (Tansu rejects InitProducerId)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=linger_ms,
+        enable_idempotence=False,
+        max_batch_size=256 * 1024,
+        request_timeout_ms=30_000,
+    )
+
+
+def make_consumer(
+    bootstrap: str,
+    group_id: str,
+    topics: list[str],
+    fetch_max_wait_ms: int = 20,
+    max_batch: int = 2000,
+) -> AIOKafkaConsumer:
+    """A group consumer with manual commits; reads from the earliest offset when new."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        max_poll_records=max_batch,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+
+
+async def start_client(client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: str) -> None:
+    """Start a client, turning 'no broker there' into one clear ConfigError."""
+    try:
+        await client.start()
+    except KafkaConnectionError as exc:
+        await client.stop()
+        raise ConfigError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from exc
+
+
+async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+    """Create topics that do not exist yet (the partition count matters for keyed order)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+    except KafkaConnectionError as exc:
+        await admin.close()
+        raise ConfigError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from exc
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass
+    except KafkaError as exc:
+        raise StackError("broker", f"creating topics {topics} failed: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+async def wait_assigned(consumer: AIOKafkaConsumer, timeout_s: float = 60.0) -> None:
+    """Wait until the group coordinator has assigned partitions (first join takes ~5 s here)."""
+    deadline = time.monotonic() + timeout_s
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            raise StackError("broker", f"no partitions assigned within {timeout_s:.0f} s")
+        # getmany drives the join; records fetched here are not lost (not committed,
+        # and the consumer's position is not advanced past what we return).
+        await asyncio.sleep(0.05)

@@ -1,0 +1,185 @@
+"""The normalized tick contract: one trade, encoded as an orjson object on topic `ticks`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from tickserve.errors import InvalidTick
+
+SIDES = {"buy": True, "sell": False}
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One trade as the feed publishes it (used at the edges, never in the hot loop).
+
+    Attributes:
+        symbol: Instrument, e.g. ``XRP/ETH``; also the Kafka key.
+        event_ns: Exchange event time, integer ns since the Unix epoch (UTC).
+        price: Trade price, > 0.
+        quantity: Traded amount in base units, >= 0.
+        side: Taker side, ``buy`` or ``sell``.
+        trade_id: Exchange trade id.
+        recv_ns: When the feed received (and published) the tick, ns since the epoch.
+    """
+
+    symbol: str
+    event_ns: int
+    price: float
+    quantity: float
+    side: str
+    trade_id: str
+    recv_ns: int
+
+    def encode(self) -> bytes:
+        """Serialize as the JSON object carried on the `ticks` topic."""
+        return orjson.dumps(
+            {
+                "symbol": self.symbol,
+                "event_ns": self.event_ns,
+                "price": self.price,
+                "quantity": self.quantity,
+                "side": self.side,
+                "trade_id": self.trade_id,
+                "recv_ns": self.recv_ns,
+            }
+        )
+
+
+@dataclass(slots=True)
+class TickColumns:
+    """A decoded micro-batch as columns; `index[i]` is the position of row i in the input."""
+
+    symbols: list[str] = field(default_factory=list)
+    trade_ids: list[str] = field(default_factory=list)
+    event_ns: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    price: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    quantity: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    is_buy: np.ndarray = field(default_factory=lambda: np.empty(0, np.bool_))
+    recv_ns: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    index: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record that did not make it into the batch, and why (the dead-letter reason)."""
+
+    index: int
+    reason: str
+    detail: str
+
+
+def _int_field(doc: dict[str, object], name: str) -> int:
+    value = doc.get(name)
+    if type(value) is not int:
+        raise InvalidTick("schema", f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _float_field(doc: dict[str, object], name: str) -> float:
+    value = doc.get(name)
+    if type(value) not in (int, float):
+        raise InvalidTick("schema", f"{name} must be a number, got {value!r}")
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise InvalidTick(name, f"{name} must be finite, got {number!r}")
+    return number
+
+
+def validate(doc: object, now_ns: int, max_future_ns: int) -> Tick:
+    """Check one decoded JSON value against the tick contract.
+
+    Args:
+        doc: The value `orjson.loads` returned.
+        now_ns: Current wall-clock time in ns (event times beyond now + max_future_ns fail).
+        max_future_ns: Tolerated clock skew into the future.
+
+    Returns:
+        The tick.
+
+    Raises:
+        InvalidTick: With reason ``schema``, ``price``, ``quantity``, ``side`` or ``future``.
+
+    >>> t = validate({"symbol": "A", "event_ns": 1, "price": 2.0, "quantity": 1,
+    ...               "side": "buy", "trade_id": "7", "recv_ns": 3}, 10, 0)
+    >>> (t.symbol, t.price, t.trade_id)
+    ('A', 2.0, '7')
+    """
+    if not isinstance(doc, dict):
+        raise InvalidTick("schema", f"a tick is a JSON object, got {type(doc).__name__}")
+    symbol = doc.get("symbol")
+    if not isinstance(symbol, str) or not symbol:
+        raise InvalidTick("schema", f"symbol must be a non-empty string, got {symbol!r}")
+    event_ns = _int_field(doc, "event_ns")
+    recv_ns = _int_field(doc, "recv_ns")
+    price = _float_field(doc, "price")
+    if price <= 0.0:
+        raise InvalidTick("price", f"price must be > 0, got {price!r}")
+    quantity = _float_field(doc, "quantity")
+    if quantity < 0.0:
+        raise InvalidTick("quantity", f"quantity must be >= 0, got {quantity!r}")
+    side = doc.get("side")
+    if side not in SIDES:
+        raise InvalidTick("side", f"side must be 'buy' or 'sell', got {side!r}")
+    trade_id = doc.get("trade_id")
+    if type(trade_id) is int:
+        trade_id = str(trade_id)
+    if not isinstance(trade_id, str):
+        raise InvalidTick("schema", f"trade_id must be a string, got {trade_id!r}")
+    if event_ns > now_ns + max_future_ns:
+        raise InvalidTick("future", f"event_ns {event_ns} is more than the tolerated skew ahead")
+    return Tick(symbol, event_ns, price, quantity, str(side), trade_id, recv_ns)
+
+
+def decode_tick(raw: bytes | None, now_ns: int, max_future_ns: int) -> Tick:
+    """Decode and validate one record value; raises `InvalidTick` with the reason."""
+    if raw is None:
+        raise InvalidTick("decode", "record has no value")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidTick("decode", f"not JSON: {exc}") from exc
+    return validate(doc, now_ns, max_future_ns)
+
+
+def decode_batch(
+    values: Sequence[bytes | None], now_ns: int, max_future_ns: int
+) -> tuple[TickColumns, list[Rejected]]:
+    """Decode a micro-batch of record values into columns, setting aside the invalid ones."""
+    n = len(values)
+    cols = TickColumns(
+        event_ns=np.empty(n, np.int64),
+        price=np.empty(n, np.float64),
+        quantity=np.empty(n, np.float64),
+        is_buy=np.empty(n, np.bool_),
+        recv_ns=np.empty(n, np.int64),
+        index=np.empty(n, np.int64),
+    )
+    rejected: list[Rejected] = []
+    k = 0
+    for i, raw in enumerate(values):
+        try:
+            tick = decode_tick(raw, now_ns, max_future_ns)
+        except InvalidTick as exc:
+            rejected.append(Rejected(i, exc.reason, exc.detail))
+            continue
+        cols.symbols.append(tick.symbol)
+        cols.trade_ids.append(tick.trade_id)
+        cols.event_ns[k] = tick.event_ns
+        cols.price[k] = tick.price
+        cols.quantity[k] = tick.quantity
+        cols.is_buy[k] = SIDES[tick.side]
+        cols.recv_ns[k] = tick.recv_ns
+        cols.index[k] = i
+        k += 1
+    for name in ("event_ns", "price", "quantity", "is_buy", "recv_ns", "index"):
+        setattr(cols, name, getattr(cols, name)[:k])
+    return cols, rejected

@@ -1,0 +1,46 @@
+"""The exception tree every tickserve package raises from."""
+
+from __future__ import annotations
+
+
+class TickserveError(Exception):
+    """Root of every error tickserve raises on purpose."""
+
+
+class ConfigError(TickserveError):
+    """Configuration is invalid or points at something that is not there."""
+
+
+class StackError(TickserveError):
+    """A component of the local stack did not start or is not reachable."""
+
+    def __init__(self, component: str, message: str, log_file: str | None = None) -> None:
+        where = f" (log: {log_file})" if log_file else ""
+        super().__init__(f"{component}: {message}{where}")
+        self.component = component
+        self.log_file = log_file
+
+
+class InvalidTick(TickserveError):
+    """A tick failed to decode or validate; carries the dead-letter reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ModelError(TickserveError):
+    """A model could not be found, loaded or trusted."""
+
+
+class ModelNotFound(ModelError):
+    """No model version behind the requested name and alias."""
+
+
+class ModelRejected(ModelError):
+    """A model version was loaded but failed a check and must not serve."""
+
+
+class DataError(TickserveError):
+    """Input data for features or training is unusable (empty, too short, malformed)."""

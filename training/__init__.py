@@ -1,0 +1,1 @@
+"""Offline training: archived ticks -> the same features -> labels -> ONNX models in MLflow."""
