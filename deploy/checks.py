@@ -1,4 +1,4 @@
-"""Readiness checks run in a short-lived process: `python -m deploy.checks mlflow|clickhouse URL`."""
+"""Readiness checks in a short-lived process: `python -m deploy.checks mlflow|clickhouse URL`."""
 
 from __future__ import annotations
 

@@ -110,7 +110,9 @@ def run_demo(settings: Settings, data: Path, live_rate: float) -> int:
         archive = ClickHouseArchive.open(settings.clickhouse)
         config = ArchiverConfig(settings.bootstrap, settings.ticks_topic, settings.archive_group_id)
         inserted = asyncio.run(run_archiver(archive, config, asyncio.Event(), idle_exit_s=2.0))
-        print(f"demo: archived {inserted} ticks ({archive.count_ticks()} in ClickHouse)", flush=True)
+        print(
+            f"demo: archived {inserted} ticks ({archive.count_ticks()} in ClickHouse)", flush=True
+        )
 
         spec = settings.feature_spec
         result = train_and_register(

@@ -1,4 +1,4 @@
-"""The local stack (`tickserve up`): broker, Redis, MLflow store, ClickHouse engine, as processes."""
+"""The local stack (`tickserve up`): broker, Redis, MLflow store, ClickHouse engine."""
 
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ class LocalStack:
         self.state = settings.state_dir.resolve()
         self.logs = self.state / "logs"
         self.pids = self.state / "pids"
+        # Popen handles of processes started by this object, so that `down` can reap
+        # them (a process started by an earlier CLI call is stopped through its pid).
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- process bookkeeping -------------------------------------------------
     def _pid(self, name: str) -> int | None:
@@ -101,8 +104,10 @@ class LocalStack:
             )  # fmt: skip
         if not _wait_tcp(port, 15.0, proc):
             proc.kill()
+            proc.wait()
             raise StackError(name, f"did not accept connections on port {port}", str(log_file))
         (self.pids / f"{name}.pid").write_text(str(proc.pid))
+        self._procs[name] = proc
         return Component(name, f"127.0.0.1:{port}", proc.pid, log_file)
 
     # -- components ----------------------------------------------------------
@@ -147,7 +152,9 @@ class LocalStack:
         try:
             redis.Redis.from_url(url, socket_timeout=2).ping()
         except redis.RedisError as exc:
-            raise StackError("redis", f"{url} does not answer PING: {exc}", str(log_file or "")) from exc
+            raise StackError(
+                "redis", f"{url} does not answer PING: {exc}", str(log_file or "")
+            ) from exc
 
     def check_mlflow(self) -> Component:
         """Create (or migrate) the tracking store and list experiments once."""
@@ -193,16 +200,20 @@ class LocalStack:
             pid = self._pid(name)
             if pid is None:
                 continue
+            proc = self._procs.pop(name, None)
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and self._pid(name) is not None:
+            if proc is not None:
                 try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-                time.sleep(0.05)
-            if self._pid(name) is not None:
-                os.kill(pid, signal.SIGKILL)
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            else:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and self._pid(name) is not None:
+                    time.sleep(0.05)
+                if self._pid(name) is not None:
+                    os.kill(pid, signal.SIGKILL)
             (self.pids / f"{name}.pid").unlink(missing_ok=True)
             stopped.append(name)
         return stopped

@@ -62,8 +62,12 @@ def _complete_bar(
                 fstate[slot, F_AVG_GAIN] /= rsi_period
                 fstate[slot, F_AVG_LOSS] /= rsi_period
         else:
-            fstate[slot, F_AVG_GAIN] = (fstate[slot, F_AVG_GAIN] * (rsi_period - 1) + gain) / rsi_period
-            fstate[slot, F_AVG_LOSS] = (fstate[slot, F_AVG_LOSS] * (rsi_period - 1) + loss) / rsi_period
+            fstate[slot, F_AVG_GAIN] = (
+                fstate[slot, F_AVG_GAIN] * (rsi_period - 1) + gain
+            ) / rsi_period
+            fstate[slot, F_AVG_LOSS] = (
+                fstate[slot, F_AVG_LOSS] * (rsi_period - 1) + loss
+            ) / rsi_period
     size = closes.shape[1]
     closes[slot, head] = close
     volumes[slot, head] = volume
@@ -169,8 +173,22 @@ def update_batch(
             continue
         if ts > istate[s, I_LAST_NS]:
             istate[s, I_LAST_NS] = ts
-        _features(s, p, fstate, istate, closes, volumes, return_bars, rsi_period, bb_period,
-                  bb_k, vol_bars, out, ready, i)
+        _features(
+            s,
+            p,
+            fstate,
+            istate,
+            closes,
+            volumes,
+            return_bars,
+            rsi_period,
+            bb_period,
+            bb_k,
+            vol_bars,
+            out,
+            ready,
+            i,
+        )
 
 
 @njit(cache=True)

@@ -39,7 +39,7 @@ def _clean(value: Any) -> Any:
 
 
 def _timestamp_ns(value: Any) -> Any:
-    """ccxt timestamps are integer ms; pass anything else through for the worker to reject."""
+    """Ccxt timestamps are integer ms; pass anything else through for the worker to reject."""
     value = _clean(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -49,7 +49,7 @@ def _timestamp_ns(value: Any) -> Any:
 
 
 def symbol_from_filename(path: Path) -> str | None:
-    """freqtrade names files BASE_QUOTE-trades.*: `XRP_ETH-trades.parquet` -> `XRP/ETH`."""
+    """Freqtrade names files BASE_QUOTE-trades.*: `XRP_ETH-trades.parquet` -> `XRP/ETH`."""
     match = re.match(r"^([A-Z0-9]+)_([A-Z0-9]+)-trades", path.name)
     return f"{match.group(1)}/{match.group(2)}" if match else None
 

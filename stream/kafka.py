@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -47,33 +49,42 @@ def make_consumer(
     )
 
 
-async def start_client(client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: str) -> None:
+@contextmanager
+def _quiet_bootstrap() -> Iterator[None]:
+    """Aiokafka logs a failed bootstrap at ERROR before raising; we report it ourselves."""
+    aiokafka_logger = logging.getLogger("aiokafka")
+    level = aiokafka_logger.level
+    aiokafka_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        aiokafka_logger.setLevel(level)
+
+
+async def start_client(
+    client: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient, bootstrap: str
+) -> None:
     """Start a client, turning 'no broker there' into one clear ConfigError."""
     try:
-        await client.start()
+        with _quiet_bootstrap():
+            await client.start()
     except KafkaConnectionError as exc:
-        await client.stop()
+        await client.close() if isinstance(client, AIOKafkaAdminClient) else await client.stop()
         raise ConfigError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from exc
 
 
 async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
     """Create topics that do not exist yet (the partition count matters for keyed order)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        await admin.start()
-    except KafkaConnectionError as exc:
-        await admin.close()
-        raise ConfigError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from exc
+    await start_client(admin, bootstrap)
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
-            try:
+            with suppress(TopicAlreadyExistsError):  # another process won the race
                 await admin.create_topics(
                     [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
                 )
-            except TopicAlreadyExistsError:
-                pass
     except KafkaError as exc:
         raise StackError("broker", f"creating topics {topics} failed: {exc}") from exc
     finally:
@@ -86,6 +97,4 @@ async def wait_assigned(consumer: AIOKafkaConsumer, timeout_s: float = 60.0) -> 
     while not consumer.assignment():
         if time.monotonic() > deadline:
             raise StackError("broker", f"no partitions assigned within {timeout_s:.0f} s")
-        # getmany drives the join; records fetched here are not lost (not committed,
-        # and the consumer's position is not advanced past what we return).
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # aiokafka joins the group in a background task

@@ -101,9 +101,7 @@ class StreamWorker:
                 batches = await consumer.getmany(timeout_ms=100, max_records=cfg.max_batch)
                 if batches:
                     await self.process(batches)
-                    await consumer.commit(
-                        {tp: msgs[-1].offset + 1 for tp, msgs in batches.items()}
-                    )
+                    await consumer.commit({tp: msgs[-1].offset + 1 for tp, msgs in batches.items()})
         finally:
             await consumer.stop()
             await producer.stop()

@@ -135,6 +135,4 @@ def train_and_register(
         "model registered",
         extra={"model": model_name, "version": version, "alias": alias, **metrics},
     )
-    return TrainResult(
-        model_name, version, run.info.run_id, metrics, X_test, native, onnx_scores
-    )
+    return TrainResult(model_name, version, run.info.run_id, metrics, X_test, native, onnx_scores)

@@ -1,0 +1,74 @@
+"""Session fixtures: the real local stack, started through the same code as `tickserve up`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.settings import Settings, load_settings
+from deploy.stack import LocalStack, free_port
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "freqtrade"
+TRADES = DATA / "XRP_ETH-trades.parquet"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fail loudly, never skip, when the shared market data is missing."""
+    if not TRADES.exists():
+        raise pytest.UsageError(f"market data not found at {TRADES} (shared/ must sit beside main)")
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A running local stack on free ports in a temporary state dir (REDIS_URL honoured)."""
+    state = tmp_path_factory.mktemp("tickserve-state")
+    settings = load_settings(
+        state_dir=state, broker_port=free_port(), valkey_port=free_port(), metrics_port=0
+    )
+    stack = LocalStack(settings)
+    try:
+        stack.up()
+        yield settings
+    finally:
+        stack.down()
+
+
+def unique(prefix: str) -> str:
+    """A fresh topic or group name, so tests never see each other's records."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def topics(stack_settings: Settings) -> Settings:
+    """Settings with fresh topic and group names for one test."""
+    return stack_settings.model_copy(
+        update={
+            "ticks_topic": unique("ticks"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "group_id": unique("worker"),
+            "archive_group_id": unique("archive"),
+        }
+    )
+
+
+class LoopThread:
+    """Runs a coroutine on its own event loop in a thread (a worker beside the test)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()

@@ -1,0 +1,91 @@
+"""The command line: --help everywhere, and config errors as one clear line (exit status 2)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tickserve(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSERVE_", "MLFLOW_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args],
+        env={**clean, "PYTHONPATH": str(ROOT), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """stderr lines that are not JSON log records."""
+    return [line for line in done.stderr.splitlines() if not line.startswith("{")]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command: str, tmp_path: Path) -> None:
+    done = tickserve(command, "--help", env={}, cwd=tmp_path)
+    assert done.returncode == 0
+    assert "usage: tickserve" in done.stdout
+
+
+def test_bad_setting_is_one_line(tmp_path: Path) -> None:
+    done = tickserve("serve", env={"REDIS_URL": "http://nowhere"}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert error_lines(done) == [
+        "tickserve serve: error: bad setting TICKSERVE_REDIS_URL: Value error, "
+        "must start with redis:// or rediss://, got 'http://nowhere'"
+    ]
+
+
+def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = tickserve("feed", "--count", "1", env={"TICKSERVE_BROKER_PORT": str(port)}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert f"cannot reach the Kafka broker at 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_model_is_one_line(tmp_path: Path) -> None:
+    done = tickserve("serve", env={"TICKSERVE_METRICS_PORT": "0"}, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = [line for line in error_lines(done) if line.startswith("tickserve")]
+    assert len(lines) == 1
+    assert "no model at models:/tickserve-crypto@champion" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_port_in_use_names_the_component(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        done = tickserve("up", env={"TICKSERVE_BROKER_PORT": str(port)}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert error_lines(done) == [
+        f"tickserve up: error: broker: port {port} on 127.0.0.1 is already in use"
+    ]
+
+
+def test_metrics_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        done = tickserve("serve", env={"TICKSERVE_METRICS_PORT": str(port)}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert error_lines(done) == [f"tickserve serve: error: metrics port {port} is already in use"]

@@ -1,0 +1,190 @@
+"""The whole path through the real broker, Redis (via Feast), ClickHouse engine and MLflow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import pytest
+
+from deploy.settings import Settings
+from features.engine import FeatureEngine
+from features.online import OnlineWriter, open_store, read_online
+from features.spec import FeatureSpec
+from inference.registry import load_model
+from stream.archive import ArchiverConfig, ClickHouseArchive, run_archiver
+from stream.feed import publish, read_trades
+from stream.kafka import ensure_topics
+from stream.signal import FLAT, Signal
+from stream.worker import StreamWorker, WorkerConfig
+from tests.conftest import TRADES, LoopThread, unique
+from tests.kafka_helpers import read_topic, run
+from tickserve.errors import ModelNotFound, ModelRejected
+from training.dataset import build_dataset
+from training.train import TrainResult, train_and_register
+
+pytestmark = pytest.mark.services
+HISTORY = 8000
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    result: TrainResult
+    ticks: list[dict[str, object]]
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack_settings: Settings) -> Pipeline:
+    """History published and archived, a model trained on the archive and registered."""
+    settings = stack_settings.model_copy(
+        update={
+            "ticks_topic": unique("ticks"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "group_id": unique("worker"),
+            "archive_group_id": unique("archive"),
+            "model_name": unique("tickserve-test"),
+        }
+    )
+    ticks = read_trades(TRADES)
+    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
+    run(ensure_topics(settings.bootstrap, topics, settings.partitions))
+    assert run(publish(ticks[:HISTORY], settings.bootstrap, settings.ticks_topic)) == HISTORY
+
+    archive = ClickHouseArchive.open(settings.clickhouse)
+    config = ArchiverConfig(settings.bootstrap, settings.ticks_topic, settings.archive_group_id)
+    inserted = run(run_archiver(archive, config, asyncio.Event(), idle_exit_s=2.0))
+    assert inserted == HISTORY
+    spec = settings.feature_spec
+    frame = archive.read_ticks(["XRP/ETH"])
+    assert len(frame) >= HISTORY  # other tests may archive the same real trades (deduplicated)
+    frame = frame[frame["event_ns"] <= ticks[HISTORY - 1]["event_ns"]]
+    result = train_and_register(build_dataset(frame, spec), spec, settings.mlflow_uri,
+                                settings.model_name)  # fmt: skip
+    return Pipeline(settings, result, ticks)
+
+
+def test_onnx_scores_equal_the_trained_model(pipeline: Pipeline) -> None:
+    result = pipeline.result
+    assert len(result.native_scores) > 100
+    np.testing.assert_allclose(result.onnx_scores, result.native_scores, rtol=0, atol=1e-5)
+    # and the version served from the registry scores the same
+    settings = pipeline.settings
+    served = load_model(settings.mlflow_uri, settings.model_name, "champion",
+                        settings.feature_spec, prefer_gpu=False)  # fmt: skip
+    assert served.version == result.version
+    np.testing.assert_allclose(
+        served.scorer.score(result.X_test), result.native_scores, rtol=0, atol=1e-5
+    )
+
+
+def test_a_model_for_another_feature_spec_is_refused(pipeline: Pipeline) -> None:
+    settings = pipeline.settings
+    with pytest.raises(ModelRejected, match="FeatureSpec"):
+        load_model(settings.mlflow_uri, settings.model_name, "champion",
+                   FeatureSpec(bar_ns=1_000_000_000), prefer_gpu=False)  # fmt: skip
+    with pytest.raises(ModelNotFound, match="tickserve train"):
+        load_model(settings.mlflow_uri, settings.model_name, "no-such-alias",
+                   settings.feature_spec, prefer_gpu=False)  # fmt: skip
+
+
+BAD_RECORDS = [
+    (b"not json at all", "decode"),
+    (orjson.dumps({"symbol": "XRP/ETH", "event_ns": 1, "price": None, "quantity": 1.0,
+                   "side": "buy", "trade_id": "bad-1", "recv_ns": 1}), "schema"),
+    (orjson.dumps({"symbol": "XRP/ETH", "event_ns": 1, "price": -2.0, "quantity": 1.0,
+                   "side": "buy", "trade_id": "bad-2", "recv_ns": 1}), "price"),
+    (orjson.dumps({"symbol": "XRP/ETH", "event_ns": 1, "price": 2.0, "quantity": -1.0,
+                   "side": "buy", "trade_id": "bad-3", "recv_ns": 1}), "quantity"),
+    (orjson.dumps({"symbol": "XRP/ETH", "event_ns": time.time_ns() + 3600 * 10**9, "price": 2.0,
+                   "quantity": 1.0, "side": "buy", "trade_id": "bad-4", "recv_ns": 1}), "future"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def served(pipeline: Pipeline) -> Iterator[tuple[StreamWorker, Pipeline]]:
+    """A worker in its own event loop thread, exactly as `tickserve serve` wires it."""
+    settings = pipeline.settings
+    spec = settings.feature_spec
+    model = load_model(settings.mlflow_uri, settings.model_name, "champion", spec, False)
+    writer = OnlineWriter(open_store(settings.redis, settings.feast_registry), spec).start()
+    config = WorkerConfig(
+        bootstrap=settings.bootstrap, ticks_topic=settings.ticks_topic,
+        signals_topic=settings.signals_topic, dlq_topic=settings.dlq_topic,
+        group_id=settings.group_id,
+    )  # fmt: skip
+    worker = StreamWorker(config, FeatureEngine(spec), model, writer)
+    loop = LoopThread()
+    stop: asyncio.Event = loop.submit(_make_event()).result(5)  # type: ignore[attr-defined]
+    done = loop.submit(worker.run(stop))
+    try:
+        yield worker, pipeline
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        done.result(30)  # type: ignore[attr-defined]
+        loop.close()
+
+
+async def _make_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+async def _publish_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    from stream.kafka import make_producer
+
+    producer = make_producer(bootstrap)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, key=b"XRP/ETH")
+    finally:
+        await producer.stop()
+
+
+def test_every_tick_gets_one_signal_and_bad_ones_go_to_the_dlq(
+    served: tuple[StreamWorker, Pipeline],
+) -> None:
+    worker, pipeline = served
+    settings = pipeline.settings
+    live = pipeline.ticks[HISTORY:]
+    # bad records in the middle of the stream: the worker must carry on past them
+    run(publish(live[:1000], settings.bootstrap, settings.ticks_topic))
+    run(_publish_raw(settings.bootstrap, settings.ticks_topic, [v for v, _ in BAD_RECORDS]))
+    run(publish(live[1000:], settings.bootstrap, settings.ticks_topic))
+    total = len(pipeline.ticks)
+
+    records = run(read_topic(settings.bootstrap, settings.signals_topic, 4, total, 120))
+    signals = [Signal.decode(r.value) for r in records]  # type: ignore[attr-defined]
+    per_tick = Counter(s.trade_id for s in signals)
+    assert len(per_tick) == total, "a tick got no signal"
+    assert max(per_tick.values()) == 1, "a tick got two signals"
+    assert per_tick.keys() == {t["trade_id"] for t in pipeline.ticks}
+    scored = [s for s in signals if s.ready]
+    assert len(scored) > 0.9 * total
+    assert {s.version for s in scored} == {pipeline.result.version}
+    assert {s.model for s in signals} == {settings.model_name}
+    assert all(s.direction == FLAT and s.score is None for s in signals if not s.ready)
+    assert all(0.0 <= s.score <= 1.0 for s in scored)  # type: ignore[operator]
+
+    dead = run(read_topic(settings.bootstrap, settings.dlq_topic, 4, len(BAD_RECORDS), 60))
+    got = sorted((r.value, dict(r.headers)["reason"].decode()) for r in dead)  # type: ignore[attr-defined]
+    assert got == sorted(BAD_RECORDS)
+
+    # the online store holds what the worker computed last, read through Feast
+    deadline = time.monotonic() + 10
+    while worker.writer is not None and worker.writer.flushed_rows == 0:
+        assert time.monotonic() < deadline, "online writer never flushed"
+        time.sleep(0.05)
+    worker.writer.close()  # type: ignore[union-attr]
+    event_ns, expected = worker.last_rows["XRP/ETH"]
+    store = open_store(settings.redis, settings.feast_registry)
+    online = read_online(store, ["XRP/ETH"], settings.feature_spec)
+    got_values = online[list(settings.feature_spec.names)].to_numpy()[0]
+    np.testing.assert_array_equal(got_values, expected)
+    assert event_ns == max(t["event_ns"] for t in pipeline.ticks)  # type: ignore[type-var]
