@@ -41,8 +41,14 @@ class FeatureEngine:
         self.fstate = np.zeros((capacity, kernels.N_FSTATE), np.float64)
         self.istate = np.zeros((capacity, kernels.N_ISTATE), np.int64)
         self.istate[:, kernels.I_BAR] = -1
-        self.closes = np.zeros((capacity, spec.history), np.float64)
-        self.volumes = np.zeros((capacity, spec.history), np.float64)
+        self.rings = np.zeros((capacity, kernels.N_RINGS, spec.history), np.float64)
+        self.iparams = np.array(
+            [spec.bar_ns, spec.late_tolerance_ns, *spec.short_return_bars, spec.return_bars,
+             spec.rsi_period, spec.bb_period, spec.volume_bars, spec.rv_bars, spec.ema_fast,
+             spec.ema_slow],
+            np.int64,
+        )  # fmt: skip
+        assert self.iparams.shape == (kernels.N_IPARAMS,)
 
     def _grow(self) -> None:
         old = self.fstate.shape[0]
@@ -53,8 +59,8 @@ class FeatureEngine:
         istate = np.zeros((new - old, kernels.N_ISTATE), np.int64)
         istate[:, kernels.I_BAR] = -1
         self.istate = np.concatenate([self.istate, istate])
-        self.closes = np.concatenate([self.closes, np.zeros((new - old, self.spec.history))])
-        self.volumes = np.concatenate([self.volumes, np.zeros((new - old, self.spec.history))])
+        rings = np.zeros((new - old, kernels.N_RINGS, self.spec.history))
+        self.rings = np.concatenate([self.rings, rings])
         logger.info("feature state grown", extra={"symbols": new})
 
     def slots(self, symbols: Sequence[str]) -> np.ndarray:
@@ -85,13 +91,9 @@ class FeatureEngine:
         values = np.empty((n, self.spec.n_features), np.float64)
         ready = np.empty(n, np.bool_)
         status = np.empty(n, np.int8)
-        spec = self.spec
         kernels.update_batch(
-            slots, event_ns, price, quantity, is_buy,
-            self.fstate, self.istate, self.closes, self.volumes,
-            spec.bar_ns, spec.late_tolerance_ns, spec.return_bars, spec.rsi_period,
-            spec.bb_period, spec.bb_k, spec.vol_bars,
-            values, ready, status,
+            slots, event_ns, price, quantity, is_buy, self.fstate, self.istate, self.rings,
+            self.iparams, self.spec.bb_k, values, ready, status,
         )  # fmt: skip
         return FeatureBatch(values, ready, status)
 

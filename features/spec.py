@@ -9,6 +9,24 @@ import orjson
 
 NS_PER_SECOND = 1_000_000_000
 
+# Column order of every feature row (kernels.update_batch writes them in this order).
+# Windows are in bars; the names are the user's (`return_24h` is 24 bars: 24 hours
+# with TICKSERVE_BAR_SECONDS=3600, 24 minutes with the default 60).
+FEATURE_NAMES = (
+    "return_1",
+    "return_5",
+    "return_24h",
+    "rsi_14",
+    "bb_pos_20",
+    "vol_ratio_24",
+    "realized_vol_24",
+    "ema_12_dev",
+    "macd_12_26",
+    "vwap_dev_24",
+    "flow_imbalance_24",
+    "time_since_trade",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
@@ -20,26 +38,34 @@ class FeatureSpec:
 
     Attributes:
         bar_ns: Time-bar length in ns.
-        return_bars: Bars back for `return_24h` (log return).
-        rsi_period: Wilder RSI period for `rsi_14`.
-        bb_period: Bollinger window for `bb_pos_20` (population std, k=bb_k).
+        short_return_bars: Bars back for `return_1` and `return_5` (log returns).
+        return_bars: Bars back for `return_24h`.
+        rsi_period: Wilder RSI period (TA-Lib seeding: mean of the first changes).
+        bb_period: Bollinger window (population std, like TA-Lib) for `bb_pos_20`.
         bb_k: Bollinger band width in standard deviations.
-        vol_bars: Completed bars averaged for `vol_ratio_24`.
+        volume_bars: Completed bars behind `vol_ratio_24`, `vwap_dev_24`, `flow_imbalance_24`.
+        rv_bars: One-bar log returns in `realized_vol_24` (population std).
+        ema_fast: Fast EMA period (TA-Lib: seeded with the simple mean).
+        ema_slow: Slow EMA period.
         late_tolerance_ns: A tick this far before its symbol's open bar still counts
             (into the open bar); an older one is rejected as `late`.
         version: Bumped whenever a kernel's arithmetic changes.
     """
 
     bar_ns: int = 60 * NS_PER_SECOND
+    short_return_bars: tuple[int, int] = (1, 5)
     return_bars: int = 24
     rsi_period: int = 14
     bb_period: int = 20
     bb_k: float = 2.0
-    vol_bars: int = 24
+    volume_bars: int = 24
+    rv_bars: int = 24
+    ema_fast: int = 12
+    ema_slow: int = 26
     late_tolerance_ns: int = 2 * NS_PER_SECOND
-    version: int = 1
+    version: int = 2
 
-    names: tuple[str, ...] = ("return_24h", "rsi_14", "bb_pos_20", "vol_ratio_24")
+    names: tuple[str, ...] = FEATURE_NAMES
     dtype: str = "float64"
 
     @property
@@ -49,8 +75,17 @@ class FeatureSpec:
 
     @property
     def history(self) -> int:
-        """Completed bars each symbol keeps in its ring buffer."""
-        return max(self.return_bars, self.bb_period, self.vol_bars) + 1
+        """Completed bars each symbol keeps in its ring buffers."""
+        longest = max(*self.short_return_bars, self.return_bars, self.bb_period)
+        return max(longest, self.volume_bars, self.rv_bars) + 1
+
+    @property
+    def warmup_bars(self) -> int:
+        """Completed bars a symbol needs before its rows are ready."""
+        return max(
+            self.return_bars, self.rsi_period, self.bb_period - 1, self.volume_bars,
+            self.rv_bars, self.ema_slow - 1, *self.short_return_bars,
+        )  # fmt: skip
 
     @property
     def hash(self) -> str:
