@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 
 from deploy.settings import Settings, load_settings
@@ -115,6 +116,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from deploy.stack import port_free
     from features.engine import FeatureEngine
     from features.online import OnlineWriter, open_store
+    from features.snapshot import SnapshotStore
     from inference.registry import load_model
     from stream.kafka import ensure_topics
     from stream.worker import StreamWorker, WorkerConfig
@@ -136,8 +138,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         group_id=settings.group_id, fetch_max_wait_ms=settings.fetch_max_wait_ms,
         linger_ms=settings.linger_ms, max_batch=settings.max_batch,
         max_future_ns=settings.max_future_ms * 1_000_000,
+        snapshot_interval_s=settings.snapshot_interval_s,
     )  # fmt: skip
-    worker = StreamWorker(config, FeatureEngine(spec, settings.max_symbols), model, writer)
+    snapshots = SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}")
+    engine = FeatureEngine(spec, settings.max_symbols)
+    worker = StreamWorker(config, engine, model, writer, snapshots)
 
     async def main() -> None:
         topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
@@ -147,6 +152,35 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         await worker.run(stop)
 
     _run(main())
+    return 0
+
+
+def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
+    """Compute the stream's features offline for a trade file, one row per tick."""
+    import pandas as pd
+
+    from features.offline import features_frame
+    from stream.feed import read_trades
+    from stream.tick import SIDES, validate
+    from tickserve.errors import InvalidTick
+
+    rows, skipped = [], Counter[str]()
+    far_future = 2**62  # a file is history: no clock-skew check
+    for raw in read_trades(Path(args.input), args.symbol):
+        try:
+            tick = validate({**raw, "recv_ns": 0}, far_future, 0)
+        except InvalidTick as exc:
+            skipped[exc.reason] += 1
+            continue
+        rows.append((tick.symbol, tick.event_ns, tick.trade_id, tick.price, tick.quantity,
+                     SIDES[tick.side]))  # fmt: skip
+    columns = ["symbol", "event_ns", "trade_id", "price", "quantity", "is_buy"]
+    table = features_frame(pd.DataFrame(rows, columns=columns), settings.feature_spec)
+    table.to_parquet(args.output, index=False)
+    print(
+        f"features: {len(table)} rows ({int(table['ready'].sum())} ready) -> {args.output}; "
+        f"skipped {sum(skipped.values())} invalid {dict(skipped)}; spec {settings.feature_spec.hash}"
+    )
     return 0
 
 
@@ -190,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="run the stream worker (ticks -> signals)")
 
+    features = sub.add_parser("features", help="offline features for a trade file -> Parquet")
+    features.add_argument("--input", required=True, help="trade file (formats as for feed)")
+    features.add_argument("--output", required=True, help="Parquet file to write")
+    features.add_argument("--symbol", help="symbol for files whose rows carry none")
+
     demo = sub.add_parser("demo", help="feed, archive, train, serve and measure, end to end")
     demo.add_argument(
         "--data", default="../shared/data/freqtrade/XRP_ETH-trades.parquet", help="trade file"
@@ -200,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "feed": cmd_feed, "archive": cmd_archive,
-    "train": cmd_train, "serve": cmd_serve, "demo": cmd_demo,
+    "train": cmd_train, "serve": cmd_serve, "demo": cmd_demo, "features": cmd_features,
 }  # fmt: skip
 
 

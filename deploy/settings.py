@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(20, ge=1)
     linger_ms: int = Field(5, ge=0)
     max_batch: int = Field(2000, ge=1)
+    snapshot_interval_s: float = Field(10.0, gt=0)
 
     # Redis / Feast
     redis_url: str | None = Field(

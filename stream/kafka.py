@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
@@ -35,10 +35,10 @@ def make_consumer(
     topics: list[str],
     fetch_max_wait_ms: int = 20,
     max_batch: int = 2000,
+    listener: ConsumerRebalanceListener | None = None,
 ) -> AIOKafkaConsumer:
     """A group consumer with manual commits; reads from the earliest offset when new."""
-    return AIOKafkaConsumer(
-        *topics,
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
@@ -47,6 +47,8 @@ def make_consumer(
         max_poll_records=max_batch,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
+    consumer.subscribe(topics, listener=listener)
+    return consumer
 
 
 @contextmanager

@@ -5,16 +5,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
+from aiokafka.errors import CommitFailedError
 from prometheus_client import Counter, Histogram
 
+from features import snapshot
 from features.engine import FeatureEngine
 from features.kernels import STATUS_LATE
 from features.online import OnlineWriter
+from features.snapshot import SnapshotStore
 from inference.registry import LoadedModel
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
 from stream.signal import DOWN, FLAT, UP, encode_signal
@@ -23,6 +33,7 @@ from stream.tick import decode_batch
 logger = logging.getLogger(__name__)
 
 TICKS = Counter("ticks_total", "Tick records consumed")
+REPLAYED = Counter("replayed_ticks_total", "Records re-applied to feature state without signals")
 PREDICTIONS = Counter("predictions_total", "Signals emitted", ["model", "version", "ready"])
 DEAD_LETTERS = Counter("dead_letters_total", "Records sent to the dead-letter topic", ["reason"])
 LATENCY = Histogram(
@@ -33,6 +44,10 @@ LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "micro_batch_size", "Records per micro-batch", buckets=(1, 10, 100, 500, 1000, 2000, 5000)
 )
+
+# (trade_ids, symbols, feature values, ready) of each micro-batch, for audits and tests
+FeatureTap = Callable[[list[str], list[str], np.ndarray, np.ndarray], None]
+Batches = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +64,7 @@ class WorkerConfig:
     max_batch: int = 2000
     max_future_ns: int = 5_000_000_000
     threshold: float = 0.5
+    snapshot_interval_s: float = 10.0
 
 
 class StreamWorker:
@@ -56,6 +72,12 @@ class StreamWorker:
 
     Offsets are committed only after every signal and dead letter of the batch is
     acknowledged by the broker (at-least-once: a crash replays, never skips).
+
+    Feature state survives restarts and rebalances: each partition's symbols are
+    snapshotted with the offset they reflect (periodically, when the partition is
+    revoked, and on shutdown). A newly assigned partition is restored from its
+    snapshot and re-read from the snapshot's offset; records before the committed
+    offset already have signals, so they only update features (no duplicates).
     """
 
     def __init__(
@@ -64,31 +86,44 @@ class StreamWorker:
         engine: FeatureEngine,
         model: LoadedModel,
         writer: OnlineWriter | None = None,
+        snapshots: SnapshotStore | None = None,
+        feature_tap: FeatureTap | None = None,
     ):
         """Hold the parts; `run` connects to Kafka."""
         self.config = config
         self.engine = engine
         self.model = model
         self.writer = writer
+        self.snapshots = snapshots
+        self.feature_tap = feature_tap
         self.producer: AIOKafkaProducer | None = None
+        self.consumer: AIOKafkaConsumer | None = None
         self.assigned = asyncio.Event()
         self.last_rows: dict[str, tuple[int, np.ndarray]] = {}
         self.processed = 0
+        self.partition_of: dict[str, int] = {}
+        self.next_offsets: dict[TopicPartition, int] = {}
+        self.replay_until: dict[TopicPartition, int] = {}
+        self._batch_lock = asyncio.Lock()
+        self._last_snapshot = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop` is set, then drain, commit and close."""
+        """Consume until `stop` is set, then commit, snapshot and close."""
         cfg = self.config
         consumer = make_consumer(
-            cfg.bootstrap, cfg.group_id, [cfg.ticks_topic], cfg.fetch_max_wait_ms, cfg.max_batch
-        )
+            cfg.bootstrap, cfg.group_id, [cfg.ticks_topic], cfg.fetch_max_wait_ms, cfg.max_batch,
+            listener=_Rebalance(self),
+        )  # fmt: skip
         producer = make_producer(cfg.bootstrap, cfg.linger_ms)
+        # set before start: the group join (and its assignment callback) may run inside it
+        self.producer, self.consumer = producer, consumer
         await start_client(producer, cfg.bootstrap)
         try:
             await start_client(consumer, cfg.bootstrap)
         except Exception:
             await producer.stop()
             raise
-        self.producer = producer
+        clean = False
         try:
             await wait_assigned(consumer)
             self.assigned.set()
@@ -99,30 +134,52 @@ class StreamWorker:
             )  # fmt: skip
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=cfg.max_batch)
-                if batches:
+                if not batches:
+                    continue
+                async with self._batch_lock:
                     await self.process(batches)
-                    await consumer.commit({tp: msgs[-1].offset + 1 for tp, msgs in batches.items()})
+                    offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items()}
+                    try:
+                        await consumer.commit(offsets)
+                    except CommitFailedError as exc:
+                        # the group moved on (rebalance): the new owner replays these
+                        logger.warning("commit failed", extra={"error": str(exc)})
+                        continue
+                    self.next_offsets.update(offsets)
+                if time.monotonic() - self._last_snapshot > cfg.snapshot_interval_s:
+                    self.snapshot(list(self.next_offsets))
+            clean = True
         finally:
+            if clean:
+                await asyncio.gather(*self.snapshot(list(self.next_offsets)))
             await consumer.stop()
             await producer.stop()
             if self.writer is not None:
                 self.writer.close()
+            if self.snapshots is not None:
+                self.snapshots.close()
             logger.info("worker stopped", extra={"processed": self.processed})
 
-    async def process(self, batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+    async def process(self, batches: Batches) -> None:
         """Score one micro-batch and wait until its signals and dead letters are acknowledged."""
         started = time.perf_counter()
         assert self.producer is not None
         records = [m for msgs in batches.values() for m in msgs]
         cfg = self.config
         cols, rejected = decode_batch([m.value for m in records], time.time_ns(), cfg.max_future_ns)
+        known = len(self.engine.symbols)
         slots = self.engine.slots(cols.symbols)
+        if len(self.engine.symbols) > known:
+            self._learn_partitions(cols.symbols, cols.index, records)
         feats = self.engine.update(slots, cols.event_ns, cols.price, cols.quantity, cols.is_buy)
+        if self.feature_tap is not None:
+            self.feature_tap(cols.trade_ids, cols.symbols, feats.values, feats.ready)
         scores = np.full(len(cols), np.nan)
         ready = feats.ready
         if ready.any():
             scores[ready] = self.model.scorer.score(feats.values[ready])
 
+        replayed = self._replayed(batches) if self.replay_until else None
         model, version = self.model.name, self.model.version
         emit_ns = time.time_ns()
         send = self.producer.send
@@ -130,6 +187,8 @@ class StreamWorker:
         late = feats.status == STATUS_LATE
         for i, symbol in enumerate(cols.symbols):
             record = records[cols.index[i]]
+            if replayed is not None and cols.index[i] in replayed:
+                continue
             if late[i]:
                 acks.append(await self._dead_letter(record, "late", "older than the open bar"))
                 continue
@@ -141,7 +200,8 @@ class StreamWorker:
             )  # fmt: skip
             acks.append(await send(cfg.signals_topic, value, key=record.key))
         for bad in rejected:
-            acks.append(await self._dead_letter(records[bad.index], bad.reason, bad.detail))
+            if replayed is None or bad.index not in replayed:
+                acks.append(await self._dead_letter(records[bad.index], bad.reason, bad.detail))
         LATENCY.observe(time.perf_counter() - started)
         await asyncio.gather(*acks)
 
@@ -152,6 +212,81 @@ class StreamWorker:
         PREDICTIONS.labels(model, "", "false").inc(len(cols) - n_ready - int(late.sum()))
         self.processed += len(records)
         self._publish_latest(cols.symbols, cols.event_ns, feats.values, ready, slots)
+
+    def _replayed(self, batches: Batches) -> set[int]:
+        """Positions (in the flattened batch) of records that already have signals."""
+        out: set[int] = set()
+        base = 0
+        for tp, msgs in batches.items():
+            until = self.replay_until.get(tp)
+            if until is not None:
+                out.update(base + k for k, m in enumerate(msgs) if m.offset < until)
+                if msgs[-1].offset + 1 >= until:
+                    del self.replay_until[tp]
+                    logger.info("replay done", extra={"partition": tp.partition, "offset": until})
+            base += len(msgs)
+        REPLAYED.inc(len(out))
+        return out
+
+    def _learn_partitions(
+        self, symbols: list[str], index: np.ndarray, records: list[ConsumerRecord[Any, Any]]
+    ) -> None:
+        """Remember each new symbol's partition (keys pin a symbol to one partition)."""
+        for i, symbol in enumerate(symbols):
+            if symbol not in self.partition_of:
+                self.partition_of[symbol] = records[index[i]].partition
+
+    def snapshot(self, partitions: list[TopicPartition]) -> list[asyncio.Future[None]]:
+        """Write the state of these partitions' symbols with their committed offsets."""
+        self._last_snapshot = time.monotonic()
+        if self.snapshots is None:
+            return []
+        futures = []
+        for tp in partitions:
+            offset = self.next_offsets.get(tp)
+            if offset is None or tp in self.replay_until:
+                continue  # nothing applied yet, or the state is behind the commit
+            symbols = [s for s, p in self.partition_of.items() if p == tp.partition]
+            snap = snapshot.take(self.engine, symbols, offset)
+            futures.append(asyncio.wrap_future(self.snapshots.save(tp.topic, tp.partition, snap)))
+        return futures
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Restore assigned partitions' symbols and position the consumer to replay."""
+        consumer = self.consumer
+        if self.snapshots is None or consumer is None:
+            return
+        for tp in assigned:
+            committed = await consumer.committed(tp)
+            snap = self.snapshots.load(tp.topic, tp.partition)
+            if snap is not None and snap.spec_hash == self.engine.spec.hash:
+                snapshot.restore(self.engine, snap)
+                for symbol in snap.symbols:
+                    self.partition_of[symbol] = tp.partition
+                consumer.seek(tp, snap.next_offset)
+                start = snap.next_offset
+            elif committed:
+                # no usable snapshot: rebuild the state from the start of the partition
+                await consumer.seek_to_beginning(tp)
+                start = 0
+            else:
+                continue
+            if committed and committed > start:
+                self.replay_until[tp] = committed
+            self.next_offsets[tp] = start
+            logger.info(
+                "partition restored",
+                extra={"partition": tp.partition, "snapshot": snap is not None,
+                       "from_offset": start, "committed": committed},
+            )  # fmt: skip
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Snapshot revoked partitions (between batches) so their next owner resumes exactly."""
+        async with self._batch_lock:
+            await asyncio.gather(*self.snapshot(list(revoked)))
+            for tp in revoked:
+                self.next_offsets.pop(tp, None)
+                self.replay_until.pop(tp, None)
 
     def _publish_latest(
         self,
@@ -187,3 +322,16 @@ class StreamWorker:
         return await self.producer.send(
             self.config.dlq_topic, record.value, key=record.key, headers=headers
         )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Forwards aiokafka's rebalance callbacks to the worker."""
+
+    def __init__(self, worker: StreamWorker):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.worker.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.worker.on_assigned(assigned)

@@ -6,12 +6,19 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from deploy.settings import Settings, load_settings
 from deploy.stack import LocalStack, free_port
+from stream.archive import ArchiverConfig, ClickHouseArchive, run_archiver
+from stream.feed import publish, read_trades
+from stream.kafka import ensure_topics
+from tests.kafka_helpers import run
+from training.dataset import build_dataset
+from training.train import TrainResult, train_and_register
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "freqtrade"
 TRADES = DATA / "XRP_ETH-trades.parquet"
@@ -55,6 +62,47 @@ def topics(stack_settings: Settings) -> Settings:
             "archive_group_id": unique("archive"),
         }
     )
+
+
+HISTORY = 8000
+
+
+@dataclass
+class Pipeline:
+    settings: Settings
+    result: TrainResult
+    ticks: list[dict[str, object]]
+
+
+@pytest.fixture(scope="session")
+def pipeline(stack_settings: Settings) -> Pipeline:
+    """History published and archived, a model trained on the archive and registered."""
+    settings = stack_settings.model_copy(
+        update={
+            "ticks_topic": unique("ticks"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "group_id": unique("worker"),
+            "archive_group_id": unique("archive"),
+            "model_name": unique("tickserve-test"),
+        }
+    )
+    ticks = read_trades(TRADES)
+    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
+    run(ensure_topics(settings.bootstrap, topics, settings.partitions))
+    assert run(publish(ticks[:HISTORY], settings.bootstrap, settings.ticks_topic)) == HISTORY
+
+    archive = ClickHouseArchive.open(settings.clickhouse)
+    config = ArchiverConfig(settings.bootstrap, settings.ticks_topic, settings.archive_group_id)
+    inserted = run(run_archiver(archive, config, asyncio.Event(), idle_exit_s=2.0))
+    assert inserted == HISTORY
+    spec = settings.feature_spec
+    frame = archive.read_ticks(["XRP/ETH"])
+    assert len(frame) >= HISTORY  # other tests may archive the same real trades (deduplicated)
+    frame = frame[frame["event_ns"] <= ticks[HISTORY - 1]["event_ns"]]
+    result = train_and_register(build_dataset(frame, spec), spec, settings.mlflow_uri,
+                                settings.model_name)  # fmt: skip
+    return Pipeline(settings, result, ticks)
 
 
 class LoopThread:

@@ -6,68 +6,23 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import orjson
 import pytest
 
-from deploy.settings import Settings
 from features.engine import FeatureEngine
 from features.online import OnlineWriter, open_store, read_online
 from features.spec import FeatureSpec
 from inference.registry import load_model
-from stream.archive import ArchiverConfig, ClickHouseArchive, run_archiver
-from stream.feed import publish, read_trades
-from stream.kafka import ensure_topics
+from stream.feed import publish
 from stream.signal import FLAT, Signal
 from stream.worker import StreamWorker, WorkerConfig
-from tests.conftest import TRADES, LoopThread, unique
+from tests.conftest import HISTORY, LoopThread, Pipeline
 from tests.kafka_helpers import read_topic, run
 from tickserve.errors import ModelNotFound, ModelRejected
-from training.dataset import build_dataset
-from training.train import TrainResult, train_and_register
 
 pytestmark = pytest.mark.services
-HISTORY = 8000
-
-
-@dataclass
-class Pipeline:
-    settings: Settings
-    result: TrainResult
-    ticks: list[dict[str, object]]
-
-
-@pytest.fixture(scope="module")
-def pipeline(stack_settings: Settings) -> Pipeline:
-    """History published and archived, a model trained on the archive and registered."""
-    settings = stack_settings.model_copy(
-        update={
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "group_id": unique("worker"),
-            "archive_group_id": unique("archive"),
-            "model_name": unique("tickserve-test"),
-        }
-    )
-    ticks = read_trades(TRADES)
-    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-    run(ensure_topics(settings.bootstrap, topics, settings.partitions))
-    assert run(publish(ticks[:HISTORY], settings.bootstrap, settings.ticks_topic)) == HISTORY
-
-    archive = ClickHouseArchive.open(settings.clickhouse)
-    config = ArchiverConfig(settings.bootstrap, settings.ticks_topic, settings.archive_group_id)
-    inserted = run(run_archiver(archive, config, asyncio.Event(), idle_exit_s=2.0))
-    assert inserted == HISTORY
-    spec = settings.feature_spec
-    frame = archive.read_ticks(["XRP/ETH"])
-    assert len(frame) >= HISTORY  # other tests may archive the same real trades (deduplicated)
-    frame = frame[frame["event_ns"] <= ticks[HISTORY - 1]["event_ns"]]
-    result = train_and_register(build_dataset(frame, spec), spec, settings.mlflow_uri,
-                                settings.model_name)  # fmt: skip
-    return Pipeline(settings, result, ticks)
 
 
 def test_onnx_scores_equal_the_trained_model(pipeline: Pipeline) -> None:

@@ -1,0 +1,42 @@
+"""Offline features as a table: one row per tick, the feature columns and `ready`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from features.engine import compute_features
+from features.spec import FeatureSpec
+from tickserve.errors import DataError
+
+TICK_COLUMNS = ("symbol", "event_ns", "price", "quantity", "is_buy")
+
+
+def features_frame(ticks: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """The stream's features for every tick of `ticks`, in the given (stream) order.
+
+    Args:
+        ticks: Columns symbol, event_ns, price, quantity, is_buy (plus any others,
+            which are carried through, e.g. trade_id).
+        spec: The FeatureSpec to compute.
+
+    Returns:
+        `ticks` with one column per feature, `ready` and `late` added.
+    """
+    missing = set(TICK_COLUMNS) - set(ticks.columns)
+    if missing:
+        raise DataError(f"tick table is missing columns {sorted(missing)}")
+    feats = compute_features(
+        spec,
+        ticks["symbol"].tolist(),
+        ticks["event_ns"].to_numpy(np.int64),
+        ticks["price"].to_numpy(np.float64),
+        ticks["quantity"].to_numpy(np.float64),
+        ticks["is_buy"].to_numpy().astype(bool),
+    )
+    out = ticks.reset_index(drop=True).copy()
+    for j, name in enumerate(spec.names):
+        out[name] = feats.values[:, j]
+    out["ready"] = feats.ready
+    out["late"] = feats.status != 0
+    return out
