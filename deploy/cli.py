@@ -179,7 +179,8 @@ def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
     table.to_parquet(args.output, index=False)
     print(
         f"features: {len(table)} rows ({int(table['ready'].sum())} ready) -> {args.output}; "
-        f"skipped {sum(skipped.values())} invalid {dict(skipped)}; spec {settings.feature_spec.hash}"
+        f"skipped {sum(skipped.values())} invalid {dict(skipped)}; "
+        f"spec {settings.feature_spec.hash}"
     )
     return 0
 

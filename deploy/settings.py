@@ -14,7 +14,9 @@ from tickserve.errors import ConfigError
 class Settings(BaseSettings):
     """Every knob of a tickserve process; see README 'Configuration'."""
 
-    model_config = SettingsConfigDict(env_prefix="TICKSERVE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="TICKSERVE_", frozen=True, extra="ignore", populate_by_name=True
+    )
 
     state_dir: Path = Path(".tickserve")
 

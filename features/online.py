@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -105,6 +106,8 @@ class OnlineWriter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="online-writer", daemon=True)
         self.flushed_rows = 0
+        # recent tick-event-time -> visible-in-Redis delays, for benchmarks and /metrics
+        self.freshness_ns: deque[int] = deque(maxlen=100_000)
 
     def start(self) -> OnlineWriter:
         """Start the flushing thread."""
@@ -154,7 +157,9 @@ class OnlineWriter:
             raise
         now_ns = time.time_ns()
         for row in rows.values():
-            ONLINE_FRESHNESS.observe(max(now_ns - row.event_ns, 0) / 1e9)
+            delay = max(now_ns - row.event_ns, 0)
+            self.freshness_ns.append(delay)
+            ONLINE_FRESHNESS.observe(delay / 1e9)
         ONLINE_WRITES.inc(len(rows))
         self.flushed_rows += len(rows)
 
