@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import orjson
+
+# Header "t" of every signal: when its micro-batch was received, decoded, featured,
+# scored and encoded (ns since the epoch) -- the in-process latency breakdown.
+STAGES = struct.Struct("<5q")
+STAGE_NAMES = ("received", "decoded", "featured", "scored", "encoded")
 
 # Direction of a signal: the model's call, or FLAT for a tick whose features are not ready.
 UP, DOWN, FLAT = 1, -1, 0
@@ -19,7 +25,7 @@ class Signal:
         trade_id: The tick it answers (one signal per tick).
         event_ns: The tick's exchange event time.
         recv_ns: When the feed received the tick (tick-to-signal latency starts here).
-        emit_ns: When the worker handed the signal to its producer.
+        emit_ns: When the worker had scored the tick's micro-batch.
         model: Registered model name.
         version: Model version that scored it ("" when not scored).
         score: P(up) from the model, or None when features were not ready.

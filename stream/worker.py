@@ -27,7 +27,7 @@ from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
 from inference.registry import LoadedModel
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
-from stream.signal import DOWN, FLAT, UP, encode_signal
+from stream.signal import DOWN, FLAT, STAGES, UP, encode_signal
 from stream.tick import decode_batch
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class StreamWorker:
         self.replay_until: dict[TopicPartition, int] = {}
         self._batch_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
+        self._signal_partitions = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then commit, snapshot and close."""
@@ -163,15 +164,17 @@ class StreamWorker:
     async def process(self, batches: Batches) -> None:
         """Score one micro-batch and wait until its signals and dead letters are acknowledged."""
         started = time.perf_counter()
-        assert self.producer is not None
+        started_ns = time.time_ns()
         records = [m for msgs in batches.values() for m in msgs]
         cfg = self.config
-        cols, rejected = decode_batch([m.value for m in records], time.time_ns(), cfg.max_future_ns)
+        cols, rejected = decode_batch([m.value for m in records], started_ns, cfg.max_future_ns)
+        t_decoded = time.time_ns()
         known = len(self.engine.symbols)
         slots = self.engine.slots(cols.symbols)
         if len(self.engine.symbols) > known:
             self._learn_partitions(cols.symbols, cols.index, records)
         feats = self.engine.update(slots, cols.event_ns, cols.price, cols.quantity, cols.is_buy)
+        t_featured = time.time_ns()
         if self.feature_tap is not None:
             self.feature_tap(cols.trade_ids, cols.symbols, feats.values, feats.ready)
         scores = np.full(len(cols), np.nan)
@@ -179,29 +182,35 @@ class StreamWorker:
         if ready.any():
             scores[ready] = self.model.scorer.score(feats.values[ready])
 
+        t_scored = time.time_ns()
+
         replayed = self._replayed(batches) if self.replay_until else None
         model, version = self.model.name, self.model.version
-        emit_ns = time.time_ns()
-        send = self.producer.send
-        acks = []
         late = feats.status == STATUS_LATE
+        out: list[tuple[int, bytes, bytes]] = []  # (partition, key, value)
+        dead: list[tuple[ConsumerRecord[Any, Any], str, str]] = []
         for i, symbol in enumerate(cols.symbols):
             record = records[cols.index[i]]
             if replayed is not None and cols.index[i] in replayed:
                 continue
             if late[i]:
-                acks.append(await self._dead_letter(record, "late", "older than the open bar"))
+                dead.append((record, "late", "older than the open bar"))
                 continue
             score = float(scores[i]) if ready[i] else None
             direction = FLAT if score is None else (UP if score >= cfg.threshold else DOWN)
             value = encode_signal(
-                symbol, cols.trade_ids[i], int(cols.event_ns[i]), int(cols.recv_ns[i]), emit_ns,
+                symbol, cols.trade_ids[i], int(cols.event_ns[i]), int(cols.recv_ns[i]), t_scored,
                 model, version if score is not None else "", score, direction,
             )  # fmt: skip
-            acks.append(await send(cfg.signals_topic, value, key=record.key))
+            out.append((record.partition, record.key, value))
         for bad in rejected:
             if replayed is None or bad.index not in replayed:
-                acks.append(await self._dead_letter(records[bad.index], bad.reason, bad.detail))
+                dead.append((records[bad.index], bad.reason, bad.detail))
+        # One header per batch: when its records were received, decoded, featured,
+        # scored and encoded (ns since the epoch) -- the in-process latency breakdown.
+        timing = STAGES.pack(started_ns, t_decoded, t_featured, t_scored, time.time_ns())
+        acks = await self._send_grouped(out, [("t", timing)])
+        acks.extend([await self._dead_letter(*d) for d in dead])
         LATENCY.observe(time.perf_counter() - started)
         await asyncio.gather(*acks)
 
@@ -212,6 +221,36 @@ class StreamWorker:
         PREDICTIONS.labels(model, "", "false").inc(len(cols) - n_ready - int(late.sum()))
         self.processed += len(records)
         self._publish_latest(cols.symbols, cols.event_ns, feats.values, ready, slots)
+
+    async def _send_grouped(
+        self, out: list[tuple[int, bytes, bytes]], headers: list[tuple[str, bytes]]
+    ) -> list[asyncio.Future[Any]]:
+        """Send signals in one record batch per partition (far cheaper than send() per record).
+
+        A signal goes to the partition number of its tick (mod the signals topic's
+        partition count): symbols keep their order, since a symbol's ticks share a partition.
+        """
+        producer = self.producer
+        assert producer is not None
+        topic = self.config.signals_topic
+        if self._signal_partitions == 0:
+            self._signal_partitions = len(await producer.partitions_for(topic))
+        n = self._signal_partitions
+        builders: dict[int, Any] = {}
+        acks = []
+        now_ms = time.time_ns() // 1_000_000
+        for partition, key, value in out:
+            p = partition % n
+            builder = builders.get(p)
+            if builder is None:
+                builder = builders[p] = producer.create_batch()
+            if builder.append(timestamp=now_ms, key=key, value=value, headers=headers) is None:
+                acks.append(await producer.send_batch(builder, topic, partition=p))
+                builder = builders[p] = producer.create_batch()
+                builder.append(timestamp=now_ms, key=key, value=value, headers=headers)
+        for p, builder in builders.items():
+            acks.append(await producer.send_batch(builder, topic, partition=p))
+        return acks
 
     def _replayed(self, batches: Batches) -> set[int]:
         """Positions (in the flattened batch) of records that already have signals."""

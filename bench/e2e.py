@@ -1,0 +1,407 @@
+"""End-to-end benchmark: tickserve against the broker floor (an echo worker), same run, same rate.
+
+Starts a fresh broker and Redis, registers a model, then for each system (the echo
+floor, then `tickserve serve`) starts it as its own process, a sink consumer, and
+open-loop senders at a fixed rate; reports tick-to-signal percentiles, tickserve's
+as ratios over the floor's, the in-process stage breakdown, CPU per tick and RSS.
+
+Run: tickserve bench e2e [--rate 20000 --duration 20 --symbols 100 --sweep 20000,40000]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploy.settings import Settings
+from deploy.stack import LocalStack, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STAGE_COLUMNS = ("broker_in", "decode", "features", "inference", "encode", "produce_out")
+
+
+@dataclass(frozen=True, slots=True)
+class E2EConfig:
+    """One benchmark run's knobs."""
+
+    rate: float = 20_000
+    duration_s: float = 20.0
+    warmup_s: float = 7.0  # excluded from the figures (features warm up in 25 bars)
+    symbols: int = 100
+    partitions: int = 4
+    senders: int = 2
+    bar_seconds: float = 0.2
+    p99_bound_ms: float = 250.0  # the sweep's definition of "sustainable"
+    out_dir: Path = Path("bench/results")
+    sweep: tuple[float, ...] = field(default_factory=tuple)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _pct(values: np.ndarray, qs: tuple[float, ...] = (50, 90, 99, 99.9)) -> dict[str, float]:
+    if not len(values):
+        return {f"p{q:g}": float("nan") for q in qs} | {"max": float("nan")}
+    out = {f"p{q:g}": float(np.percentile(values, q)) for q in qs}
+    out["max"] = float(values.max())
+    return out
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.args} did not report {text!r}; see {path}")
+
+
+class Bench:
+    """A fresh local stack and a registered model for one benchmark session."""
+
+    def __init__(self, config: E2EConfig, workdir: Path):
+        """Start broker, Redis and the MLflow store under `workdir`."""
+        self.config = config
+        self.workdir = workdir
+        self.settings = Settings(
+            state_dir=workdir, broker_port=free_port(), valkey_port=free_port(), redis_url=None,
+            mlflow_tracking_uri=None, metrics_port=0, bar_seconds=config.bar_seconds,
+            partitions=config.partitions, model_name="bench-model",
+        )  # fmt: skip
+        self.stack = LocalStack(self.settings)
+        self.stack.start_broker()
+        self.stack.start_redis()
+        self.stack.check_mlflow()
+        self._register_model()
+
+    def _register_model(self) -> None:
+        from features.engine import compute_features
+        from training.dataset import Dataset
+        from training.train import train_and_register
+
+        spec = self.settings.feature_spec
+        rng = np.random.default_rng(5)
+        n, symbols = 60_000, 5
+        sym = np.arange(n) % symbols
+        ts = (np.arange(n, dtype=np.int64) * 2_000_000) + 1_700_000_000_000_000_000
+        price = 100 * np.exp(np.cumsum(rng.normal(0, 2e-4, n)))
+        feats = compute_features(spec, [f"S{s}" for s in sym], ts, price,
+                                 rng.exponential(1.0, n), rng.random(n) < 0.5)  # fmt: skip
+        ok = feats.ready
+        y = (np.roll(price, -symbols * 20) > price).astype(np.int64)[ok]
+        ds = Dataset(feats.values[ok], y, ts[ok], sym[ok].astype(object))
+        train_and_register(ds, spec, self.settings.mlflow_uri, self.settings.model_name)
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TICKSERVE_")}
+        env.update(PYTHONPATH=str(ROOT), **extra)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[Any, Path]:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=ROOT)  # fmt: skip
+        return proc, log
+
+    @contextlib.contextmanager
+    def system(self, kind: str, rate: float) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+        """Start the echo floor or the tickserve worker; yields (output topic, process)."""
+        import asyncio
+
+        from stream.kafka import ensure_topics
+
+        tag = f"{kind}-{int(rate)}-{uuid.uuid4().hex[:6]}"
+        source, sink = f"ticks-{tag}", f"out-{tag}"
+        bootstrap = self.settings.bootstrap
+        asyncio.run(ensure_topics(bootstrap, [source, sink, f"dlq-{tag}"], self.config.partitions))
+        if kind == "echo":
+            argv = [sys.executable, "-m", "bench.echo", "--bootstrap", bootstrap, "--source",
+                    source, "--sink", sink, "--group", f"g-{tag}"]  # fmt: skip
+            proc, log = self._spawn(tag, argv, self._env())
+            ready_text = "assigned"
+        else:
+            env = self._env(
+                TICKSERVE_STATE_DIR=str(self.workdir),
+                TICKSERVE_BROKER_PORT=str(self.settings.broker_port),
+                TICKSERVE_VALKEY_PORT=str(self.settings.valkey_port),
+                TICKSERVE_TICKS_TOPIC=source, TICKSERVE_SIGNALS_TOPIC=sink,
+                TICKSERVE_DLQ_TOPIC=f"dlq-{tag}", TICKSERVE_GROUP_ID=f"g-{tag}",
+                TICKSERVE_MODEL_NAME=self.settings.model_name, TICKSERVE_METRICS_PORT="0",
+                TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
+                TICKSERVE_PREFER_GPU="false",
+            )  # fmt: skip
+            proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
+            ready_text = "worker consuming"
+        try:
+            _wait_for(log, ready_text, proc, 90)
+            self.source = source
+            yield sink, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def measure(self, kind: str, rate: float, duration_s: float) -> dict[str, Any]:
+        """One system at one rate: latency, stages, CPU per tick, RSS, lost, duplicates."""
+        cfg = self.config
+        with self.system(kind, rate) as (sink_topic, proc):
+            expected = int(rate * duration_s)
+            out = self.workdir / f"{kind}-{int(rate)}.npz"
+            sink = subprocess.Popen(
+                [sys.executable, "-m", "bench.sink", "--bootstrap", self.settings.bootstrap,
+                 "--topic", sink_topic, "--partitions", str(cfg.partitions), "--expect",
+                 str(expected), "--out", str(out), "--timeout", str(duration_s + 60)],
+                env=self._env(), cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert sink.stdout is not None
+            if sink.stdout.readline().strip() != "ready":
+                raise RuntimeError("the sink did not start")
+            start_ns = time.time_ns() + 1_000_000_000
+            senders = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.loadgen",
+                        "--bootstrap",
+                        self.settings.bootstrap,
+                        "--topic",
+                        self.source,
+                        "--rate",
+                        str(rate),
+                        "--duration",
+                        str(duration_s),
+                        "--start-ns",
+                        str(start_ns),
+                        "--symbols",
+                        str(cfg.symbols),
+                        "--sender",
+                        str(k),
+                        "--senders",
+                        str(cfg.senders),
+                    ],
+                    env=self._env(),
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )  # fmt: skip
+                for k in range(cfg.senders)
+            ]
+            cpu: dict[str, float] = {}
+
+            def sample() -> None:  # CPU at the end of the warm-up, and when the load ends
+                time.sleep(max(0.0, (start_ns - time.time_ns()) / 1e9 + cfg.warmup_s))
+                cpu["start"] = _cpu_seconds(proc.pid)
+                time.sleep(max(0.0, duration_s - cfg.warmup_s))
+                cpu["end"] = _cpu_seconds(proc.pid)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            lags = [float(s.communicate()[0].split("worst_lag_ms=")[1]) for s in senders]
+            sampler.join()
+            sink.wait()
+            rss = _rss_mb(proc.pid)
+        data = np.load(out)
+        return self._figures(kind, rate, duration_s, start_ns, data, cpu, rss, max(lags))
+
+    def _figures(self, kind: str, rate: float, duration_s: float, start_ns: int, data: Any,
+                 cpu: dict[str, float], rss: float, lag_ms: float) -> dict[str, Any]:  # fmt: skip
+        cfg = self.config
+        expected = int(rate * duration_s)
+        ids = data["trade_id"]
+        distinct = len(np.unique(ids))
+        window = data["sent_ns"] >= start_ns + int(cfg.warmup_s * 1e9)
+        latency = (data["arrived_ns"] - data["sent_ns"])[window] / 1e6
+        measured = int(window.sum())
+        third = max(len(latency) // 3, 1)
+        result: dict[str, Any] = {
+            "system": kind, "rate": rate, "duration_s": duration_s, "expected": expected,
+            "received": len(ids), "lost": expected - distinct, "duplicates": len(ids) - distinct,
+            "latency_ms": _pct(latency), "sender_worst_lag_ms": lag_ms,
+            "lag_growth": float(np.median(latency[-third:]) / max(np.median(latency[:third]),
+                                                                  1e-9)) if measured else None,
+            "cpu_us_per_tick": (cpu["end"] - cpu["start"]) / max(measured, 1) * 1e6,
+            "cpu_percent": (cpu["end"] - cpu["start"]) / (duration_s - cfg.warmup_s) * 100,
+            "rss_mb": rss,
+        }  # fmt: skip
+        stages = data["stages_ns"]
+        if len(stages):
+            s = stages[window]
+            parts = np.column_stack([
+                s[:, 0] - data["sent_ns"][window], s[:, 1] - s[:, 0], s[:, 2] - s[:, 1],
+                s[:, 3] - s[:, 2], s[:, 4] - s[:, 3], data["arrived_ns"][window] - s[:, 4],
+            ]) / 1e6  # fmt: skip
+            result["stages_ms"] = {n: _pct(parts[:, k]) for k, n in enumerate(STAGE_COLUMNS)}
+            result["service_ms"] = _pct((s[:, 4] - s[:, 0]) / 1e6)
+            result["_latency"] = latency
+            result["_stages"] = parts
+        else:
+            result["_latency"] = latency
+        return result
+
+    def close(self) -> None:
+        """Stop the stack."""
+        self.stack.down()
+
+
+def _machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True, check=False).stdout.strip()  # fmt: skip
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "platform": platform.platform(), "git_commit": commit}  # fmt: skip
+
+
+def _plot(floor: dict[str, Any], svc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for res, label in ((floor, "echo floor"), (svc, "tickserve")):
+        lat = np.sort(res["_latency"])
+        if len(lat):
+            ax1.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=label)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("tick-to-signal latency (ms)")
+    ax1.set_ylabel("fraction of ticks")
+    ax1.set_title(f"latency CDF at {svc['rate']:,.0f} ticks/s")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend()
+    if "_stages" in svc:
+        p50 = [float(np.percentile(svc["_stages"][:, k], 50)) for k in range(len(STAGE_COLUMNS))]
+        p99 = [float(np.percentile(svc["_stages"][:, k], 99)) for k in range(len(STAGE_COLUMNS))]
+        x = np.arange(len(STAGE_COLUMNS))
+        ax2.bar(x - 0.2, p50, 0.4, label="p50")
+        ax2.bar(x + 0.2, p99, 0.4, label="p99")
+        ax2.set_xticks(x, STAGE_COLUMNS, rotation=20)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("ms")
+        ax2.set_title("tickserve stage breakdown")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _public(res: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in res.items() if not k.startswith("_")}
+
+
+def run_e2e(config: E2EConfig) -> Path:
+    """Run the benchmark; write JSON and PNG under config.out_dir; return the JSON path."""
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    with tempfile.TemporaryDirectory(prefix="tickserve-bench-") as tmp:
+        bench = Bench(config, Path(tmp))
+        try:
+            floor = bench.measure("echo", config.rate, config.duration_s)
+            svc = bench.measure("tickserve", config.rate, config.duration_s)
+            sweep = []
+            for rate in config.sweep:
+                for kind in ("echo", "tickserve"):
+                    res = bench.measure(kind, rate, min(config.duration_s, 12.0))
+                    sweep.append(_public(res))
+        finally:
+            bench.close()
+    ratios = {q: svc["latency_ms"][q] / floor["latency_ms"][q] for q in floor["latency_ms"]}
+    report: dict[str, Any] = {
+        "machine": _machine(), "config": {k: str(v) for k, v in asdict(config).items()},
+        "floor": _public(floor), "tickserve": _public(svc), "ratio_over_floor": ratios,
+        "sweep": sweep, "max_sustainable": _max_rates(sweep, config.p99_bound_ms),
+    }  # fmt: skip
+    path = config.out_dir / f"e2e-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2))
+    _plot(floor, svc, path.with_suffix(".png"))
+    return path
+
+
+def _max_rates(sweep: list[dict[str, Any]], bound_ms: float) -> dict[str, float | None]:
+    best: dict[str, float | None] = {"echo": None, "tickserve": None}
+    for res in sweep:
+        ok = (res["lost"] == 0 and res["latency_ms"]["p99"] < bound_ms
+              and (res["lag_growth"] or 0) < 2.0)  # fmt: skip
+        if ok and (best[res["system"]] or 0) < res["rate"]:
+            best[res["system"]] = res["rate"]
+    return best
+
+
+def summary(path: Path) -> str:
+    """Human-readable lines of one report."""
+    rep = json.loads(path.read_text())
+    f, t = rep["floor"], rep["tickserve"]
+    lines = [f"e2e at {t['rate']:,.0f} ticks/s for {t['duration_s']:g} s, {rep['machine']['cpus']} "
+             f"CPUs, commit {rep['machine']['git_commit']}"]  # fmt: skip
+    for name, res in (("echo floor", f), ("tickserve", t)):
+        lat = res["latency_ms"]
+        lines.append(
+            f"  {name:<10} p50={lat['p50']:.1f} p90={lat['p90']:.1f} p99={lat['p99']:.1f} "
+            f"p99.9={lat['p99.9']:.1f} max={lat['max']:.1f} ms  lost={res['lost']} "
+            f"dup={res['duplicates']} cpu={res['cpu_us_per_tick']:.1f} us/tick "
+            f"({res['cpu_percent']:.0f}%) rss={res['rss_mb']:.0f} MB"
+        )
+    r = rep["ratio_over_floor"]
+    lines.append("  ratio over floor: " + " ".join(f"{k}={v:.2f}" for k, v in r.items()))
+    if "service_ms" in t:
+        s = t["service_ms"]
+        lines.append(f"  in-process service time: p50={s['p50']:.3f} p99={s['p99']:.3f} "
+                     f"max={s['max']:.3f} ms")  # fmt: skip
+        lines.append("  stages p50/p99 ms: " + ", ".join(
+            f"{k}={v['p50']:.3f}/{v['p99']:.3f}" for k, v in t["stages_ms"].items()))  # fmt: skip
+    for res in rep["sweep"]:
+        lat = res["latency_ms"]
+        lines.append(f"  sweep {res['system']:<9} {res['rate']:>8,.0f}/s p99={lat['p99']:.1f} ms "
+                     f"lost={res['lost']} growth={res['lag_growth']:.2f} "
+                     f"cpu={res['cpu_us_per_tick']:.1f} us/tick")  # fmt: skip
+    if rep["sweep"]:
+        lines.append(f"  max sustainable: {rep['max_sustainable']}")
+    return "\n".join(lines)
+
+
+def compare(a: Path, b: Path) -> str:
+    """Differences between two reports (B relative to A)."""
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    lines = [f"{a.name} -> {b.name}"]
+    for system in ("floor", "tickserve"):
+        for q, va in ra[system]["latency_ms"].items():
+            vb = rb[system]["latency_ms"][q]
+            lines.append(f"  {system:<9} latency {q:<6} {va:9.2f} -> {vb:9.2f} ms "
+                         f"({(vb / va - 1) * 100:+.0f}%)")  # fmt: skip
+        for key in ("cpu_us_per_tick", "rss_mb", "lost", "duplicates"):
+            va, vb = ra[system][key], rb[system][key]
+            lines.append(f"  {system:<9} {key:<15} {va:9.2f} -> {vb:9.2f}")
+    for q, va in ra["ratio_over_floor"].items():
+        lines.append(f"  ratio {q:<6} {va:.2f} -> {rb['ratio_over_floor'][q]:.2f}")
+    return "\n".join(lines)
