@@ -27,7 +27,7 @@ from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
 from inference.registry import LoadedModel
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
-from stream.signal import DOWN, FLAT, STAGES, UP, encode_signal
+from stream.signal import STAGES, encode_signals
 from stream.tick import decode_batch
 
 logger = logging.getLogger(__name__)
@@ -185,24 +185,27 @@ class StreamWorker:
         t_scored = time.time_ns()
 
         replayed = self._replayed(batches) if self.replay_until else None
-        model, version = self.model.name, self.model.version
         late = feats.status == STATUS_LATE
-        out: list[tuple[int, bytes, bytes]] = []  # (partition, key, value)
-        dead: list[tuple[ConsumerRecord[Any, Any], str, str]] = []
-        for i, symbol in enumerate(cols.symbols):
-            record = records[cols.index[i]]
-            if replayed is not None and cols.index[i] in replayed:
-                continue
-            if late[i]:
-                dead.append((record, "late", "older than the open bar"))
-                continue
-            score = float(scores[i]) if ready[i] else None
-            direction = FLAT if score is None else (UP if score >= cfg.threshold else DOWN)
-            value = encode_signal(
-                symbol, cols.trade_ids[i], int(cols.event_ns[i]), int(cols.recv_ns[i]), t_scored,
-                model, version if score is not None else "", score, direction,
-            )  # fmt: skip
-            out.append((record.partition, record.key, value))
+        index = cols.index.tolist()
+        keep = ~late
+        if replayed is not None:
+            keep &= np.array([i not in replayed for i in index], np.bool_)
+        rows = np.flatnonzero(keep).tolist()
+        score_list = scores.tolist()
+        ready_list = ready.tolist()
+        values = encode_signals(
+            [cols.symbols[i] for i in rows], [cols.trade_ids[i] for i in rows],
+            cols.event_ns[rows].tolist(), cols.recv_ns[rows].tolist(), t_scored,
+            self.model.name, self.model.version,
+            [score_list[i] if ready_list[i] else None for i in rows], cfg.threshold,
+        )  # fmt: skip
+        out = [(records[index[i]].partition, records[index[i]].key, v)
+               for i, v in zip(rows, values, strict=True)]  # fmt: skip
+        dead: list[tuple[ConsumerRecord[Any, Any], str, str]] = [
+            (records[index[i]], "late", "older than the open bar")
+            for i in np.flatnonzero(late).tolist()
+            if replayed is None or index[i] not in replayed
+        ]
         for bad in rejected:
             if replayed is None or bad.index not in replayed:
                 dead.append((records[bad.index], bad.reason, bad.detail))
@@ -217,8 +220,8 @@ class StreamWorker:
         n_ready = int(ready.sum())
         TICKS.inc(len(records))
         BATCH_SIZE.observe(len(records))
-        PREDICTIONS.labels(model, version, "true").inc(n_ready)
-        PREDICTIONS.labels(model, "", "false").inc(len(cols) - n_ready - int(late.sum()))
+        PREDICTIONS.labels(self.model.name, self.model.version, "true").inc(n_ready)
+        PREDICTIONS.labels(self.model.name, "", "false").inc(len(cols) - n_ready - int(late.sum()))
         self.processed += len(records)
         self._publish_latest(cols.symbols, cols.event_ns, feats.values, ready, slots)
 

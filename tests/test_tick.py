@@ -66,3 +66,46 @@ def test_decode_batch_keeps_order_and_sets_aside_bad_records() -> None:
     assert cols.index.tolist() == [0, 1, 3, 4]
     assert [(r.index, r.reason) for r in rejected] == [(2, "decode")]
     assert cols.price.tolist() == [60000.01] * 4
+
+
+def test_fast_and_slow_paths_agree() -> None:
+    """decode_batch's inline checks accept exactly what validate accepts, with its reasons."""
+    variants = [
+        GOOD,
+        {**GOOD, "price": 3},  # integer price: slow path, accepted
+        {**GOOD, "trade_id": 9},  # integer trade id: slow path, accepted
+        {**GOOD, "quantity": 0.0},
+        {**GOOD, "extra": [1, 2]},  # unknown fields are ignored
+        {**GOOD, "side": "BUY"},
+        {**GOOD, "quantity": float("nan")},  # orjson writes null
+        {**GOOD, "event_ns": NOW + 10**10},
+        {k: v for k, v in GOOD.items() if k != "side"},
+    ]
+    values = [orjson.dumps(v) for v in variants] + [b"[1,2]", b"{", None]
+    cols, rejected = decode_batch(values, NOW, 0)
+    for i, raw in enumerate(values):
+        try:
+            tick = decode_tick(raw, NOW, 0)
+        except InvalidTick as exc:
+            assert (i, exc.reason) in [(r.index, r.reason) for r in rejected]
+        else:
+            k = cols.index.tolist().index(i)
+            assert (cols.symbols[k], cols.trade_ids[k], cols.price[k]) == (
+                tick.symbol, tick.trade_id, tick.price,
+            )  # fmt: skip
+    assert len(cols) + len(rejected) == len(values)
+
+
+def test_signals_round_trip() -> None:
+    from stream.signal import DOWN, FLAT, UP, Signal, encode_signals
+
+    raw = encode_signals(
+        ['we"ird', "B", "C"], ["1", "2", "3"], [10, 11, 12], [20, 21, 22], 30, "m", "7",
+        [0.9, None, 0.1], 0.5,
+    )  # fmt: skip
+    got = [Signal.decode(r) for r in raw]
+    assert [s.symbol for s in got] == ['we"ird', "B", "C"]
+    assert [s.direction for s in got] == [UP, FLAT, DOWN]
+    assert [s.version for s in got] == ["7", "", "7"]
+    assert [s.ready for s in got] == [True, False, True]
+    assert got[0] == Signal('we"ird', "1", 10, 20, 30, "m", "7", 0.9, UP, True)
