@@ -74,22 +74,41 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
-    """Consume `ticks` into the ClickHouse archive."""
-    from stream.archive import ArchiverConfig, ClickHouseArchive, run_archiver
+    """Consume `ticks` and `signals` into the ClickHouse archive."""
+    from stream.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
 
     archive = ClickHouseArchive.open(settings.clickhouse)
     config = ArchiverConfig(
         settings.bootstrap, settings.ticks_topic, settings.archive_group_id,
-        max_future_ns=settings.max_future_ms * 1_000_000,
+        max_future_ns=settings.max_future_ms * 1_000_000, signals_topic=settings.signals_topic,
     )  # fmt: skip
+    counts = ArchiveCounts()
 
     async def main() -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        return await run_archiver(archive, config, stop, args.idle_exit)
+        return await run_archiver(archive, config, stop, args.idle_exit, counts)
 
-    inserted = _run(main())
-    print(f"archive: inserted {inserted} ticks, {archive.count_ticks()} in the archive")
+    _run(main())
+    print(
+        f"archive: inserted {counts.ticks} ticks and {counts.signals} signals "
+        f"(skipped {counts.skipped} invalid); {archive.count_ticks()} ticks and "
+        f"{archive.count_signals()} signals in the archive"
+    )
+    return 0
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Load a historical trade file straight into the archive."""
+    from stream.archive import ClickHouseArchive
+    from stream.backfill import import_file
+
+    archive = ClickHouseArchive.open(settings.clickhouse)
+    report = import_file(
+        archive, Path(args.input), args.symbol, settings.max_future_ms * 1_000_000,
+        progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    print(f"import: {report.summary()}; {archive.count_ticks()} ticks in the archive")
     return 0
 
 
@@ -185,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-exit", type=float, default=None, help="exit after S seconds without records"
     )
 
+    imp = sub.add_parser("import", help="load a historical trade file into the archive")
+    imp.add_argument("--input", required=True, help="trade file (same formats as feed --file)")
+    imp.add_argument("--symbol", help="symbol for files whose rows carry none")
+
     train = sub.add_parser("train", help="train on the archive, register in MLflow, set alias")
     train.add_argument("--symbols", nargs="*", help="restrict to these symbols")
 
@@ -200,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "feed": cmd_feed, "archive": cmd_archive,
+    "import": cmd_import,
     "train": cmd_train, "serve": cmd_serve, "demo": cmd_demo,
 }  # fmt: skip
 
