@@ -59,6 +59,41 @@ def _score_on_window(client: Any, name: str, version: str, window: Any) -> np.nd
     return scorer.score(window["X"])
 
 
+def _window_scorer(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], Any]:
+    """The test window a run saved, and a function giving the metrics of scores on it."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    threshold = float(run.data.params.get("backtest_threshold", 0.0))
+    fee_bps = float(run.data.params.get("fee_bps", 0.0))
+    window_file = download_artifacts(run_id=run_id, artifact_path=TEST_WINDOW,
+                                     tracking_uri=tracking_uri)  # fmt: skip
+    window = dict(np.load(window_file))
+
+    def metrics_of(p_up: np.ndarray) -> dict[str, float]:
+        m, _ = evaluate(
+            window["y"], p_up, window["fwd_return"], window["event_ns"], window["label_end_ns"],
+            window["symbols"], threshold, fee_bps,
+        )  # fmt: skip
+        return m
+
+    return window, metrics_of
+
+
+def evaluate_version(tracking_uri: str, name: str, version: str) -> dict[str, float]:
+    """Metrics of the registered ONNX model itself, scored on its run's test window."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    mv = client.get_model_version(name, version)
+    window, metrics_of = _window_scorer(tracking_uri, mv.run_id)
+    return metrics_of(_score_on_window(client, name, version, window))  # type: ignore[no-any-return]
+
+
 def validate_version(
     tracking_uri: str,
     name: str,
@@ -92,22 +127,7 @@ def validate_version(
         mv = client.get_model_version(name, version)
     except MlflowException as exc:
         raise ModelNotFound(f"no model {name} v{version} in {tracking_uri}: {exc}") from exc
-    run = client.get_run(mv.run_id)
-    threshold = float(run.data.params.get("backtest_threshold", 0.0))
-    fee_bps = float(run.data.params.get("fee_bps", 0.0))
-    from mlflow.artifacts import download_artifacts
-
-    window_file = download_artifacts(run_id=mv.run_id, artifact_path=TEST_WINDOW,
-                                     tracking_uri=tracking_uri)  # fmt: skip
-    window = dict(np.load(window_file))
-
-    def metrics_of(p_up: np.ndarray) -> dict[str, float]:
-        m, _ = evaluate(
-            window["y"], p_up, window["fwd_return"], window["event_ns"], window["label_end_ns"],
-            window["symbols"], threshold, fee_bps,
-        )  # fmt: skip
-        return m
-
+    window, metrics_of = _window_scorer(tracking_uri, mv.run_id)
     candidate = metrics_of(_score_on_window(client, name, version, window))
     reasons = []
     if not candidate["accuracy"] >= gate.min_accuracy:
