@@ -75,40 +75,141 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
-    """Consume `ticks` into the ClickHouse archive."""
-    from stream.archive import ArchiverConfig, ClickHouseArchive, run_archiver
+    """Consume `ticks` and `signals` into the ClickHouse archive."""
+    from stream.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
 
     archive = ClickHouseArchive.open(settings.clickhouse)
     config = ArchiverConfig(
         settings.bootstrap, settings.ticks_topic, settings.archive_group_id,
-        max_future_ns=settings.max_future_ms * 1_000_000,
+        max_future_ns=settings.max_future_ms * 1_000_000, signals_topic=settings.signals_topic,
     )  # fmt: skip
+    counts = ArchiveCounts()
 
     async def main() -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        return await run_archiver(archive, config, stop, args.idle_exit)
+        return await run_archiver(archive, config, stop, args.idle_exit, counts)
 
-    inserted = _run(main())
-    print(f"archive: inserted {inserted} ticks, {archive.count_ticks()} in the archive")
+    _run(main())
+    print(
+        f"archive: inserted {counts.ticks} ticks and {counts.signals} signals "
+        f"(skipped {counts.skipped} invalid); {archive.count_ticks()} ticks and "
+        f"{archive.count_signals()} signals in the archive"
+    )
     return 0
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Load a historical trade file straight into the archive."""
+    from stream.archive import ClickHouseArchive
+    from stream.backfill import import_file
+
+    archive = ClickHouseArchive.open(settings.clickhouse)
+    report = import_file(
+        archive, Path(args.input), args.symbol, settings.max_future_ms * 1_000_000,
+        progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    print(f"import: {report.summary()}; {archive.count_ticks()} ticks in the archive")
+    return 0
+
+
+def _train_params(args: argparse.Namespace) -> object:
+    """params.yaml (--params, else ./params.yaml if present, else built-in defaults)."""
+    from training.params import TrainParams, load_params
+
+    if args.params:
+        return load_params(Path(args.params))
+    default = Path("params.yaml")
+    return load_params(default) if default.exists() else TrainParams()
+
+
+def _provenance() -> dict[str, str]:
+    """Git commit of the working tree and the DVC hash of the imported data, if known."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    data_hash = "none"
+    lock = Path("dvc.lock")
+    if lock.exists():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        deps = stages.get("import", {}).get("deps", [])
+        data_hash = ",".join(str(d.get("md5")) for d in deps if "md5" in d) or "none"
+    return {"git_commit": commit, "dvc_data_hash": data_hash}
+
+
+def _write_json(path: str | None, doc: dict[str, object]) -> None:
+    if path:
+        import json
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    """Train on the archive and register the model as the alias."""
+    """Train on the archive and register a new version (the gate decides about the alias)."""
+    from dataclasses import replace
+
     from stream.archive import ClickHouseArchive
+    from training.cost import CostMeter, check_budget
     from training.dataset import build_dataset
+    from training.params import TrainParams
     from training.train import train_and_register
 
+    params: TrainParams = _train_params(args)  # type: ignore[assignment]
+    if args.model:
+        params = replace(params, model_type=args.model)
+    meter = CostMeter(params.cost)
+    spent = check_budget(settings.mlflow_uri, params.cost)
     spec = settings.feature_spec
     ticks = ClickHouseArchive.open(settings.clickhouse).read_ticks(args.symbols or None)
-    dataset = build_dataset(ticks, spec)
+    dataset = build_dataset(ticks, spec, horizon_bars=params.splits.horizon_bars)
     result = train_and_register(
-        dataset, spec, settings.mlflow_uri, settings.model_name, settings.model_alias
-    )
-    shown = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items())
-    print(f"train: {result.name} v{result.version} -> @{settings.model_alias}: {shown}")
+        dataset, spec, settings.mlflow_uri, settings.model_name, alias=None, params=params,
+        provenance=_provenance(), meter=meter,
+        figures_dir=Path(args.figures) if args.figures else None,
+    )  # fmt: skip
+    print(f"train: {result.name} v{result.version} ({result.model_type}, run "
+          f"{result.model_type}_{result.version} in {result.experiment}); "
+          f"month's cost before it ${spent:.4f}")  # fmt: skip
+    for key in sorted(result.metrics):
+        print(f"  {key:<24} {result.metrics[key]:>12.4f}")
+    print("next: tickserve validate (promotes to @champion only if it passes)")
+    _write_json(args.metrics_out, {"version": result.version, **result.metrics})
     return 0
+
+
+def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the validation gate on a registered version (default: the latest)."""
+    from dataclasses import replace
+
+    from training.gate import validate_version
+    from training.params import TrainParams
+
+    params: TrainParams = _train_params(args)  # type: ignore[assignment]
+    overrides = {
+        k: v for k, v in {
+            "min_accuracy": args.min_accuracy, "min_sharpe": args.min_sharpe,
+            "accuracy_margin": args.accuracy_margin, "sharpe_margin": args.sharpe_margin,
+        }.items() if v is not None
+    }  # fmt: skip
+    gate = replace(params.gate, **overrides)
+    decision = validate_version(
+        settings.mlflow_uri, settings.model_name, gate, args.version, settings.model_alias
+    )
+    print(f"validate: {decision.summary()}")
+    candidate = {f"test_{k}": v for k, v in decision.candidate.items()}
+    _write_json(args.metrics_out, {
+        "version": decision.version, "passed": decision.passed,
+        "reasons": list(decision.reasons), **candidate,
+    })  # fmt: skip
+    return 0 if decision.passed or args.exit_zero else 1
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -238,8 +339,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-exit", type=float, default=None, help="exit after S seconds without records"
     )
 
-    train = sub.add_parser("train", help="train on the archive, register in MLflow, set alias")
+    imp = sub.add_parser("import", help="load a historical trade file into the archive")
+    imp.add_argument("--input", required=True, help="trade file (same formats as feed --file)")
+    imp.add_argument("--symbol", help="symbol for files whose rows carry none")
+
+    train = sub.add_parser("train", help="train on the archive, register a new version in MLflow")
     train.add_argument("--symbols", nargs="*", help="restrict to these symbols")
+    train.add_argument("--params", help="params file (default: ./params.yaml if present)")
+    train.add_argument("--model", choices=["logistic", "hgb"], help="override train.model.type")
+    train.add_argument("--figures", help="also save the figures as PNG in this folder")
+    train.add_argument("--metrics-out", help="write the metrics as JSON here")
+
+    validate = sub.add_parser(
+        "validate", help="validation gate: promote a version to the alias only if it passes"
+    )
+    validate.add_argument("--version", help="model version (default: the latest)")
+    validate.add_argument("--params", help="params file (default: ./params.yaml if present)")
+    validate.add_argument("--min-accuracy", type=float, help="default: train.gate in params")
+    validate.add_argument("--min-sharpe", type=float, help="default: train.gate in params")
+    validate.add_argument("--accuracy-margin", type=float, help="may trail the champion by")
+    validate.add_argument("--sharpe-margin", type=float, help="may trail the champion by")
+    validate.add_argument("--metrics-out", help="write the decision as JSON here")
+    validate.add_argument(
+        "--exit-zero", action="store_true", help="exit 0 on refusal too (tags still record it)"
+    )
 
     sub.add_parser("serve", help="run the stream worker (ticks -> signals)")
 
@@ -272,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "feed": cmd_feed, "archive": cmd_archive,
-    "train": cmd_train, "serve": cmd_serve, "demo": cmd_demo, "features": cmd_features,
-    "bench": cmd_bench,
+    "import": cmd_import, "train": cmd_train, "validate": cmd_validate, "serve": cmd_serve,
+    "demo": cmd_demo, "features": cmd_features, "bench": cmd_bench,
 }  # fmt: skip
 
 

@@ -46,7 +46,8 @@ def load_model(
         mv = client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise ModelNotFound(
-            f"no model at models:/{name}@{alias} in {tracking_uri} (train one: tickserve train)"
+            f"no model at models:/{name}@{alias} in {tracking_uri} "
+            "(train and promote one: tickserve train, tickserve validate)"
         ) from exc
     spec_hash = mv.tags.get(SPEC_HASH_TAG, "")
     if spec_hash != spec.hash:

@@ -56,6 +56,8 @@ def symbol_from_filename(path: Path) -> str | None:
 
 def _from_ccxt(row: dict[str, Any], symbol: str | None) -> dict[str, Any]:
     trade_id = _clean(row.get("id"))
+    if isinstance(trade_id, float) and trade_id.is_integer():  # CSV ids next to a gap
+        trade_id = int(trade_id)
     return {
         "symbol": _clean(row.get("symbol")) or symbol,
         "event_ns": _timestamp_ns(row.get("timestamp")),

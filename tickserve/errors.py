@@ -44,3 +44,7 @@ class ModelRejected(ModelError):
 
 class DataError(TickserveError):
     """Input data for features or training is unusable (empty, too short, malformed)."""
+
+
+class BudgetExceeded(TickserveError):
+    """This month's logged training cost is over the configured budget."""

@@ -1,4 +1,4 @@
-"""Training rows from archived ticks: the stream's own kernels, next-bar direction labels."""
+"""Training rows from archived ticks: the stream's own kernels, forward-return direction labels."""
 
 from __future__ import annotations
 
@@ -11,74 +11,137 @@ from features.engine import compute_features
 from features.spec import FeatureSpec
 from tickserve.errors import DataError
 
+TICK_FIELDS = ("symbol", "event_ns", "price", "quantity", "is_buy")
+
 
 @dataclass(frozen=True, slots=True)
 class Dataset:
-    """Feature rows with labels, in time order per symbol, plus their event times."""
+    """Feature rows with labels, in tick order, plus what evaluation and splits need.
+
+    A row's label window is (event_ns, label_end_ns): its label is computed from the
+    ticks inside it and from nothing else.
+    """
 
     X: np.ndarray  # (n, n_features) float64
-    y: np.ndarray  # (n,) int64: 1 = the next bar closed above this tick's price
+    y: np.ndarray  # (n,) int64: 1 = the price at the horizon is above this tick's price
     event_ns: np.ndarray  # (n,) int64
     symbols: np.ndarray  # (n,) object
+    label_end_ns: np.ndarray  # (n,) int64: end of the label window (exclusive)
+    fwd_return: np.ndarray  # (n,) float64: simple return from the tick to the horizon
+    tick_index: np.ndarray  # (n,) int64: position of the row's tick in the input table
+    horizon_bars: int = 1
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True, slots=True)
+class Labels:
+    """Forward labels of every tick (NaN where there is no direction to learn)."""
+
+    label: np.ndarray  # float64: 1.0 up, 0.0 down, NaN
+    end_ns: np.ndarray  # int64: end of each label window
+    fwd_return: np.ndarray  # float64
+
+
+def forward_labels(ticks: pd.DataFrame, bar_ns: int, horizon_bars: int = 1) -> Labels:
+    """Direction of the price `horizon_bars` bars after each tick's own bar.
+
+    The horizon ends at the close of bar `b + horizon_bars` (b = the tick's bar); the
+    price there is the last trade before that instant. Only ticks strictly after the
+    tick's event time count: where none traded in the window, or the price did not
+    move, the label is NaN (no direction to learn).
+
+    >>> t = pd.DataFrame({"symbol": ["A"] * 3, "event_ns": [0, 5, 12], "price": [1.0, 2.0, 1.5]})
+    >>> forward_labels(t, 10).label.tolist()
+    [1.0, 0.0, nan]
+    >>> forward_labels(t, 10).end_ns.tolist()
+    [20, 20, 30]
+    """
+    if horizon_bars < 1:
+        raise DataError(f"label horizon must be at least 1 bar, got {horizon_bars}")
+    n = len(ticks)
+    ns = ticks["event_ns"].to_numpy(np.int64)
+    price = ticks["price"].to_numpy(np.float64)
+    end = (ns // bar_ns + horizon_bars + 1) * bar_ns
+    fwd = np.full(n, np.nan)
+    codes, _ = pd.factorize(ticks["symbol"])
+    for code in range(codes.max() + 1 if n else 0):
+        rows = np.flatnonzero(codes == code)
+        rows = rows[np.argsort(ns[rows], kind="stable")]
+        times = ns[rows]
+        last = np.searchsorted(times, end[rows], side="left") - 1
+        later = times[last] > times  # strictly after the row's own event time
+        fwd[rows[later]] = price[rows[last[later]]]
+    fwd_return = fwd / price - 1.0
+    label = np.where(fwd > price, 1.0, 0.0)
+    label[np.isnan(fwd) | (fwd == price)] = np.nan
+    return Labels(label, end, fwd_return)
 
 
 def next_bar_labels(ticks: pd.DataFrame, bar_ns: int) -> np.ndarray:
-    """Direction of the next bar's close relative to each tick's price.
-
-    Uses only ticks after the row's own bar: 1.0 up, 0.0 down, NaN where the next bar
-    has no trade or closes exactly at the tick's price (no direction to learn).
+    """Direction of the price at the close of the next bar (`forward_labels`, horizon 1).
 
     >>> t = pd.DataFrame({"symbol": ["A"] * 3, "event_ns": [0, 5, 12], "price": [1.0, 2.0, 1.5]})
     >>> next_bar_labels(t, 10).tolist()
     [1.0, 0.0, nan]
     """
-    bar = ticks["event_ns"].to_numpy() // bar_ns
-    keys = pd.DataFrame({"symbol": ticks["symbol"].to_numpy(), "bar": bar})
-    close = (
-        pd.DataFrame({"symbol": keys["symbol"], "bar": bar, "close": ticks["price"].to_numpy()})
-        .groupby(["symbol", "bar"], sort=False)["close"]
-        .last()
-    )
-    nxt = close.reindex(pd.MultiIndex.from_arrays([keys["symbol"], keys["bar"] + 1])).to_numpy()
-    price = ticks["price"].to_numpy()
-    labels = np.where(nxt > price, 1.0, 0.0)
-    labels[np.isnan(nxt) | (nxt == price)] = np.nan
-    return labels
+    return forward_labels(ticks, bar_ns, 1).label
 
 
-def build_dataset(ticks: pd.DataFrame, spec: FeatureSpec, min_rows: int = 200) -> Dataset:
+def build_dataset(
+    ticks: pd.DataFrame, spec: FeatureSpec, min_rows: int = 200, horizon_bars: int = 1
+) -> Dataset:
     """Features (same kernels as the stream) and labels for every ready, labelled tick.
 
     Args:
         ticks: Columns symbol, event_ns, price, quantity, is_buy; stream order per symbol.
         spec: The FeatureSpec the model will be served with.
         min_rows: Fewer usable rows than this is an error, not a model.
+        horizon_bars: Label horizon in bars after the tick's own bar.
+
+    Raises:
+        DataError: A missing column, too few bars or rows, or labels of a single class.
     """
-    missing = {"symbol", "event_ns", "price", "quantity", "is_buy"} - set(ticks.columns)
+    missing = set(TICK_FIELDS) - set(ticks.columns)
     if missing:
         raise DataError(f"tick table is missing columns {sorted(missing)}")
+    ns = ticks["event_ns"].to_numpy(np.int64)
+    need = spec.history + horizon_bars + 1
+    bars = pd.Series(ns // spec.bar_ns).groupby(ticks["symbol"].to_numpy()).nunique()
+    most = int(bars.max()) if len(bars) else 0
+    if most < need:
+        raise DataError(
+            f"need at least {need} bars of {spec.bar_ns / 1e9:g} s for one symbol "
+            f"({spec.history} of feature history + {horizon_bars} of label horizon + 1), "
+            f"got {most} from {len(ticks)} ticks"
+        )
     feats = compute_features(
         spec,
         ticks["symbol"].tolist(),
-        ticks["event_ns"].to_numpy(np.int64),
+        ns,
         ticks["price"].to_numpy(np.float64),
         ticks["quantity"].to_numpy(np.float64),
         ticks["is_buy"].to_numpy().astype(bool),
     )
-    labels = next_bar_labels(ticks, spec.bar_ns)
-    keep = feats.ready & ~np.isnan(labels)
+    labels = forward_labels(ticks, spec.bar_ns, horizon_bars)
+    keep = feats.ready & ~np.isnan(labels.label)
     n = int(keep.sum())
     if n < min_rows:
         raise DataError(
             f"need at least {min_rows} ready, labelled rows, got {n} from {len(ticks)} ticks "
             f"(features need {spec.history} bars of {spec.bar_ns / 1e9:g} s per symbol)"
         )
-    y = labels[keep].astype(np.int64)
+    y = labels.label[keep].astype(np.int64)
     if len(np.unique(y)) < 2:
-        raise DataError("all labels are the same class: nothing to learn")
+        raise DataError(f"all {n} labels are the same class ({y[0]}): nothing to learn")
     return Dataset(
         feats.values[keep],
         y,
-        ticks["event_ns"].to_numpy(np.int64)[keep],
+        ns[keep],
         ticks["symbol"].to_numpy(object)[keep],
+        labels.end_ns[keep],
+        labels.fwd_return[keep],
+        np.flatnonzero(keep),
+        horizon_bars,
     )

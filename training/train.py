@@ -1,25 +1,34 @@
-"""Fit a classifier, export ONNX, prove parity, log and register it in MLflow."""
+"""Fit on purged walk-forward folds, export ONNX with a parity check, log and register in MLflow."""
 
 from __future__ import annotations
 
 import json
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from features.spec import FeatureSpec
 from inference.registry import SPEC_HASH_TAG
-from inference.session import OnnxScorer
-from tickserve.errors import ModelRejected
+from tickserve.errors import ConfigError, DataError
+from training import report
+from training.cost import CostMeter
 from training.dataset import Dataset
+from training.evaluate import Backtest, evaluate
+from training.models import PARITY_TOLERANCE, check_parity, export_onnx, make_model
+from training.params import SplitParams, TrainParams
+from training.splits import Fold, purged_folds
 
 logger = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-5
+__all__ = ["PARITY_TOLERANCE", "TrainResult", "train_and_register", "universe_of"]
+
+GOLDEN_ROWS = "golden_rows.json"  # read by the hot-swap validation: keep name and format
+HISTOGRAMS = "reference_histograms.json"
+TEST_WINDOW = "test_window.npz"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +42,55 @@ class TrainResult:
     X_test: np.ndarray
     native_scores: np.ndarray  # P(up) from scikit-learn on X_test
     onnx_scores: np.ndarray  # P(up) from ONNX Runtime on X_test
+    model_type: str = "logistic"
+    experiment: str = ""
 
 
-def _time_split(ds: Dataset, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Train on the earliest rows, test on the latest (no shuffling across time)."""
-    order = np.argsort(ds.event_ns, kind="stable")
-    cut = int(len(order) * (1 - test_fraction))
-    return order[:cut], order[cut:]
+def universe_of(symbols: np.ndarray) -> str:
+    """Experiment-friendly name of a symbol set: `XRP/ETH` -> `XRP_ETH`, several joined by +."""
+    return "+".join(sorted({str(s).replace("/", "_") for s in symbols})) or "empty"
+
+
+def _legacy_params(ds: Dataset, test_fraction: float, C: float) -> TrainParams:
+    n_folds = max(1, round(1 / test_fraction) - 1) if 0 < test_fraction < 1 else 4
+    h = ds.horizon_bars
+    return TrainParams(
+        logistic={"C": C, "max_iter": 1000},
+        splits=SplitParams(n_folds=n_folds, horizon_bars=h, embargo_bars=h + 1),
+    )
+
+
+def _fit_fold(params: TrainParams, X: np.ndarray, ds: Dataset, fold: Fold, k: int) -> Any:
+    y = ds.y[fold.train]
+    if len(np.unique(y)) < 2:
+        raise DataError(f"fold {k}: the {len(y)} training labels are all one class")
+    model = make_model(params.model_type, params.hyperparameters)
+    return model.fit(X[fold.train], y)
+
+
+def _evaluate_fold(
+    params: TrainParams, ds: Dataset, rows: np.ndarray, p_up: np.ndarray
+) -> tuple[dict[str, float], Backtest]:
+    b = params.backtest
+    return evaluate(
+        ds.y[rows], p_up, ds.fwd_return[rows], ds.event_ns[rows], ds.label_end_ns[rows],
+        ds.symbols[rows], b.threshold, b.fee_bps,
+    )  # fmt: skip
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts beside a sqlite store, not in ./mlruns of whatever the working directory is."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlartifacts" / experiment.replace("/", "_")).resolve().as_uri()
+
+
+def _experiment_id(client: Any, tracking_uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    return str(client.create_experiment(name, _artifact_location(tracking_uri, name)))
 
 
 def train_and_register(
@@ -47,92 +98,166 @@ def train_and_register(
     spec: FeatureSpec,
     tracking_uri: str,
     model_name: str,
-    alias: str = "champion",
+    alias: str | None = "champion",
     test_fraction: float = 0.2,
     C: float = 1.0,
+    *,
+    params: TrainParams | None = None,
+    provenance: dict[str, str] | None = None,
+    meter: CostMeter | None = None,
+    figures_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a logistic baseline on `ds`, register it as `model_name`, point `alias` at it.
+    """Train on purged walk-forward folds, register the model as `model_name`.
 
-    The run fails (ModelRejected) if ONNX scores differ from scikit-learn's by more
-    than 1e-5 on the test rows: a model that does not serve what was evaluated must
-    never be registered.
+    The earlier folds give `val_*` metrics, the last (latest) fold `test_*`; the model
+    registered is the one fitted for the test fold. The run fails (ModelRejected) if
+    ONNX scores differ from scikit-learn's by more than 1e-5 on the test rows.
+
+    Args:
+        ds: Training rows (see `build_dataset`).
+        spec: The FeatureSpec the rows were computed with (tagged on the version).
+        tracking_uri: MLflow tracking and registry URI.
+        model_name: Registered model name.
+        alias: Alias to point at the new version unconditionally (the demo and older
+            callers); None leaves that to the validation gate (`training.gate`).
+        test_fraction: Without `params`: the test window's share (sets the fold count).
+        C: Without `params`: the logistic model's inverse regularization.
+        params: Everything else (params.yaml); defaults to a logistic baseline.
+        provenance: Extra run params, e.g. git commit and DVC data hash.
+        meter: Cost meter started where the run began (default: now).
+        figures_dir: Also save the figures there as PNG.
     """
     import mlflow
     import mlflow.onnx
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
-    from skl2onnx import to_onnx
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.inspection import permutation_importance
 
-    started = time.perf_counter()
-    train_idx, test_idx = _time_split(ds, test_fraction)
-    X = ds.X.astype(np.float32)  # what ONNX Runtime will be fed
-    X_train, y_train, X_test, y_test = X[train_idx], ds.y[train_idx], X[test_idx], ds.y[test_idx]
-    pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000))
-    pipeline.fit(X_train, y_train)
-    native = pipeline.predict_proba(X_test)[:, 1]
-
-    onnx_model = to_onnx(
-        pipeline, X_train[:1], options={id(pipeline.steps[-1][1]): {"zipmap": False}},
-        target_opset={"": 17, "ai.onnx.ml": 3},
+    meter = meter or CostMeter((params or TrainParams()).cost)
+    params = params or _legacy_params(ds, test_fraction, C)
+    s = params.splits
+    if s.horizon_bars != ds.horizon_bars:
+        raise ConfigError(
+            f"params say a label horizon of {s.horizon_bars} bars, "
+            f"the dataset has {ds.horizon_bars}"
+        )
+    folds = purged_folds(
+        ds.event_ns, ds.label_end_ns, s.n_folds, purge_ns=s.purge_bars * spec.bar_ns,
+        embargo_ns=s.embargo_bars * spec.bar_ns, walk_forward=True,
+        min_label_ns=(s.horizon_bars + 1) * spec.bar_ns,
     )  # fmt: skip
-    scorer = OnnxScorer.from_bytes(onnx_model.SerializeToString(), spec.n_features, False)
-    onnx_scores = scorer.score(X_test)
-    gap = float(np.max(np.abs(onnx_scores - native))) if len(native) else 0.0
-    if gap > PARITY_TOLERANCE:
-        raise ModelRejected(f"ONNX differs from scikit-learn by {gap:.2e} > {PARITY_TOLERANCE}")
+    X = ds.X.astype(np.float32)  # what ONNX Runtime will be fed
+    val: list[dict[str, float]] = []
+    for k, fold in enumerate(folds[:-1], start=1):
+        model = _fit_fold(params, X, ds, fold, k)
+        p_up = model.predict_proba(X[fold.test])[:, 1]
+        val.append(_evaluate_fold(params, ds, fold.test, p_up)[0])
+    last = folds[-1]
+    model = _fit_fold(params, X, ds, last, len(folds))
+    X_train, X_test, y_test = X[last.train], X[last.test], ds.y[last.test]
+    native = model.predict_proba(X_test)[:, 1]
+    onnx_model = export_onnx(model, X_train)
+    onnx_scores, gap = check_parity(onnx_model, native, X_test)
+    test, bt = _evaluate_fold(params, ds, last.test, native)
 
-    metrics = {
-        "test_accuracy": float(accuracy_score(y_test, native >= 0.5)),
-        "test_log_loss": float(log_loss(y_test, native, labels=[0, 1])),
-        "test_auc": float(roc_auc_score(y_test, native)) if len(set(y_test)) > 1 else float("nan"),
-        "train_accuracy": float(accuracy_score(y_train, pipeline.predict(X_train))),
-        "onnx_parity_max_abs": gap,
-        "train_seconds": time.perf_counter() - started,
+    metrics = {f"test_{k}": v for k, v in test.items()}
+    for key in val[0] if val else {}:
+        metrics[f"val_{key}"] = float(np.nanmean([m[key] for m in val]))
+    metrics["train_accuracy"] = float(np.mean((model.predict_proba(X_train)[:, 1] >= 0.5)
+                                              == ds.y[last.train]))  # fmt: skip
+    metrics["onnx_parity_max_abs"] = gap
+
+    importance = permutation_importance(
+        model, X_test, y_test, scoring="neg_log_loss", n_repeats=5, random_state=0
+    ).importances_mean
+    figures = {
+        "feature_importance.png": report.feature_importance(
+            spec.names, importance, f"{params.model_type}: permutation importance (test log loss)"
+        ),
+        "confusion_matrix.png": report.confusion(y_test, native),
+        "equity_curve.png": report.equity_curve(
+            bt, f"test backtest: Sharpe {bt.sharpe:.2f}, fees {params.backtest.fee_bps:g} bps"
+        ),
     }
+    experiment = f"tickserve/{universe_of(ds.symbols)}"
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    mlflow.set_experiment(model_name)
-    with mlflow.start_run(run_name=f"logistic_{spec.hash[:8]}") as run:
-        mlflow.log_params(
-            {
-                "model_type": "logistic",
-                "C": C,
-                "n_features": spec.n_features,
-                "features": ",".join(spec.names),
-                "train_rows": len(train_idx),
-                "test_rows": len(test_idx),
-                SPEC_HASH_TAG: spec.hash,
-                "bar_ns": spec.bar_ns,
-                "data_start_ns": int(ds.event_ns.min()),
-                "data_end_ns": int(ds.event_ns.max()),
-            }
-        )
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    experiment_id = _experiment_id(client, tracking_uri, experiment)
+    test_rows = last.test
+    run_params: dict[str, Any] = {
+        "model_type": params.model_type,
+        "n_features": spec.n_features,
+        "features": ",".join(spec.names),
+        "train_rows": len(last.train),
+        "val_rows": int(sum(len(f.test) for f in folds[:-1])),
+        "test_rows": len(test_rows),
+        **{f"hp_{k}": v for k, v in params.hyperparameters.items()},
+        SPEC_HASH_TAG: spec.hash,
+        "bar_ns": spec.bar_ns,
+        "horizon_bars": s.horizon_bars,
+        "n_folds": s.n_folds,
+        "purge_bars": s.purge_bars,
+        "embargo_bars": s.embargo_bars,
+        "backtest_threshold": params.backtest.threshold,
+        "fee_bps": params.backtest.fee_bps,
+        "symbols": ",".join(sorted({str(x) for x in ds.symbols})),
+        "data_start_ns": int(ds.event_ns.min()),
+        "data_end_ns": int(ds.event_ns.max()),
+        "test_start_ns": int(ds.event_ns[test_rows].min()),
+        "test_end_ns": int(ds.event_ns[test_rows].max()),
+        **(provenance or {}),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{params.model_type}_new") as run:
+        mlflow.log_params(run_params)
+        mlflow.set_tag(SPEC_HASH_TAG, spec.hash)
         mlflow.log_metrics(metrics)
+        for name, fig in figures.items():
+            mlflow.log_figure(fig, f"figures/{name}")
+            if figures_dir is not None:
+                figures_dir.mkdir(parents=True, exist_ok=True)
+                fig.savefig(figures_dir / name)
+            report.close(fig)
         with tempfile.TemporaryDirectory() as tmp:
-            golden = Path(tmp) / "golden_rows.json"
             k = min(32, len(X_test))
-            golden.write_text(
-                json.dumps({"inputs": X_test[:k].tolist(), "p_up": onnx_scores[:k].tolist()})
+            golden = {"inputs": X_test[:k].tolist(), "p_up": onnx_scores[:k].tolist()}
+            (Path(tmp) / GOLDEN_ROWS).write_text(json.dumps(golden))
+            (Path(tmp) / HISTOGRAMS).write_text(
+                json.dumps(report.reference_histograms(X_train, spec))
             )
-            mlflow.log_artifact(str(golden))
+            np.savez_compressed(
+                Path(tmp) / TEST_WINDOW, X=X_test, y=y_test, fwd_return=ds.fwd_return[test_rows],
+                event_ns=ds.event_ns[test_rows], label_end_ns=ds.label_end_ns[test_rows],
+                symbols=ds.symbols[test_rows].astype(str),
+            )  # fmt: skip
+            for artifact in (GOLDEN_ROWS, HISTOGRAMS, TEST_WINDOW):
+                mlflow.log_artifact(str(Path(tmp) / artifact))
         info = mlflow.onnx.log_model(
             onnx_model,
             name="model",
             registered_model_name=model_name,
-            signature=infer_signature(X_test[:5], onnx_scores[:5]),
+            signature=infer_signature(X_train[:100], model.predict_proba(X_train[:100])[:, 1]),
             input_example=X_test[:5],
             onnx_execution_providers=["CPUExecutionProvider"],
+            # inferring them re-imports the model in a subprocess (~6 s here)
+            pip_requirements=["onnx", "onnxruntime"],
         )
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    version = str(info.registered_model_version)
-    client.set_model_version_tag(model_name, version, SPEC_HASH_TAG, spec.hash)
-    client.set_registered_model_alias(model_name, alias, version)
+        version = str(info.registered_model_version)
+        cost = meter.read()
+        metrics.update(cost.metrics())
+        mlflow.log_metrics(cost.metrics())
+    client.set_tag(run.info.run_id, "mlflow.runName", f"{params.model_type}_{version}")
+    for key, value in {
+        SPEC_HASH_TAG: spec.hash, "model_type": params.model_type, "experiment": experiment,
+    }.items():  # fmt: skip
+        client.set_model_version_tag(model_name, version, key, value)
+    if alias:
+        client.set_registered_model_alias(model_name, alias, version)
     logger.info(
         "model registered",
         extra={"model": model_name, "version": version, "alias": alias, **metrics},
     )
-    return TrainResult(model_name, version, run.info.run_id, metrics, X_test, native, onnx_scores)
+    return TrainResult(
+        model_name, version, run.info.run_id, metrics, X_test, native, onnx_scores,
+        params.model_type, experiment,
+    )  # fmt: skip

@@ -1,0 +1,85 @@
+"""Cost of training runs: measured wall/CPU time, priced per hour, checked against a budget."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+from tickserve.errors import BudgetExceeded
+from training.params import CostParams
+
+COST_METRIC = "cost_usd"
+
+
+@dataclass(frozen=True, slots=True)
+class RunCost:
+    """What one run used and what that costs."""
+
+    wall_seconds: float
+    cpu_seconds: float
+    gpu_seconds: float
+    cost_usd: float
+
+    def metrics(self) -> dict[str, float]:
+        """As MLflow metrics."""
+        return {
+            "wall_seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds,
+            "gpu_seconds": self.gpu_seconds, COST_METRIC: self.cost_usd,
+        }  # fmt: skip
+
+
+class CostMeter:
+    """Measures wall and process CPU time from construction (GPU time: none used here)."""
+
+    def __init__(self, prices: CostParams):
+        """Start measuring."""
+        self.prices = prices
+        self.wall0 = time.perf_counter()
+        self.cpu0 = time.process_time()
+
+    def read(self, gpu_seconds: float = 0.0) -> RunCost:
+        """Usage so far, priced: the machine by wall time, the GPU by its own time."""
+        wall = time.perf_counter() - self.wall0
+        cpu = time.process_time() - self.cpu0
+        prices = self.prices
+        cost = (wall * prices.cpu_hour_usd + gpu_seconds * prices.gpu_hour_usd) / 3600
+        return RunCost(wall, cpu, gpu_seconds, cost)
+
+
+def month_start_ms(now: dt.datetime | None = None) -> int:
+    """Start of the current UTC month in epoch ms."""
+    now = now or dt.datetime.now(dt.UTC)
+    return int(dt.datetime(now.year, now.month, 1, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def month_cost(tracking_uri: str) -> float:
+    """Sum of `cost_usd` over every run of every experiment started this UTC month."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    total, token = 0.0, None
+    while ids:
+        page = client.search_runs(
+            ids, f"attributes.start_time >= {month_start_ms()}", ViewType.ALL,
+            max_results=1000, page_token=token,
+        )  # fmt: skip
+        total += sum(r.data.metrics.get(COST_METRIC, 0.0) for r in page)
+        token = page.token
+        if not token:
+            break
+    return total
+
+
+def check_budget(tracking_uri: str, prices: CostParams) -> float:
+    """Raise BudgetExceeded once this month's logged cost exceeds the budget; else return it."""
+    spent = month_cost(tracking_uri)
+    if spent > prices.monthly_budget_usd:
+        raise BudgetExceeded(
+            f"this month's training runs cost ${spent:.4f}, over the monthly budget of "
+            f"${prices.monthly_budget_usd:.4f} (train.cost.monthly_budget_usd in params.yaml): "
+            "not starting"
+        )
+    return spent

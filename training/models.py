@@ -1,0 +1,62 @@
+"""The model zoo (logistic baseline, HistGradientBoosting) and ONNX export with a parity check."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from inference.session import OnnxScorer
+from tickserve.errors import ConfigError, ModelRejected
+
+PARITY_TOLERANCE = 1e-5
+
+
+def make_model(model_type: str, hyperparameters: dict[str, Any]) -> Any:
+    """An unfitted scikit-learn classifier of `model_type` ("logistic" or "hgb")."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    try:
+        if model_type == "logistic":
+            return make_pipeline(StandardScaler(), LogisticRegression(**hyperparameters))
+        if model_type == "hgb":
+            return HistGradientBoostingClassifier(**hyperparameters)
+    except TypeError as exc:
+        raise ConfigError(f"bad hyperparameters for {model_type}: {exc}") from exc
+    raise ConfigError(f"unknown model type {model_type!r} (logistic or hgb)")
+
+
+def export_onnx(model: Any, X_sample: np.ndarray) -> Any:
+    """The fitted model as an ONNX graph with a plain probability tensor (no ZipMap)."""
+    from skl2onnx import to_onnx
+
+    estimator = model.steps[-1][1] if hasattr(model, "steps") else model
+    with warnings.catch_warnings():
+        # skl2onnx 1.20 puts numpy bools into the int list `nodes_missing_value_tracks_true`
+        # of tree ensembles; protobuf 6 warns (7 rejects it, hence protobuf<7). Under
+        # -W error the warning surfaces from upb as "ValueError: Value out of range".
+        warnings.filterwarnings(
+            "ignore", "Field onnx.AttributeProto.ints", category=DeprecationWarning
+        )
+        return to_onnx(
+            model, X_sample[:1].astype(np.float32), options={id(estimator): {"zipmap": False}},
+            target_opset={"": 17, "ai.onnx.ml": 3},
+        )  # fmt: skip
+
+
+def check_parity(onnx_model: Any, native: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, float]:
+    """ONNX Runtime's P(up) on `X` and its largest gap to `native`; over 1e-5 fails the run.
+
+    Raises:
+        ModelRejected: The exported model does not score what was evaluated.
+    """
+    scorer = OnnxScorer.from_bytes(onnx_model.SerializeToString(), X.shape[1], False)
+    scores = scorer.score(X.astype(np.float32))
+    gap = float(np.max(np.abs(scores - native))) if len(native) else 0.0
+    if not gap <= PARITY_TOLERANCE:
+        raise ModelRejected(f"ONNX differs from scikit-learn by {gap:.2e} > {PARITY_TOLERANCE}")
+    return scores, gap
