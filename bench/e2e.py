@@ -101,22 +101,27 @@ class Bench:
         self._register_model()
 
     def _register_model(self) -> None:
-        from features.engine import compute_features
-        from training.dataset import Dataset
+        """Train a small model on synthetic ticks (the bench measures serving, not skill)."""
+        import pandas as pd
+
+        from training.dataset import build_dataset
         from training.train import train_and_register
 
         spec = self.settings.feature_spec
         rng = np.random.default_rng(5)
         n, symbols = 60_000, 5
         sym = np.arange(n) % symbols
-        ts = (np.arange(n, dtype=np.int64) * 2_000_000) + 1_700_000_000_000_000_000
-        price = 100 * np.exp(np.cumsum(rng.normal(0, 2e-4, n)))
-        feats = compute_features(spec, [f"S{s}" for s in sym], ts, price,
-                                 rng.exponential(1.0, n), rng.random(n) < 0.5)  # fmt: skip
-        ok = feats.ready
-        y = (np.roll(price, -symbols * 20) > price).astype(np.int64)[ok]
-        ds = Dataset(feats.values[ok], y, ts[ok], sym[ok].astype(object))
-        train_and_register(ds, spec, self.settings.mlflow_uri, self.settings.model_name)
+        ticks = pd.DataFrame(
+            {
+                "symbol": [f"S{s}" for s in sym],
+                "event_ns": np.arange(n, dtype=np.int64) * 2_000_000 + 1_700_000_000 * 10**9,
+                "price": 100 * np.exp(np.cumsum(rng.normal(0, 2e-4, n))),
+                "quantity": rng.exponential(1.0, n),
+                "is_buy": rng.random(n) < 0.5,
+            }
+        ).sort_values(["symbol", "event_ns"], kind="stable")
+        train_and_register(build_dataset(ticks, spec), spec, self.settings.mlflow_uri,
+                           self.settings.model_name)  # fmt: skip
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKSERVE_")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,9 @@ LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "micro_batch_size", "Records per micro-batch", buckets=(1, 10, 100, 500, 1000, 2000, 5000)
 )
+
+# micro-batches whose signals may be awaiting acks at once (backpressure beyond that)
+MAX_INFLIGHT_BATCHES = 4
 
 # (trade_ids, symbols, feature values, ready) of each micro-batch, for audits and tests
 FeatureTap = Callable[[list[str], list[str], np.ndarray, np.ndarray], None]
@@ -102,7 +106,9 @@ class StreamWorker:
         self.last_rows: dict[str, tuple[int, np.ndarray]] = {}
         self.processed = 0
         self.partition_of: dict[str, int] = {}
-        self.next_offsets: dict[TopicPartition, int] = {}
+        self.next_offsets: dict[TopicPartition, int] = {}  # committed
+        self.processed_offsets: dict[TopicPartition, int] = {}  # applied to the state
+        self._inflight: deque[asyncio.Task[None]] = deque()
         self.replay_until: dict[TopicPartition, int] = {}
         self._batch_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
@@ -135,24 +141,16 @@ class StreamWorker:
             )  # fmt: skip
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100, max_records=cfg.max_batch)
-                if not batches:
-                    continue
-                async with self._batch_lock:
-                    await self.process(batches)
-                    offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items()}
-                    try:
-                        await consumer.commit(offsets)
-                    except CommitFailedError as exc:
-                        # the group moved on (rebalance): the new owner replays these
-                        logger.warning("commit failed", extra={"error": str(exc)})
-                        continue
-                    self.next_offsets.update(offsets)
-                if time.monotonic() - self._last_snapshot > cfg.snapshot_interval_s:
-                    self.snapshot(list(self.next_offsets))
+                if batches:
+                    async with self._batch_lock:
+                        await self._handle(batches)
+                await self._reap(block=False)
             clean = True
         finally:
             if clean:
-                await asyncio.gather(*self.snapshot(list(self.next_offsets)))
+                async with self._batch_lock:
+                    await self._reap(block=True)
+                    await asyncio.gather(*self._write_snapshots(self._take_snapshots()))
             await consumer.stop()
             await producer.stop()
             if self.writer is not None:
@@ -161,8 +159,54 @@ class StreamWorker:
                 self.snapshots.close()
             logger.info("worker stopped", extra={"processed": self.processed})
 
-    async def process(self, batches: Batches) -> None:
-        """Score one micro-batch and wait until its signals and dead letters are acknowledged."""
+    async def _handle(self, batches: Batches) -> None:
+        """Process a micro-batch; its acks and commit complete in the background, in order.
+
+        The next batch is fetched and scored while this one's signals are still on
+        their way to the broker. Offsets are committed only once every earlier batch
+        is committed and this one's signals are acknowledged, so at-least-once holds.
+        """
+        acks = await self.process(batches)
+        offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items()}
+        self.processed_offsets.update(offsets)
+        snaps: list[tuple[TopicPartition, snapshot.Snapshot]] = []
+        if time.monotonic() - self._last_snapshot > self.config.snapshot_interval_s:
+            snaps = self._take_snapshots()  # the state now, written once it is committed
+        previous = self._inflight[-1] if self._inflight else None
+        self._inflight.append(asyncio.create_task(self._finish(previous, acks, offsets, snaps)))
+        while len(self._inflight) > MAX_INFLIGHT_BATCHES:
+            await self._inflight.popleft()
+
+    async def _finish(
+        self,
+        previous: asyncio.Task[None] | None,
+        acks: list[asyncio.Future[Any]],
+        offsets: dict[TopicPartition, int],
+        snaps: list[tuple[TopicPartition, snapshot.Snapshot]],
+    ) -> None:
+        if previous is not None:
+            await previous
+        await asyncio.gather(*acks)
+        assert self.consumer is not None
+        try:
+            await self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # the group moved on (rebalance): the new owner replays these records
+            logger.warning("commit failed", extra={"error": str(exc)})
+            return
+        self.next_offsets.update(offsets)
+        await asyncio.gather(*self._write_snapshots(snaps))
+
+    async def _reap(self, block: bool) -> None:
+        """Collect finished batches (re-raising their errors); with `block`, all of them."""
+        while self._inflight and (block or self._inflight[0].done()):
+            await self._inflight.popleft()
+
+    async def process(self, batches: Batches) -> list[asyncio.Future[Any]]:
+        """Score one micro-batch and hand its signals and dead letters to the producer.
+
+        Returns the futures of their acknowledgements.
+        """
         started = time.perf_counter()
         started_ns = time.time_ns()
         records = [m for msgs in batches.values() for m in msgs]
@@ -215,7 +259,6 @@ class StreamWorker:
         acks = await self._send_grouped(out, [("t", timing)])
         acks.extend([await self._dead_letter(*d) for d in dead])
         LATENCY.observe(time.perf_counter() - started)
-        await asyncio.gather(*acks)
 
         n_ready = int(ready.sum())
         TICKS.inc(len(records))
@@ -224,6 +267,7 @@ class StreamWorker:
         PREDICTIONS.labels(self.model.name, "", "false").inc(len(cols) - n_ready - int(late.sum()))
         self.processed += len(records)
         self._publish_latest(cols.symbols, cols.event_ns, feats.values, ready, slots)
+        return acks
 
     async def _send_grouped(
         self, out: list[tuple[int, bytes, bytes]], headers: list[tuple[str, bytes]]
@@ -278,20 +322,30 @@ class StreamWorker:
             if symbol not in self.partition_of:
                 self.partition_of[symbol] = records[index[i]].partition
 
-    def snapshot(self, partitions: list[TopicPartition]) -> list[asyncio.Future[None]]:
-        """Write the state of these partitions' symbols with their committed offsets."""
+    def _take_snapshots(
+        self, partitions: list[TopicPartition] | None = None
+    ) -> list[tuple[TopicPartition, snapshot.Snapshot]]:
+        """Copy the state of these partitions' symbols with the offsets it reflects."""
         self._last_snapshot = time.monotonic()
         if self.snapshots is None:
             return []
-        futures = []
-        for tp in partitions:
-            offset = self.next_offsets.get(tp)
+        out = []
+        for tp in partitions if partitions is not None else list(self.processed_offsets):
+            offset = self.processed_offsets.get(tp)
             if offset is None or tp in self.replay_until:
                 continue  # nothing applied yet, or the state is behind the commit
             symbols = [s for s, p in self.partition_of.items() if p == tp.partition]
-            snap = snapshot.take(self.engine, symbols, offset)
-            futures.append(asyncio.wrap_future(self.snapshots.save(tp.topic, tp.partition, snap)))
-        return futures
+            out.append((tp, snapshot.take(self.engine, symbols, offset)))
+        return out
+
+    def _write_snapshots(
+        self, snaps: list[tuple[TopicPartition, snapshot.Snapshot]]
+    ) -> list[asyncio.Future[None]]:
+        assert self.snapshots is not None or not snaps
+        return [
+            asyncio.wrap_future(self.snapshots.save(tp.topic, tp.partition, snap))  # type: ignore[union-attr]
+            for tp, snap in snaps
+        ]
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         """Restore assigned partitions' symbols and position the consumer to replay."""
@@ -315,7 +369,7 @@ class StreamWorker:
                 continue
             if committed and committed > start:
                 self.replay_until[tp] = committed
-            self.next_offsets[tp] = start
+            self.next_offsets[tp] = self.processed_offsets[tp] = start
             logger.info(
                 "partition restored",
                 extra={"partition": tp.partition, "snapshot": snap is not None,
@@ -325,9 +379,11 @@ class StreamWorker:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Snapshot revoked partitions (between batches) so their next owner resumes exactly."""
         async with self._batch_lock:
-            await asyncio.gather(*self.snapshot(list(revoked)))
+            await self._reap(block=True)  # everything processed is now committed
+            await asyncio.gather(*self._write_snapshots(self._take_snapshots(list(revoked))))
             for tp in revoked:
                 self.next_offsets.pop(tp, None)
+                self.processed_offsets.pop(tp, None)
                 self.replay_until.pop(tp, None)
 
     def _publish_latest(
