@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench install clean up down
+.PHONY: demo test check bench bench-ci install clean up down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -p no:cacheprovider
+
+bench-ci: $(STAMP)
+	$(PY) -m bench.ci
 
 up: $(STAMP)
 	$(VENV)/bin/tickserve up

@@ -1,0 +1,193 @@
+"""Microbenchmarks (pytest-benchmark; `make bench`), each beside its natural alternative.
+
+Groups: tick decode (json vs orjson vs tickserve's batch decode), signal encode,
+feature update (tickserve batch 1 and 1000 vs talipp tick by tick), ONNX run per
+batch size, online-store write per batch (Feast DataFrame path vs tickserve's).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from features.engine import FeatureEngine
+from features.spec import NS_PER_SECOND, FeatureSpec
+from stream.signal import encode_signals
+from stream.tick import decode_batch
+
+N = 1000
+NOW = 1_700_000_000_000_000_000
+RNG = np.random.default_rng(7)
+TICKS = [
+    {"symbol": f"SYN{i % 100:03d}/USD", "event_ns": NOW + i * 50_000,
+     "price": float(100 + RNG.normal()), "quantity": 1.5, "side": "buy", "trade_id": str(i),
+     "recv_ns": NOW + i}
+    for i in range(N)
+]  # fmt: skip
+RAW = [orjson.dumps(t) for t in TICKS]
+
+
+@pytest.mark.benchmark(group="decode 1000 ticks")
+def test_decode_stdlib_json(benchmark: pytest.FixtureRequest) -> None:
+    benchmark(lambda: [json.loads(r) for r in RAW])
+
+
+@pytest.mark.benchmark(group="decode 1000 ticks")
+def test_decode_orjson(benchmark: pytest.FixtureRequest) -> None:
+    benchmark(lambda: [orjson.loads(r) for r in RAW])
+
+
+@pytest.mark.benchmark(group="decode 1000 ticks")
+def test_decode_tickserve_validated(benchmark: pytest.FixtureRequest) -> None:
+    cols, rejected = benchmark(lambda: decode_batch(RAW, NOW * 2, 0))
+    assert len(cols) == N and not rejected
+
+
+@pytest.mark.benchmark(group="encode 1000 signals")
+def test_encode_stdlib_json(benchmark: pytest.FixtureRequest) -> None:
+    benchmark(lambda: [json.dumps({**t, "score": 0.5}).encode() for t in TICKS])
+
+
+@pytest.mark.benchmark(group="encode 1000 signals")
+def test_encode_tickserve(benchmark: pytest.FixtureRequest) -> None:
+    symbols = [t["symbol"] for t in TICKS]
+    ids = [t["trade_id"] for t in TICKS]
+    ev = [t["event_ns"] for t in TICKS]
+    scores: list[float | None] = [0.5] * N
+    benchmark(lambda: encode_signals(symbols, ids, ev, ev, NOW, "m", "1", scores, 0.5))  # type: ignore[arg-type]
+
+
+def _feature_inputs(n: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(3)
+    slots = rng.integers(0, 100, n).astype(np.int64)
+    ts = np.cumsum(rng.integers(1, 4_000_000, n)).astype(np.int64)
+    price = 60000.01 * np.exp(np.cumsum(rng.normal(0, 1e-4, n)))
+    return slots, ts, price, rng.exponential(1.0, n), rng.random(n) < 0.5
+
+
+@pytest.mark.parametrize("batch", [1, 1000])
+@pytest.mark.benchmark(group="features per batch (100 symbols)")
+def test_features_tickserve(benchmark: pytest.FixtureRequest, batch: int) -> None:
+    engine = FeatureEngine(FeatureSpec(bar_ns=NS_PER_SECOND))
+    engine.slots([f"S{i}" for i in range(100)])
+    slots, ts, price, qty, side = _feature_inputs(200_000)
+    engine.update(slots[:100_000], ts[:100_000], price[:100_000], qty[:100_000], side[:100_000])
+    state = {"i": 100_000}
+
+    def step() -> None:
+        i = state["i"]
+        if i + batch > len(ts):  # the data ran out: keep time moving forward
+            ts[:] += ts[-1]
+            i = 0
+        engine.update(slots[i : i + batch], ts[i : i + batch], price[i : i + batch],
+                      qty[i : i + batch], side[i : i + batch])  # fmt: skip
+        state["i"] = i + batch
+
+    benchmark(step)
+
+
+@pytest.mark.benchmark(group="features per batch (100 symbols)")
+def test_features_talipp_1000_ticks(benchmark: pytest.FixtureRequest) -> None:
+    """RSI + Bollinger only (2 of tickserve's 12 features), one tick at a time."""
+    from talipp.indicators import BB, RSI
+
+    slots, ts, price, _, _ = _feature_inputs(50_000)
+    rsi = [RSI(14) for _ in range(100)]
+    bb = [BB(20, 2.0) for _ in range(100)]
+    bar = [-1] * 100
+    state = {"i": 0}
+
+    def step() -> None:
+        i = state["i"] % (len(ts) - N)
+        for k in range(i, i + N):
+            s, b, p = int(slots[k]), int(ts[k] // NS_PER_SECOND), float(price[k])
+            if b != bar[s]:
+                rsi[s].add(p)
+                bb[s].add(p)
+                bar[s] = b
+            else:
+                rsi[s].update(p)
+                bb[s].update(p)
+        state["i"] = i + N
+
+    benchmark(step)
+
+
+@pytest.fixture(scope="module")
+def onnx_model() -> bytes:
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(2000, FeatureSpec().n_features)).astype(np.float32)
+    y = (X[:, 0] + rng.normal(size=2000) > 0).astype(int)
+    clf = LogisticRegression().fit(X, y)
+    return to_onnx(clf, X[:1], options={id(clf): {"zipmap": False}}).SerializeToString()  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("batch", [1, 64, 1024, 4096])
+@pytest.mark.benchmark(group="onnx run per batch")
+def test_onnx_run(benchmark: pytest.FixtureRequest, onnx_model: bytes, batch: int) -> None:
+    from inference.session import OnnxScorer
+
+    scorer = OnnxScorer.from_bytes(onnx_model, FeatureSpec().n_features, prefer_gpu=False)
+    rows = np.random.default_rng(2).normal(size=(batch, FeatureSpec().n_features))
+    benchmark(scorer.score, rows)
+
+
+@pytest.fixture(scope="module")
+def feast_store(tmp_path_factory: pytest.TempPathFactory) -> object:
+    from deploy.settings import Settings
+    from deploy.stack import LocalStack, free_port
+    from features.online import open_store
+
+    tmp: Path = tmp_path_factory.mktemp("feast")
+    settings = Settings(state_dir=tmp, valkey_port=free_port(), redis_url=None)
+    stack = LocalStack(settings)
+    stack.start_redis()
+    yield open_store(settings.redis, settings.feast_registry)
+    stack.down()
+
+
+def _rows(n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    spec = FeatureSpec()
+    return ([f"S{i}" for i in range(n)], np.full(n, time.time_ns()),
+            np.random.default_rng(4).normal(size=(n, spec.n_features)))  # fmt: skip
+
+
+@pytest.mark.benchmark(group="online store write, 100 symbols")
+def test_online_write_feast_dataframe(
+    benchmark: pytest.FixtureRequest, feast_store: object
+) -> None:
+    import pandas as pd
+
+    from features.feature_repo.definitions import FEATURE_VIEW
+
+    symbols, ts, values = _rows(100)
+    frame = pd.DataFrame(values, columns=list(FeatureSpec().names))
+    frame.insert(0, "symbol", symbols)
+
+    def write() -> None:
+        frame["event_timestamp"] = pd.Timestamp.now(tz="UTC")
+        feast_store.write_to_online_store(FEATURE_VIEW, df=frame)  # type: ignore[attr-defined]
+
+    benchmark(write)
+
+
+@pytest.mark.benchmark(group="online store write, 100 symbols")
+def test_online_write_tickserve(benchmark: pytest.FixtureRequest, feast_store: object) -> None:
+    from features.online import OnlineWriter
+
+    writer = OnlineWriter(feast_store, FeatureSpec())  # type: ignore[arg-type]
+    symbols, _, values = _rows(100)
+
+    def write() -> None:
+        writer.offer(symbols, np.full(100, time.time_ns()), values)
+        writer.flush()
+
+    benchmark(write)
