@@ -46,7 +46,7 @@ class E2EConfig:
     partitions: int = 4
     senders: int = 2
     bar_seconds: float = 0.2
-    p99_bound_ms: float = 250.0  # the sweep's definition of "sustainable"
+    p99_bound_ms: float = 1000.0  # the sweep's definition of "sustainable"
     out_dir: Path = Path("bench/results")
     sweep: tuple[float, ...] = field(default_factory=tuple)
 

@@ -215,7 +215,7 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the stream worker until SIGTERM/SIGINT."""
     from deploy.stack import port_free
-    from features.engine import FeatureEngine
+    from features.engine import FeatureEngine, warm_up
     from features.online import OnlineWriter, open_store
     from features.snapshot import SnapshotStore
     from inference.registry import load_model
@@ -241,6 +241,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         max_future_ns=settings.max_future_ms * 1_000_000,
         snapshot_interval_s=settings.snapshot_interval_s,
     )  # fmt: skip
+    warm_up(spec)
     snapshots = SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}")
     engine = FeatureEngine(spec, settings.max_symbols)
     worker = StreamWorker(config, engine, model, writer, snapshots)

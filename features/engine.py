@@ -98,6 +98,17 @@ class FeatureEngine:
         return FeatureBatch(values, ready, status)
 
 
+def warm_up(spec: FeatureSpec) -> None:
+    """Load (or compile) the kernels now, so the first micro-batch does not pay for it.
+
+    Loading the cached machine code costs about a second of CPU on first call;
+    a worker calls this before it joins its consumer group.
+    """
+    engine = FeatureEngine(spec, max_symbols=1, initial_symbols=1)
+    one = np.zeros(1, np.int64)
+    engine.update(engine.slots(["warm-up"]), one, np.ones(1), np.ones(1), np.ones(1, np.bool_))
+
+
 def compute_features(
     spec: FeatureSpec,
     symbols: Sequence[str],
