@@ -27,14 +27,50 @@ pytestmark = pytest.mark.services
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _two_symbols(pipeline: Pipeline) -> list[dict[str, object]]:
-    """The real trades, plus a second symbol (scaled prices), interleaved in time."""
+def _two_symbols(pipeline: Pipeline, copies: int = 1) -> list[dict[str, object]]:
+    """The real trades, plus `copies` more symbols (scaled prices), interleaved in time."""
     ticks = []
     for t in pipeline.ticks:
         ticks.append(t)
-        ticks.append({**t, "symbol": "XRPX/ETH", "price": t["price"] * 3.0,  # type: ignore[operator]
-                      "trade_id": f"x{t['trade_id']}"})  # fmt: skip
+        for k in range(1, copies + 1):
+            ticks.append({**t, "symbol": "XRPX/ETH" if k == 1 else f"XRP{k}/ETH",
+                          "price": t["price"] * (2.0 + k),  # type: ignore[operator]
+                          "trade_id": f"x{k}-{t['trade_id']}"})  # fmt: skip
     return ticks
+
+
+def _expected_scores(settings: Settings, ticks: list[dict[str, object]]) -> tuple[
+    dict[str, float], FeatureEngine
+]:  # fmt: skip
+    """Scores of one uninterrupted pass over `ticks` (NaN: not ready), and its engine."""
+    spec = settings.feature_spec
+    engine = FeatureEngine(spec)
+    feats = engine.update(
+        engine.slots([str(t["symbol"]) for t in ticks]),
+        np.array([t["event_ns"] for t in ticks], np.int64),
+        np.array([t["price"] for t in ticks], np.float64),
+        np.array([t["quantity"] for t in ticks], np.float64),
+        np.array([t["side"] == "buy" for t in ticks]),
+    )
+    model = load_model(settings.mlflow_uri, settings.model_name, "champion", spec, False)
+    expected = np.full(len(ticks), np.nan)
+    expected[feats.ready] = model.scorer.score(feats.values[feats.ready])
+    return {str(t["trade_id"]): expected[i] for i, t in enumerate(ticks)}, engine
+
+
+def _assert_scores(signals: list[Signal], want: dict[str, float]) -> int:
+    """Every tick has a signal with the uninterrupted run's score; returns the duplicates."""
+    by_tick: dict[str, list[Signal]] = {}
+    for s in signals:
+        by_tick.setdefault(s.trade_id, []).append(s)
+    assert by_tick.keys() == want.keys(), "a tick got no signal"
+    for trade_id, got in by_tick.items():
+        for s in got:  # a tick in flight at a kill may be signalled twice, identically
+            if np.isnan(want[trade_id]):
+                assert s.score is None, trade_id
+            else:
+                assert s.score == pytest.approx(want[trade_id], abs=1e-6), trade_id
+    return sum(len(v) - 1 for v in by_tick.values())
 
 
 def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -126,37 +162,11 @@ def test_sigkill_and_restart_give_the_uninterrupted_rows(
     assert '"msg":"partition restored","partition"' in text and '"snapshot":true' in text, text
 
     # the reference: one uninterrupted pass over the same ticks in the same order
-    spec = settings.feature_spec
-    engine = FeatureEngine(spec)
-    symbols = [str(t["symbol"]) for t in ticks]
-    feats = engine.update(
-        engine.slots(symbols),
-        np.array([t["event_ns"] for t in ticks], np.int64),
-        np.array([t["price"] for t in ticks], np.float64),
-        np.array([t["quantity"] for t in ticks], np.float64),
-        np.array([t["side"] == "buy" for t in ticks]),
-    )
-    model = load_model(settings.mlflow_uri, settings.model_name, "champion", spec, False)
-    expected = np.full(len(ticks), np.nan)
-    expected[feats.ready] = model.scorer.score(feats.values[feats.ready])
-    want = {str(t["trade_id"]): expected[i] for i, t in enumerate(ticks)}
-
-    by_tick: dict[str, list[Signal]] = {}
-    for s in signals:
-        by_tick.setdefault(s.trade_id, []).append(s)
-    assert by_tick.keys() == want.keys(), "a tick got no signal"
-    for trade_id, got in by_tick.items():
-        for s in got:  # a tick in flight at the kill may be signalled twice, identically
-            if np.isnan(want[trade_id]):
-                assert s.score is None, trade_id
-            else:
-                assert s.score == pytest.approx(want[trade_id], abs=1e-6), trade_id
-    duplicates = sum(len(v) - 1 for v in by_tick.values())
-    assert duplicates <= 1000  # at most the batches in flight when A died
+    want, engine = _expected_scores(settings, ticks)
+    assert _assert_scores(signals, want) <= 1000  # at most the batches in flight at the kill
 
     # and the state B saved at shutdown is the uninterrupted run's, bit for bit
     store = SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}")
-    restored = FeatureEngine(spec)
     seen = set()
     for partition in range(settings.partitions):
         snap = store.load(settings.ticks_topic, partition)
@@ -170,4 +180,39 @@ def test_sigkill_and_restart_give_the_uninterrupted_rows(
             np.testing.assert_array_equal(snap.rings[k], engine.rings[slot])
     store.close()
     assert seen == {"XRP/ETH", "XRPX/ETH"}
-    assert restored.symbols == []
+
+
+def test_a_rebalance_moves_symbols_with_their_state(pipeline: Pipeline, tmp_path: Path) -> None:
+    settings = pipeline.settings.model_copy(
+        update={
+            "ticks_topic": unique("ticks"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "group_id": unique("worker"),
+        }
+    )
+    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
+    run(ensure_topics(settings.bootstrap, topics, settings.partitions))
+    ticks = _two_symbols(pipeline, copies=7)[:60_000]  # 8 symbols over 4 partitions
+    half = len(ticks) // 2
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    run(publish(ticks[:half], settings.bootstrap, settings.ticks_topic))
+    a = _worker(settings, log_a)
+    b = None
+    try:
+        assert len({s.trade_id for s in _signals(settings, half)}) == half, log_a.read_text()
+        b = _worker(settings, log_b)  # joins the group: A gives up some partitions
+        deadline = time.monotonic() + 90
+        while '"snapshot":true' not in log_b.read_text():
+            assert time.monotonic() < deadline, log_b.read_text()
+            assert b.poll() is None, log_b.read_text()
+            time.sleep(0.2)
+        run(publish(ticks[half:], settings.bootstrap, settings.ticks_topic))
+        signals = _signals(settings, len(ticks), timeout_s=90)
+    finally:
+        for proc in (a, b):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    want, _ = _expected_scores(settings, ticks)
+    assert _assert_scores(signals, want) == 0  # a rebalance commits before it moves anything
