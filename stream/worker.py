@@ -15,6 +15,7 @@ from prometheus_client import Counter, Histogram
 from features.engine import FeatureEngine
 from features.kernels import STATUS_LATE
 from features.online import OnlineWriter
+from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
 from inference.registry import LoadedModel
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
 from stream.signal import DOWN, FLAT, UP, encode_signal
@@ -49,6 +50,7 @@ class WorkerConfig:
     max_batch: int = 2000
     max_future_ns: int = 5_000_000_000
     threshold: float = 0.5
+    shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
 
 
 class StreamWorker:
@@ -64,16 +66,24 @@ class StreamWorker:
         engine: FeatureEngine,
         model: LoadedModel,
         writer: OnlineWriter | None = None,
+        batcher: MicroBatcher | None = None,
     ):
-        """Hold the parts; `run` connects to Kafka."""
+        """Hold the parts; `run` connects to Kafka. Scoring goes through `batcher`."""
         self.config = config
         self.engine = engine
-        self.model = model
+        self.batcher = batcher or MicroBatcher(
+            model, engine.spec.n_features, BatcherConfig(max_batch=config.max_batch)
+        )
         self.writer = writer
         self.producer: AIOKafkaProducer | None = None
         self.assigned = asyncio.Event()
         self.last_rows: dict[str, tuple[int, np.ndarray]] = {}
         self.processed = 0
+
+    @property
+    def model(self) -> LoadedModel:
+        """The champion serving now (a swap lands between two micro-batches)."""
+        return self.batcher.model
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then drain, commit and close."""
@@ -118,12 +128,15 @@ class StreamWorker:
         cols, rejected = decode_batch([m.value for m in records], time.time_ns(), cfg.max_future_ns)
         slots = self.engine.slots(cols.symbols)
         feats = self.engine.update(slots, cols.event_ns, cols.price, cols.quantity, cols.is_buy)
-        scores = np.full(len(cols), np.nan)
         ready = feats.ready
-        if ready.any():
-            scores[ready] = self.model.scorer.score(feats.values[ready])
+        # one batcher call per micro-batch: every row of it is scored by the same version
+        scored = self.batcher.score_batch(feats.values[ready], cols.recv_ns[ready])
+        scores = np.full(len(cols), np.nan)
+        scores[ready] = scored.scores
+        stale = np.zeros(len(cols), np.bool_)
+        stale[ready] = scored.stale
 
-        model, version = self.model.name, self.model.version
+        model, version = scored.model.name, scored.model.version
         emit_ns = time.time_ns()
         send = self.producer.send
         acks = []
@@ -133,6 +146,9 @@ class StreamWorker:
             if late[i]:
                 acks.append(await self._dead_letter(record, "late", "older than the open bar"))
                 continue
+            if stale[i]:
+                acks.append(await self._dead_letter(record, "stale", "past the staleness deadline"))
+                continue
             score = float(scores[i]) if ready[i] else None
             direction = FLAT if score is None else (UP if score >= cfg.threshold else DOWN)
             value = encode_signal(
@@ -140,15 +156,18 @@ class StreamWorker:
                 model, version if score is not None else "", score, direction,
             )  # fmt: skip
             acks.append(await send(cfg.signals_topic, value, key=record.key))
+        if scored.challenger is not None and cfg.shadow_topic:
+            acks.extend(await self._shadow(cols, records, ready, scored, emit_ns))
         for bad in rejected:
             acks.append(await self._dead_letter(records[bad.index], bad.reason, bad.detail))
         LATENCY.observe(time.perf_counter() - started)
         await asyncio.gather(*acks)
 
         n_ready = int(ready.sum())
+        n_stale = int(stale.sum())
         TICKS.inc(len(records))
         BATCH_SIZE.observe(len(records))
-        PREDICTIONS.labels(model, version, "true").inc(n_ready)
+        PREDICTIONS.labels(model, version, "true").inc(n_ready - n_stale)
         PREDICTIONS.labels(model, "", "false").inc(len(cols) - n_ready - int(late.sum()))
         self.processed += len(records)
         self._publish_latest(cols.symbols, cols.event_ns, feats.values, ready, slots)
@@ -173,6 +192,31 @@ class StreamWorker:
             self.last_rows[symbol] = (int(event_ns[i]), values[i])
         if self.writer is not None:
             self.writer.offer(latest_symbols, event_ns[last], values[last])
+
+    async def _shadow(
+        self,
+        cols: Any,
+        records: list[ConsumerRecord[Any, Any]],
+        ready: np.ndarray,
+        scored: BatchScores,
+        emit_ns: int,
+    ) -> list[asyncio.Future[Any]]:
+        """Challenger signals for the rows it scored, to the shadow topic only."""
+        assert self.producer is not None and scored.challenger is not None
+        shadow = np.full(len(cols), np.nan)
+        shadow[ready] = scored.shadow
+        cfg, challenger = self.config, scored.challenger
+        acks = []
+        for i in np.flatnonzero(~np.isnan(shadow)):
+            score = float(shadow[i])
+            value = encode_signal(
+                cols.symbols[i], cols.trade_ids[i], int(cols.event_ns[i]), int(cols.recv_ns[i]),
+                emit_ns, challenger.name, challenger.version, score,
+                UP if score >= cfg.threshold else DOWN,
+            )  # fmt: skip
+            key = records[cols.index[i]].key
+            acks.append(await self.producer.send(cfg.shadow_topic, value, key=key))
+        return acks
 
     async def _dead_letter(
         self, record: ConsumerRecord[Any, Any], reason: str, detail: str
