@@ -170,20 +170,39 @@ class MicroBatcher:
         Raises:
             StaleRow: The row was older than the staleness deadline when its batch closed.
         """
+        return await self.submit_row(row, origin_ns)
+
+    def submit_row(self, row: np.ndarray, origin_ns: int | None = None) -> asyncio.Future[RowScore]:
+        """Queue one row (call on the loop thread); the future resolves when it is scored."""
         if row.shape != (self.n_features,):
             raise ValueError(f"row must have {self.n_features} features, got {row.shape}")
         loop = asyncio.get_running_loop()
         n = len(self._waiters)
         if n == 0:
             self._queued_since = time.perf_counter_ns()
-            self._timer = loop.call_later(self._delay_s, self._flush_queue)
+            self._timer = loop.call_later(self._delay_s, self._on_deadline)
         self._queue[n] = row
         self._queue_origin[n] = time.time_ns() if origin_ns is None else origin_ns
         waiter: asyncio.Future[RowScore] = loop.create_future()
         self._waiters.append(waiter)
         if n + 1 == self.config.max_batch:
             self._flush_queue()
-        return await waiter
+        return waiter
+
+    def _on_deadline(self) -> None:
+        """Timer callback: flush, unless the loop's timer fired before the deadline.
+
+        uvloop (libuv) keeps timers in whole milliseconds and truncates: a 500 us delay
+        fires on the next loop iteration. Re-arming for the remainder holds the batch
+        open until the real deadline (the loop keeps serving I/O meanwhile).
+        """
+        remaining_ns = self._queued_since + self.config.max_delay_us * 1000 - time.perf_counter_ns()
+        if remaining_ns > 0 and self._waiters:
+            self._timer = asyncio.get_running_loop().call_later(
+                remaining_ns / 1e9, self._on_deadline
+            )
+            return
+        self._flush_queue()
 
     def _flush_queue(self) -> None:
         """Score every queued row with the current model and answer its waiter."""

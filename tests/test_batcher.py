@@ -75,6 +75,23 @@ def test_a_lone_row_waits_at_most_the_deadline(models: dict[str, bytes]) -> None
     assert 0.015 <= waited < 0.5  # held for the deadline (20 ms), not forever
 
 
+def test_sub_millisecond_deadlines_hold_under_uvloop(models: dict[str, bytes]) -> None:
+    """libuv truncates timers to whole ms: a 800 us delay must not fire on the next tick."""
+    import uvloop
+
+    batcher = MicroBatcher(loaded(models["logistic"], N_FEATURES), N_FEATURES,
+                           BatcherConfig(max_batch=100, max_delay_us=800))  # fmt: skip
+    row = np.zeros(N_FEATURES, np.float32)
+
+    async def one() -> float:
+        started = time.perf_counter()
+        await batcher.score_row(row)
+        return time.perf_counter() - started
+
+    waits = [uvloop.run(one()) for _ in range(5)]
+    assert min(waits) >= 0.0008
+
+
 def test_a_full_queue_is_scored_without_waiting_for_the_deadline(models: dict[str, bytes]) -> None:
     batcher = MicroBatcher(loaded(models["logistic"], N_FEATURES), N_FEATURES,
                            BatcherConfig(max_batch=4, max_delay_us=10_000_000))  # fmt: skip
