@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     model_name: str = "tickserve-crypto"
     model_alias: str = "champion"
     prefer_gpu: bool = True
+    onnx_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per session
 
     # ClickHouse
     clickhouse_dsn: str | None = None

@@ -70,7 +70,11 @@ def resolve_alias(client: Any, name: str, alias: str) -> VersionRef:
 
 
 def fetch_version(
-    tracking_uri: str, ref: VersionRef, spec: FeatureSpec, prefer_gpu: bool = True
+    tracking_uri: str,
+    ref: VersionRef,
+    spec: FeatureSpec,
+    prefer_gpu: bool = True,
+    threads: int = 1,
 ) -> LoadedModel:
     """Check the FeatureSpec tag, download only the ONNX file and open a session on it.
 
@@ -106,7 +110,9 @@ def fetch_version(
             reason="download", version=ref.version,
         ) from exc  # fmt: skip
     try:
-        scorer = OnnxScorer.from_bytes(Path(local).read_bytes(), spec.n_features, prefer_gpu)
+        scorer = OnnxScorer.from_bytes(
+            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads
+        )
     except ModelRejected as exc:
         raise ModelRejected(
             f"{ref.name} v{ref.version}: {exc}", reason=exc.reason, version=ref.version

@@ -79,9 +79,11 @@ def poison_with_nan(onnx_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def loaded(onnx_bytes: bytes, n_features: int, version: str = "1", name: str = "m") -> LoadedModel:
+def loaded(
+    onnx_bytes: bytes, n_features: int, version: str = "1", name: str = "m", threads: int = 1
+) -> LoadedModel:
     """A LoadedModel straight from bytes, for tests that need no registry."""
-    scorer = OnnxScorer.from_bytes(onnx_bytes, n_features, prefer_gpu=False)
+    scorer = OnnxScorer.from_bytes(onnx_bytes, n_features, prefer_gpu=False, threads=threads)
     return LoadedModel(name, version, "champion", "", scorer, time.time_ns())
 
 

@@ -50,6 +50,7 @@ class WatcherConfig:
         prefer_gpu: Ask for CUDA when it is usable.
         policy: The serving checks' tolerances and budgets.
         keep_versions: Checked versions kept loaded, so a rollback swaps at once.
+        onnx_threads: ONNX Runtime intra-op threads per session.
     """
 
     tracking_uri: str
@@ -60,6 +61,7 @@ class WatcherConfig:
     prefer_gpu: bool = True
     policy: ValidationPolicy = ValidationPolicy()
     keep_versions: int = 3
+    onnx_threads: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +107,7 @@ class ModelWatcher:
     def _load_checked(self, ref: VersionRef) -> LoadedModel:
         """Fetch one version and run every check (runs in a worker thread)."""
         cfg = self.config
-        model = fetch_version(cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu)
+        model = fetch_version(cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads)
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
         contract = validate(model.scorer, golden, cfg.policy, self.contract)
         if self.contract is None:
