@@ -110,6 +110,11 @@ def register_version(
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if client.get_experiment_by_name(name) is None and tracking_uri.startswith("sqlite:///"):
+        # keep artifacts beside the database, not in ./mlruns of whatever the cwd is
+        where = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts" / name
+        client.create_experiment(name, artifact_location=where.as_uri())
     mlflow.set_experiment(name)
     with mlflow.start_run():
         if golden is not None:
@@ -123,7 +128,6 @@ def register_version(
             registered_model_name=name,
             onnx_execution_providers=["CPUExecutionProvider"],
         )
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, SPEC_HASH_TAG, spec_hash)
     if alias:
