@@ -133,7 +133,7 @@ def _predict_request_model(feature_names: tuple[str, ...]) -> type[BaseModel]:
         "PredictRequest",
         __config__=ConfigDict(extra="forbid"),
         __doc__="Score either a feature row or the latest features of a symbol.",
-        __validators__={"one_of": model_validator(mode="after")(one_of)},
+        __validators__={"one_of": model_validator(mode="after")(one_of)},  # type: ignore[dict-item]
         features=(
             list[FiniteFloat] | None,
             Field(

@@ -7,6 +7,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,14 +43,14 @@ def make_onnx_classifier(
 
     X, y = synthetic_rows(n_rows, n_features, seed)
     if kind == "logistic":
-        clf: object = LogisticRegression(max_iter=1000, **params)  # type: ignore[arg-type]
-        model = make_pipeline(StandardScaler(), clf)
+        clf: Any = LogisticRegression(max_iter=1000, **params)
+        model: Any = make_pipeline(StandardScaler(), clf)
     elif kind == "hgb":
-        clf = HistGradientBoostingClassifier(random_state=seed, **params)  # type: ignore[arg-type]
+        clf = HistGradientBoostingClassifier(random_state=seed, **params)
         model = clf
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    model.fit(X, y)  # type: ignore[attr-defined]
+    model.fit(X, y)
     with warnings.catch_warnings():
         # skl2onnx 1.20 puts Python bools into TreeEnsemble int attributes; protobuf 6
         # warns (7 refuses, hence protobuf<7): not ours to fix, and harmless under 6.
@@ -58,7 +59,7 @@ def make_onnx_classifier(
             model, X[:1], options={id(clf): {"zipmap": False}},
             target_opset={"": 17, "ai.onnx.ml": 3},
         )  # fmt: skip
-    return onx.SerializeToString()
+    return bytes(onx.SerializeToString())
 
 
 def poison_with_nan(onnx_bytes: bytes) -> bytes:
@@ -76,7 +77,7 @@ def poison_with_nan(onnx_bytes: bytes) -> bytes:
         for attr in node.attribute:
             if attr.floats:
                 attr.floats[:] = [float("nan")] * len(attr.floats)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def loaded(
@@ -87,7 +88,9 @@ def loaded(
     return LoadedModel(name, version, "champion", "", scorer, time.time_ns())
 
 
-def golden_for(onnx_bytes: bytes, n_features: int, rows: int = 32, seed: int = 11) -> dict:
+def golden_for(
+    onnx_bytes: bytes, n_features: int, rows: int = 32, seed: int = 11
+) -> dict[str, Any]:
     """golden_rows.json content for a model: its own scores on synthetic rows."""
     X, _ = synthetic_rows(rows, n_features, seed)
     p_up = loaded(onnx_bytes, n_features).scorer.score(X)
@@ -99,7 +102,7 @@ def register_version(
     name: str,
     onnx_bytes: bytes,
     spec_hash: str,
-    golden: dict | None,
+    golden: dict[str, Any] | None,
     alias: str | None = None,
 ) -> str:
     """Log an ONNX model and its golden rows as `training/` does; returns the new version."""
