@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import pytest
 
 from deploy.settings import Settings
@@ -82,8 +83,13 @@ class Served:
 
 
 @pytest.fixture
-def served(registry: Registry, topics: Settings) -> Iterator[Served]:
-    """Worker + watcher on one event loop, champion at the first good version."""
+def served(
+    registry: Registry, topics: Settings, request: pytest.FixtureRequest
+) -> Iterator[Served]:
+    """Worker + watcher on one event loop, champion at the first good version.
+
+    Indirect parameter: the batcher's staleness deadline in ns (default 0: never stale).
+    """
     settings = topics.model_copy(update={"model_name": registry.settings.model_name})
     client = open_client(settings.mlflow_uri)
 
@@ -102,7 +108,11 @@ def served(registry: Registry, topics: Settings) -> Iterator[Served]:
                       poll_interval_s=0.05, prefer_gpu=False),
         spec,
     )  # fmt: skip
-    batcher = MicroBatcher(watcher.load_initial(), spec.n_features, BatcherConfig(max_batch=500))
+    batcher = MicroBatcher(
+        watcher.load_initial(),
+        spec.n_features,
+        BatcherConfig(max_batch=500, stale_ns=getattr(request, "param", 0)),
+    )
     config = WorkerConfig(
         bootstrap=settings.bootstrap, ticks_topic=settings.ticks_topic,
         signals_topic=settings.signals_topic, dlq_topic=settings.dlq_topic,
@@ -237,3 +247,46 @@ def test_bad_versions_never_serve_and_a_challenger_only_shadows(
     assert shadow and {s.version for s in shadow} == {registry.good[1]}
     challenged = {s.trade_id for s in shadow}
     assert challenged <= {s.trade_id for s in signals if s.ready}
+
+
+async def _publish_old(settings: Settings, ticks: list[dict[str, object]], age_s: float) -> None:
+    """Ticks whose feed receive time is `age_s` in the past (as after a long stall)."""
+    from stream.kafka import make_producer
+
+    producer = make_producer(settings.bootstrap)
+    await producer.start()
+    try:
+        recv_ns = time.time_ns() - int(age_s * 1e9)
+        acks = [
+            await producer.send(settings.ticks_topic, orjson.dumps({**t, "recv_ns": recv_ns}),
+                                key=str(t["symbol"]).encode())
+            for t in ticks
+        ]  # fmt: skip
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.parametrize("served", [5_000_000_000], indirect=True)
+def test_stale_ticks_are_dead_lettered_not_scored(served: Served) -> None:
+    settings = served.settings
+    ticks = read_trades(TRADES)[:2000]
+    ready, _ = _expected_scores(ticks, settings, {})
+    _wait(served.worker.assigned.is_set, "partition assignment", 60)
+    run(_publish_old(settings, ticks[:1000], age_s=30.0))
+    run(publish(ticks[1000:], settings.bootstrap, settings.ticks_topic))
+
+    n_stale = int(ready[:1000].sum())
+    n_signals = len(ticks) - n_stale
+    signals = [Signal.decode(r.value) for r in run(  # type: ignore[attr-defined]
+        read_topic(settings.bootstrap, settings.signals_topic, 4, n_signals, 120))]  # fmt: skip
+    dead = run(read_topic(settings.bootstrap, settings.dlq_topic, 4, n_stale, 60))
+    assert n_stale > 500
+    assert (len(signals), len(dead)) == (n_signals, n_stale)  # type: ignore[arg-type]
+    assert {dict(r.headers)["reason"] for r in dead} == {b"stale"}  # type: ignore[attr-defined]
+    stale_ids = {orjson.loads(r.value)["trade_id"] for r in dead}  # type: ignore[attr-defined]
+    by_id = {s.trade_id: s for s in signals}
+    assert stale_ids.isdisjoint(by_id) and len(stale_ids | set(by_id)) == len(ticks)
+    old = [by_id[str(t["trade_id"])] for t in ticks[:1000] if str(t["trade_id"]) in by_id]
+    assert all(not s.ready for s in old)  # only the not-yet-ready ticks of the old ones
+    assert sum(s.ready for s in signals) == int(ready[1000:].sum())
