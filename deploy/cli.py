@@ -213,26 +213,37 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    """Run the stream worker until SIGTERM/SIGINT."""
+    """Run the stream worker, the model watcher and the HTTP API until SIGTERM/SIGINT."""
     from deploy.stack import port_free
     from features.engine import FeatureEngine, warm_up
     from features.online import OnlineWriter, open_store
     from features.snapshot import SnapshotStore
-    from inference.registry import load_model
+    from inference.api import ApiContext, create_app, serve_http
+    from inference.batcher import BatcherConfig, MicroBatcher
+    from inference.validation import ValidationPolicy
+    from inference.watcher import ModelWatcher, WatcherConfig
     from stream.kafka import ensure_topics
     from stream.worker import StreamWorker, WorkerConfig
 
     spec = settings.feature_spec
     if settings.metrics_port and not port_free(settings.metrics_port):
         raise ConfigError(f"metrics port {settings.metrics_port} is already in use")
-    model = load_model(
-        settings.mlflow_uri, settings.model_name, settings.model_alias, spec, settings.prefer_gpu
-    )
+    watcher = ModelWatcher(
+        WatcherConfig(
+            settings.mlflow_uri, settings.model_name, settings.model_alias,
+            settings.challenger_alias, settings.model_poll_s, settings.prefer_gpu,
+            ValidationPolicy(warmup_rows=settings.max_batch,
+                             warmup_budget_s=settings.warmup_budget_ms / 1000),
+            onnx_threads=settings.onnx_threads,
+        ),
+        spec,
+    )  # fmt: skip
+    model = watcher.load_initial()  # a champion that fails its checks never serves
+    batcher = MicroBatcher(
+        model, spec.n_features,
+        BatcherConfig(settings.max_batch, settings.max_delay_us, settings.stale_ms * 1_000_000),
+    )  # fmt: skip
     writer = OnlineWriter(open_store(settings.redis, settings.feast_registry), spec).start()
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
     config = WorkerConfig(
         bootstrap=settings.bootstrap, ticks_topic=settings.ticks_topic,
         signals_topic=settings.signals_topic, dlq_topic=settings.dlq_topic,
@@ -240,18 +251,34 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         linger_ms=settings.linger_ms, max_batch=settings.max_batch,
         max_future_ns=settings.max_future_ms * 1_000_000,
         snapshot_interval_s=settings.snapshot_interval_s,
+        shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
     )  # fmt: skip
     warm_up(spec)
     snapshots = SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}")
     engine = FeatureEngine(spec, settings.max_symbols)
-    worker = StreamWorker(config, engine, model, writer, snapshots)
+    worker = StreamWorker(config, engine, model, writer, snapshots, batcher=batcher)
 
     async def main() -> None:
         topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
+        if config.shadow_topic:
+            topics.append(config.shadow_topic)
         await ensure_topics(settings.bootstrap, topics, settings.partitions)
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        await worker.run(stop)
+        others = [asyncio.create_task(watcher.run(batcher, stop))]
+        if settings.metrics_port:
+            api = create_app(ApiContext(batcher, spec.names, worker.last_rows.get,
+                                        worker.assigned.is_set, config.threshold))  # fmt: skip
+            others.append(
+                asyncio.create_task(
+                    serve_http(api, settings.http_host, settings.metrics_port, stop)
+                )
+            )
+        try:
+            await worker.run(stop)
+        finally:
+            stop.set()
+            await asyncio.gather(*others, return_exceptions=True)
 
     _run(main())
     return 0

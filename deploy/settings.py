@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     model_name: str = "tickserve-crypto"
     model_alias: str = "champion"
     prefer_gpu: bool = True
+    onnx_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per session
 
     # ClickHouse
     clickhouse_dsn: str | None = None
@@ -58,7 +59,19 @@ class Settings(BaseSettings):
     max_future_ms: int = Field(5_000, ge=0)
 
     # Serving
-    metrics_port: int = Field(8000, ge=0, le=65535)  # 0 disables the HTTP endpoint
+    # HTTP API, probes and /metrics on the worker's event loop; 0 disables it
+    metrics_port: int = Field(
+        8000, ge=0, le=65535,
+        validation_alias=AliasChoices("TICKSERVE_HTTP_PORT", "TICKSERVE_METRICS_PORT",
+                                      "metrics_port"),
+    )  # fmt: skip
+    http_host: str = "127.0.0.1"
+    max_delay_us: int = Field(500, ge=0)  # a queued (HTTP) row waits at most this long
+    stale_ms: int = Field(0, ge=0)  # rows older than this (since recv_ns) are dropped; 0 = never
+    model_poll_s: float = Field(5.0, gt=0)  # registry poll interval for alias changes
+    challenger_alias: str = ""  # scored in shadow to shadow_topic; "" = no challenger
+    shadow_topic: str = "signals.shadow"
+    warmup_budget_ms: int = Field(2000, gt=0)
     log_level: str = "INFO"
 
     @field_validator("redis_url")

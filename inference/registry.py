@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from features.spec import FeatureSpec
 from inference.session import OnnxScorer
@@ -14,6 +15,7 @@ from tickserve.errors import ModelNotFound, ModelRejected
 logger = logging.getLogger(__name__)
 
 SPEC_HASH_TAG = "feature_spec_hash"
+GOLDEN_ARTIFACT = "golden_rows.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,118 @@ class LoadedModel:
     loaded_at_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class VersionRef:
+    """Where an alias points: one registered version and what is needed to fetch it."""
+
+    name: str
+    version: str
+    alias: str
+    spec_hash: str
+    run_id: str
+    download_uri: str
+
+
+def open_client(tracking_uri: str) -> Any:
+    """An MlflowClient for `tracking_uri` (tracking and registry on the same store)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def resolve_alias(client: Any, name: str, alias: str) -> VersionRef:
+    """The version behind `models:/<name>@<alias>`.
+
+    Raises:
+        ModelNotFound: No such registered model or alias.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+        uri = client.get_model_version_download_uri(name, mv.version)
+    except MlflowException as exc:
+        raise ModelNotFound(
+            f"no model at models:/{name}@{alias} in {client.tracking_uri} "
+            "(train and promote one: tickserve train, tickserve validate)"
+        ) from exc
+    spec_hash = mv.tags.get(SPEC_HASH_TAG, "")
+    return VersionRef(name, str(mv.version), alias, spec_hash, mv.run_id or "", uri)
+
+
+def fetch_version(
+    tracking_uri: str,
+    ref: VersionRef,
+    spec: FeatureSpec,
+    prefer_gpu: bool = True,
+    threads: int = 1,
+) -> LoadedModel:
+    """Check the FeatureSpec tag, download only the ONNX file and open a session on it.
+
+    Only `.onnx` bytes are read: nothing from the registry is ever unpickled here.
+
+    Raises:
+        ModelRejected: Another FeatureSpec, no ONNX file, or a file that does not load.
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    if ref.spec_hash != spec.hash:
+        raise ModelRejected(
+            f"{ref.name} v{ref.version} was trained with FeatureSpec {ref.spec_hash or '(none)'}, "
+            f"this worker computes {spec.hash}: refusing to score with it",
+            reason="spec_hash", version=ref.version,
+        )  # fmt: skip
+    try:
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=ref.download_uri)
+        onnx_paths = sorted(a.path for a in listed if a.path.endswith(".onnx"))
+        if not onnx_paths:
+            raise ModelRejected(
+                f"{ref.name} v{ref.version} has no .onnx file (only ONNX is served)",
+                reason="not_onnx", version=ref.version,
+            )  # fmt: skip
+        name = Path(onnx_paths[0]).name
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{ref.download_uri.rstrip('/')}/{name}", tracking_uri=tracking_uri
+        )
+    except MlflowException as exc:
+        raise ModelRejected(
+            f"{ref.name} v{ref.version}: downloading the ONNX file failed: {exc}",
+            reason="download", version=ref.version,
+        ) from exc  # fmt: skip
+    try:
+        scorer = OnnxScorer.from_bytes(
+            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads
+        )
+    except ModelRejected as exc:
+        raise ModelRejected(
+            f"{ref.name} v{ref.version}: {exc}", reason=exc.reason, version=ref.version
+        ) from exc
+    return LoadedModel(ref.name, ref.version, ref.alias, ref.spec_hash, scorer, time.time_ns())
+
+
+def fetch_golden(tracking_uri: str, ref: VersionRef) -> bytes:
+    """The golden rows logged with the version's training run (`golden_rows.json`).
+
+    Raises:
+        ModelRejected: The run has no golden rows (a version that cannot be checked
+            must not serve).
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=ref.run_id, artifact_path=GOLDEN_ARTIFACT, tracking_uri=tracking_uri
+        )
+    except (MlflowException, OSError) as exc:
+        raise ModelRejected(
+            f"{ref.name} v{ref.version} has no {GOLDEN_ARTIFACT} on run {ref.run_id}: {exc}",
+            reason="golden_missing", version=ref.version,
+        ) from exc  # fmt: skip
+    return Path(local).read_bytes()
+
+
 def load_model(
     tracking_uri: str, name: str, alias: str, spec: FeatureSpec, prefer_gpu: bool = True
 ) -> LoadedModel:
@@ -37,32 +151,11 @@ def load_model(
         ModelNotFound: No such registered model or alias.
         ModelRejected: The version was trained for another FeatureSpec or does not load.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        raise ModelNotFound(
-            f"no model at models:/{name}@{alias} in {tracking_uri} "
-            "(train and promote one: tickserve train, tickserve validate)"
-        ) from exc
-    spec_hash = mv.tags.get(SPEC_HASH_TAG, "")
-    if spec_hash != spec.hash:
-        raise ModelRejected(
-            f"{name} v{mv.version} was trained with FeatureSpec {spec_hash or '(none)'}, "
-            f"this worker computes {spec.hash}: refusing to score with it"
-        )
-    mlflow.set_tracking_uri(tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}"))
-    onnx_files = sorted(local.glob("*.onnx"))
-    if not onnx_files:
-        raise ModelRejected(f"{name} v{mv.version} has no .onnx file (only ONNX is served)")
-    scorer = OnnxScorer.from_bytes(onnx_files[0].read_bytes(), spec.n_features, prefer_gpu)
+    ref = resolve_alias(open_client(tracking_uri), name, alias)
+    model = fetch_version(tracking_uri, ref, spec, prefer_gpu)
     logger.info(
         "model loaded",
-        extra={"model": name, "version": mv.version, "alias": alias, "provider": scorer.provider},
-    )
-    return LoadedModel(name, str(mv.version), alias, spec_hash, scorer, time.time_ns())
+        extra={"model": name, "version": ref.version, "alias": alias,
+               "provider": model.scorer.provider},
+    )  # fmt: skip
+    return model

@@ -26,6 +26,7 @@ from features.engine import FeatureEngine
 from features.kernels import STATUS_LATE
 from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
+from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
 from inference.registry import LoadedModel
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
 from stream.signal import STAGES, encode_signals
@@ -69,6 +70,7 @@ class WorkerConfig:
     max_future_ns: int = 5_000_000_000
     threshold: float = 0.5
     snapshot_interval_s: float = 10.0
+    shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
 
 
 class StreamWorker:
@@ -92,11 +94,14 @@ class StreamWorker:
         writer: OnlineWriter | None = None,
         snapshots: SnapshotStore | None = None,
         feature_tap: FeatureTap | None = None,
+        batcher: MicroBatcher | None = None,
     ):
-        """Hold the parts; `run` connects to Kafka."""
+        """Hold the parts; `run` connects to Kafka. Scoring goes through `batcher`."""
         self.config = config
         self.engine = engine
-        self.model = model
+        self.batcher = batcher or MicroBatcher(
+            model, engine.spec.n_features, BatcherConfig(max_batch=config.max_batch)
+        )
         self.writer = writer
         self.snapshots = snapshots
         self.feature_tap = feature_tap
@@ -113,6 +118,11 @@ class StreamWorker:
         self._batch_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
         self._signal_partitions = 0
+
+    @property
+    def model(self) -> LoadedModel:
+        """The champion serving now (a swap lands between two micro-batches)."""
+        return self.batcher.model
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then commit, snapshot and close."""
@@ -221,17 +231,21 @@ class StreamWorker:
         t_featured = time.time_ns()
         if self.feature_tap is not None:
             self.feature_tap(cols.trade_ids, cols.symbols, feats.values, feats.ready)
-        scores = np.full(len(cols), np.nan)
         ready = feats.ready
-        if ready.any():
-            scores[ready] = self.model.scorer.score(feats.values[ready])
+        # one batcher call per micro-batch: every row of it is scored by the same version
+        scored = self.batcher.score_batch(feats.values[ready], cols.recv_ns[ready])
+        scores = np.full(len(cols), np.nan)
+        scores[ready] = scored.scores
+        stale = np.zeros(len(cols), np.bool_)
+        stale[ready] = scored.stale
 
         t_scored = time.time_ns()
 
+        model = scored.model
         replayed = self._replayed(batches) if self.replay_until else None
         late = feats.status == STATUS_LATE
         index = cols.index.tolist()
-        keep = ~late
+        keep = ~late & ~stale
         if replayed is not None:
             keep &= np.array([i not in replayed for i in index], np.bool_)
         rows = np.flatnonzero(keep).tolist()
@@ -240,16 +254,18 @@ class StreamWorker:
         values = encode_signals(
             [cols.symbols[i] for i in rows], [cols.trade_ids[i] for i in rows],
             cols.event_ns[rows].tolist(), cols.recv_ns[rows].tolist(), t_scored,
-            self.model.name, self.model.version,
+            model.name, model.version,
             [score_list[i] if ready_list[i] else None for i in rows], cfg.threshold,
         )  # fmt: skip
         out = [(records[index[i]].partition, records[index[i]].key, v)
                for i, v in zip(rows, values, strict=True)]  # fmt: skip
         dead: list[tuple[ConsumerRecord[Any, Any], str, str]] = [
-            (records[index[i]], "late", "older than the open bar")
-            for i in np.flatnonzero(late).tolist()
+            (records[index[i]], reason, detail)
+            for mask, reason, detail in ((late, "late", "older than the open bar"),
+                                         (stale, "stale", "past the staleness deadline"))
+            for i in np.flatnonzero(mask).tolist()
             if replayed is None or index[i] not in replayed
-        ]
+        ]  # fmt: skip
         for bad in rejected:
             if replayed is None or bad.index not in replayed:
                 dead.append((records[bad.index], bad.reason, bad.detail))
@@ -258,13 +274,16 @@ class StreamWorker:
         timing = STAGES.pack(started_ns, t_decoded, t_featured, t_scored, time.time_ns())
         acks = await self._send_grouped(out, [("t", timing)])
         acks.extend([await self._dead_letter(*d) for d in dead])
+        if scored.challenger is not None and cfg.shadow_topic:
+            acks.extend(await self._shadow(cols, records, ready, scored, t_scored))
         LATENCY.observe(time.perf_counter() - started)
 
         n_ready = int(ready.sum())
+        n_stale = int(stale.sum())
         TICKS.inc(len(records))
         BATCH_SIZE.observe(len(records))
-        PREDICTIONS.labels(self.model.name, self.model.version, "true").inc(n_ready)
-        PREDICTIONS.labels(self.model.name, "", "false").inc(len(cols) - n_ready - int(late.sum()))
+        PREDICTIONS.labels(model.name, model.version, "true").inc(n_ready - n_stale)
+        PREDICTIONS.labels(model.name, "", "false").inc(len(cols) - n_ready - int(late.sum()))
         self.processed += len(records)
         self._publish_latest(cols.symbols, cols.event_ns, feats.values, ready, slots)
         return acks
@@ -406,6 +425,30 @@ class StreamWorker:
             self.last_rows[symbol] = (int(event_ns[i]), values[i])
         if self.writer is not None:
             self.writer.offer(latest_symbols, event_ns[last], values[last])
+
+    async def _shadow(
+        self,
+        cols: Any,
+        records: list[ConsumerRecord[Any, Any]],
+        ready: np.ndarray,
+        scored: BatchScores,
+        emit_ns: int,
+    ) -> list[asyncio.Future[Any]]:
+        """Challenger signals for the rows it scored, to the shadow topic only."""
+        assert self.producer is not None and scored.challenger is not None
+        shadow = np.full(len(cols), np.nan)
+        shadow[ready] = scored.shadow
+        cfg, challenger = self.config, scored.challenger
+        rows = np.flatnonzero(~np.isnan(shadow)).tolist()
+        values = encode_signals(
+            [cols.symbols[i] for i in rows], [cols.trade_ids[i] for i in rows],
+            cols.event_ns[rows].tolist(), cols.recv_ns[rows].tolist(), emit_ns,
+            challenger.name, challenger.version, shadow[rows].tolist(), cfg.threshold,
+        )  # fmt: skip
+        index = cols.index.tolist()
+        send = self.producer.send
+        return [await send(cfg.shadow_topic, v, key=records[index[i]].key)
+                for i, v in zip(rows, values, strict=True)]  # fmt: skip
 
     async def _dead_letter(
         self, record: ConsumerRecord[Any, Any], reason: str, detail: str

@@ -39,7 +39,21 @@ class ModelNotFound(ModelError):
 
 
 class ModelRejected(ModelError):
-    """A model version was loaded but failed a check and must not serve."""
+    """A model version was loaded but failed a check and must not serve.
+
+    Attributes:
+        reason: Short label of the failed check (a metric label), e.g. `golden`.
+        version: The rejected model version, when known.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid", version: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.version = version
+
+
+class StaleRow(TickserveError):
+    """A row waited past its staleness deadline and was dropped unscored."""
 
 
 class DataError(TickserveError):

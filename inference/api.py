@@ -1,0 +1,270 @@
+"""HTTP API (FastAPI): predictions through the same MicroBatcher, model info, probes, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from inference.batcher import MicroBatcher
+from inference.registry import LoadedModel
+from tickserve.errors import StaleRow
+
+logger = logging.getLogger(__name__)
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    """What the API reads from the process it is served in (the stream worker, usually).
+
+    Attributes:
+        batcher: Scores every request, in the same queue as the stream.
+        feature_names: Column order of a feature row.
+        latest: Symbol -> (event_ns, newest ready feature row), or None when unknown.
+        consumer_ready: Whether the Kafka consumer has its partitions.
+        threshold: P(up) at or above which the direction is 1 (else -1).
+    """
+
+    batcher: MicroBatcher
+    feature_names: tuple[str, ...]
+    latest: Callable[[str], tuple[int, np.ndarray] | None]
+    consumer_ready: Callable[[], bool]
+    threshold: float = 0.5
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx this API raises itself."""
+
+    detail: str
+
+
+class PredictResponse(BaseModel):
+    """One score, and which model version produced it."""
+
+    model: str
+    version: str
+    score: float = Field(description="P(up) from the model")
+    direction: int = Field(description="1 if score >= threshold else -1")
+    symbol: str | None = None
+    features_event_ns: int | None = Field(None, description="event time of the features used")
+
+
+class VersionInfo(BaseModel):
+    """A served model version."""
+
+    name: str
+    version: str
+    alias: str
+    feature_spec_hash: str
+    provider: str
+    loaded_at: datetime
+    loaded_at_ns: int
+
+
+class ModelInfo(VersionInfo):
+    """The champion (scored to signals) and the challenger (shadow), if any."""
+
+    challenger: VersionInfo | None = None
+
+
+class Health(BaseModel):
+    """Liveness."""
+
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    """Readiness and its parts."""
+
+    ready: bool
+    model_loaded: bool
+    consumer_assigned: bool
+
+
+def _version_info(model: LoadedModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "version": model.version,
+        "alias": model.alias,
+        "feature_spec_hash": model.spec_hash,
+        "provider": model.scorer.provider,
+        "loaded_at": datetime.fromtimestamp(model.loaded_at_ns / 1e9, tz=UTC),
+        "loaded_at_ns": model.loaded_at_ns,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """Validation errors echo the input; NaN/inf there must not break the JSON answer."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _predict_request_model(feature_names: tuple[str, ...]) -> type[BaseModel]:
+    """The request body, with the feature count of this deployment in its schema."""
+    n = len(feature_names)
+
+    def one_of(self: Any) -> Any:
+        if (self.features is None) == (self.symbol is None):
+            raise ValueError("give exactly one of 'features' or 'symbol'")
+        return self
+
+    return create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="Score either a feature row or the latest features of a symbol.",
+        __validators__={"one_of": model_validator(mode="after")(one_of)},  # type: ignore[dict-item]
+        features=(
+            list[FiniteFloat] | None,
+            Field(
+                None,
+                min_length=n,
+                max_length=n,
+                description=f"{n} finite numbers in the order {', '.join(feature_names)}",
+            ),
+        ),  # fmt: skip
+        symbol=(
+            str | None,
+            Field(None, min_length=1, max_length=64, description="use this symbol's latest row"),
+        ),
+    )
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """The FastAPI application over `ctx` (no I/O until served)."""
+    app = FastAPI(
+        title="tickserve",
+        version="0.1.0",
+        description="Scores from the serving model; probes and metrics of the stream worker.",
+    )
+    request_model = _predict_request_model(ctx.feature_names)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # same body as FastAPI's own 422 (HTTPValidationError), but always valid JSON
+        detail = _json_safe(jsonable_encoder(exc.errors()))
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    errors: dict[int | str, dict[str, Any]] = {
+        404: {"model": ErrorBody, "description": "unknown symbol or no features yet"},
+        503: {"model": ErrorBody, "description": "the row went stale in the queue"},
+    }
+
+    async def predict(body: request_model) -> PredictResponse:  # type: ignore[valid-type]
+        """Score `features`, or the newest ready features the worker computed for `symbol`."""
+        origin_ns = time.time_ns()
+        event_ns = None
+        if body.symbol is not None:  # type: ignore[attr-defined]
+            latest = ctx.latest(body.symbol)  # type: ignore[attr-defined]
+            if latest is None:
+                raise HTTPException(404, f"no ready features for symbol {body.symbol!r}")  # type: ignore[attr-defined]
+            event_ns, row = latest
+        else:
+            row = np.asarray(body.features, np.float32)  # type: ignore[attr-defined]
+        try:
+            answer = await ctx.batcher.score_row(row, origin_ns)
+        except StaleRow as exc:
+            raise HTTPException(503, f"not scored: {exc}") from exc
+        score = answer.score
+        if not math.isfinite(score):
+            raise HTTPException(503, "the model returned a non-finite score")
+        return PredictResponse(
+            model=answer.model.name, version=answer.model.version, score=score,
+            direction=1 if score >= ctx.threshold else -1,
+            symbol=body.symbol, features_event_ns=event_ns,  # type: ignore[attr-defined]
+        )  # fmt: skip
+
+    # the body type is built at runtime, so the (string) annotation cannot name it
+    predict.__annotations__["body"] = request_model
+    app.add_api_route(
+        "/predict", predict, methods=["POST"], response_model=PredictResponse,
+        responses=errors, summary="Score one row",
+    )  # fmt: skip
+
+    @app.get("/model", response_model=ModelInfo, summary="The serving model version")
+    async def model() -> ModelInfo:
+        """Champion name, version, alias, FeatureSpec hash, provider, load time; challenger."""
+        challenger = ctx.batcher.challenger
+        return ModelInfo(
+            **_version_info(ctx.batcher.model),
+            challenger=VersionInfo(**_version_info(challenger)) if challenger else None,
+        )
+
+    @app.get("/health", response_model=Health, summary="Liveness")
+    async def health() -> Health:
+        """The process and its event loop answer."""
+        return Health()
+
+    @app.get(
+        "/ready", response_model=Readiness, summary="Readiness",
+        responses={503: {"model": Readiness, "description": "not ready"}},
+    )  # fmt: skip
+    async def ready() -> Any:
+        """A model is loaded and the Kafka consumer has its partitions."""
+        state = Readiness(
+            ready=False, model_loaded=ctx.batcher.model is not None,
+            consumer_assigned=ctx.consumer_ready(),
+        )  # fmt: skip
+        state.ready = state.model_loaded and state.consumer_assigned
+        return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
+
+    @app.get(
+        "/metrics", summary="Prometheus metrics", response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "exposition format"}},
+    )  # fmt: skip
+    async def metrics() -> Response:
+        """Every tickserve metric in the Prometheus text format."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def serve_http(app: FastAPI, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve `app` on the running event loop until `stop` is set.
+
+    The loop is the stream worker's: requests and micro-batches share one thread, so a
+    request's row joins the same queue and a model swap lands between batches for both.
+    """
+    import uvicorn
+
+    class LoopServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # the process owns SIGTERM/SIGINT (they set `stop`); uvicorn must not re-raise them
+            yield
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+    )
+    server = LoopServer(config)
+
+    async def stop_server() -> None:
+        await stop.wait()
+        server.should_exit = True
+
+    stopper = asyncio.create_task(stop_server())
+    try:
+        logger.info("http api serving", extra={"host": host, "port": port})
+        await server.serve()
+    finally:
+        stopper.cancel()

@@ -1,0 +1,196 @@
+"""ModelWatcher: follow MLflow aliases, load and check new versions off the loop, swap them in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+from features.spec import FeatureSpec
+from inference.batcher import MicroBatcher
+from inference.registry import (
+    LoadedModel,
+    VersionRef,
+    fetch_golden,
+    fetch_version,
+    open_client,
+    resolve_alias,
+)
+from inference.validation import GoldenRows, ModelContract, ValidationPolicy, validate
+from tickserve.errors import ModelNotFound, ModelRejected
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+REJECTIONS = Counter(
+    "model_rejections_total", "Model versions that failed a serving check", ["role", "reason"]
+)
+SWAPS = Counter("model_swaps_total", "Model versions swapped in", ["role"])
+POLL_ERRORS = Counter("model_poll_errors_total", "Registry polls that failed")
+SERVING = Gauge("model_serving_version", "Version number being served", ["role"])
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherConfig:
+    """What to follow and how often.
+
+    Attributes:
+        tracking_uri: MLflow tracking/registry URI.
+        name: Registered model name.
+        alias: Alias served to `signals` (champion).
+        challenger_alias: Alias scored in shadow ("" for none).
+        poll_interval_s: Seconds between registry polls.
+        prefer_gpu: Ask for CUDA when it is usable.
+        policy: The serving checks' tolerances and budgets.
+        keep_versions: Checked versions kept loaded, so a rollback swaps at once.
+        onnx_threads: ONNX Runtime intra-op threads per session.
+    """
+
+    tracking_uri: str
+    name: str
+    alias: str = "champion"
+    challenger_alias: str = ""
+    poll_interval_s: float = 1.0
+    prefer_gpu: bool = True
+    policy: ValidationPolicy = ValidationPolicy()
+    keep_versions: int = 3
+    onnx_threads: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SwapEvent:
+    """One reference swap, as the batcher saw it (wall-clock ns)."""
+
+    at_ns: int
+    role: str
+    version: str
+    previous: str
+
+
+class ModelWatcher:
+    """Polls the registry; a new version serves only after `validate` passed in a thread."""
+
+    def __init__(self, config: WatcherConfig, spec: FeatureSpec) -> None:
+        """Nothing is contacted until `load_initial` or `run`."""
+        self.config = config
+        self.spec = spec
+        self.contract: ModelContract | None = None
+        self.history: list[SwapEvent] = []
+        self._client: object | None = None
+        self._checked: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._rejected: dict[str, str] = {}  # role -> version the alias still points at
+
+    def _registry(self) -> object:
+        if self._client is None:
+            self._client = open_client(self.config.tracking_uri)
+        return self._client
+
+    def load_initial(self) -> LoadedModel:
+        """Resolve, load and check the champion (blocking: call before serving starts).
+
+        Raises:
+            ModelNotFound: The alias points nowhere.
+            ModelRejected: The version fails a check; the process must not serve it.
+        """
+        ref = resolve_alias(self._registry(), self.config.name, self.config.alias)
+        model = self._load_checked(ref)
+        SERVING.labels(CHAMPION).set(_as_number(model.version))
+        return model
+
+    def _load_checked(self, ref: VersionRef) -> LoadedModel:
+        """Fetch one version and run every check (runs in a worker thread)."""
+        cfg = self.config
+        model = fetch_version(cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads)
+        golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
+        contract = validate(model.scorer, golden, cfg.policy, self.contract)
+        if self.contract is None:
+            self.contract = contract
+        self._checked[ref.version] = model
+        while len(self._checked) > cfg.keep_versions:
+            self._checked.popitem(last=False)
+        logger.info(
+            "model version checked",
+            extra={"model": ref.name, "version": ref.version, "alias": ref.alias,
+                   "provider": model.scorer.provider},
+        )  # fmt: skip
+        return model
+
+    async def run(self, batcher: MicroBatcher, stop: asyncio.Event) -> None:
+        """Poll every `poll_interval_s` until `stop` is set."""
+        while not stop.is_set():
+            await self.poll_once(batcher)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
+
+    async def poll_once(self, batcher: MicroBatcher) -> None:
+        """Follow the champion (and challenger) alias once; never raises."""
+        roles = [(CHAMPION, self.config.alias)]
+        if self.config.challenger_alias:
+            roles.append((CHALLENGER, self.config.challenger_alias))
+        for role, alias in roles:
+            try:
+                await self._follow(batcher, role, alias)
+            except Exception:  # the registry may be briefly unreachable: keep serving
+                POLL_ERRORS.inc()
+                logger.exception("registry poll failed", extra={"role": role, "alias": alias})
+
+    async def _follow(self, batcher: MicroBatcher, role: str, alias: str) -> None:
+        loop = asyncio.get_running_loop()
+        name = self.config.name
+        try:
+            ref = await loop.run_in_executor(None, resolve_alias, self._registry(), name, alias)
+        except ModelNotFound:
+            if role == CHALLENGER and batcher.challenger is not None:
+                self._apply(batcher, role, None)
+            elif role == CHAMPION:
+                POLL_ERRORS.inc()
+                logger.warning("champion alias is gone; still serving", extra={"alias": alias})
+            return
+        current = batcher.model if role == CHAMPION else batcher.challenger
+        if current is not None and current.version == ref.version:
+            self._rejected.pop(role, None)
+            return
+        if self._rejected.get(role) == ref.version:
+            return  # already refused; the alias has not moved since
+        model = self._checked.get(ref.version)
+        if model is None:
+            try:
+                model = await loop.run_in_executor(None, self._load_checked, ref)
+            except Exception as exc:  # any failure to load or check means: never serve it
+                reason = exc.reason if isinstance(exc, ModelRejected) else "error"
+                self._rejected[role] = ref.version
+                REJECTIONS.labels(role, reason).inc()
+                logger.error(
+                    "model version rejected; previous version keeps serving",
+                    extra={"model": name, "version": ref.version, "alias": alias, "role": role,
+                           "reason": reason, "detail": str(exc),
+                           "serving": current.version if current else None},
+                )  # fmt: skip
+                return
+        self._rejected.pop(role, None)
+        self._apply(batcher, role, dataclasses.replace(model, alias=alias))
+
+    def _apply(self, batcher: MicroBatcher, role: str, model: LoadedModel | None) -> None:
+        """Swap on the loop thread: the batcher scores nothing while this runs."""
+        if role == CHAMPION:
+            assert model is not None
+            previous = batcher.swap(model).version
+        else:
+            previous = batcher.challenger.version if batcher.challenger else ""
+            batcher.set_challenger(model)
+        version = model.version if model else ""
+        self.history.append(SwapEvent(time.time_ns(), role, version, previous))
+        SWAPS.labels(role).inc()
+        SERVING.labels(role).set(_as_number(version))
+
+
+def _as_number(version: str) -> float:
+    """MLflow versions are integers; anything else shows as -1 on the gauge."""
+    return float(version) if version.isdigit() else -1.0
