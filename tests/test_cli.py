@@ -89,3 +89,29 @@ def test_metrics_port_in_use(tmp_path: Path) -> None:
         done = tickserve("serve", env={"TICKSERVE_METRICS_PORT": str(port)}, cwd=tmp_path)
     assert done.returncode == 2
     assert error_lines(done) == [f"tickserve serve: error: metrics port {port} is already in use"]
+
+
+def test_features_command_writes_one_row_per_tick(tmp_path: Path) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from features.engine import compute_features
+    from features.spec import FeatureSpec
+    from tests.conftest import TRADES
+
+    out = tmp_path / "features.parquet"
+    done = tickserve("features", "--input", str(TRADES), "--output", str(out), env={},
+                     cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = pd.read_parquet(out)
+    trades = pd.read_parquet(TRADES)
+    assert len(table) == len(trades) == 12_477
+    spec = FeatureSpec()
+    assert set(spec.names) | {"ready", "trade_id", "event_ns"} <= set(table.columns)
+    expected = compute_features(
+        spec, ["XRP/ETH"] * len(trades), trades["timestamp"].to_numpy(np.int64) * 1_000_000,
+        trades["price"].to_numpy(), trades["amount"].to_numpy(),
+        (trades["side"] == "buy").to_numpy(),
+    )  # fmt: skip
+    np.testing.assert_array_equal(table[list(spec.names)].to_numpy(), expected.values)
+    assert table["ready"].tolist() == expected.ready.tolist()
