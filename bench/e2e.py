@@ -167,6 +167,7 @@ class Bench:
         try:
             _wait_for(log, ready_text, proc, 90)
             self.source = source
+            self.dlq = f"dlq-{tag}"
             yield sink, proc
         finally:
             proc.terminate()
@@ -236,8 +237,39 @@ class Bench:
             sampler.join()
             sink.wait()
             rss = _rss_mb(proc.pid)
+            dead = self._dead_letters()
+            if proc.poll() is not None:
+                raise RuntimeError(f"{kind} exited early with {proc.returncode}")
         data = np.load(out)
-        return self._figures(kind, rate, duration_s, start_ns, data, cpu, rss, max(lags))
+        result = self._figures(kind, rate, duration_s, start_ns, data, cpu, rss, max(lags))
+        result["dead_letters"] = dead  # explains any 'lost' signal: a tick dead-lettered has none
+        return result
+
+    def _dead_letters(self) -> dict[str, int]:
+        """Dead letters of the run by reason (the echo floor has none)."""
+        import asyncio
+        from collections import Counter
+
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        async def read() -> dict[str, int]:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap,
+                                        enable_auto_commit=False, fetch_max_wait_ms=20)  # fmt: skip
+            await consumer.start()
+            reasons: Counter[str] = Counter()
+            try:
+                parts = [TopicPartition(self.dlq, p) for p in range(self.config.partitions)]
+                consumer.assign(parts)
+                await consumer.seek_to_beginning(*parts)
+                while batches := await consumer.getmany(timeout_ms=1000):
+                    for msgs in batches.values():
+                        for m in msgs:
+                            reasons[dict(m.headers).get("reason", b"?").decode()] += 1
+            finally:
+                await consumer.stop()
+            return dict(reasons)
+
+        return asyncio.run(read())
 
     def _figures(self, kind: str, rate: float, duration_s: float, start_ns: int, data: Any,
                  cpu: dict[str, float], rss: float, lag_ms: float) -> dict[str, Any]:  # fmt: skip
@@ -374,7 +406,8 @@ def summary(path: Path) -> str:
         lines.append(
             f"  {name:<10} p50={lat['p50']:.1f} p90={lat['p90']:.1f} p99={lat['p99']:.1f} "
             f"p99.9={lat['p99.9']:.1f} max={lat['max']:.1f} ms  lost={res['lost']} "
-            f"dup={res['duplicates']} cpu={res['cpu_us_per_tick']:.1f} us/tick "
+            f"dup={res['duplicates']} dlq={res.get('dead_letters', {})} "
+            f"cpu={res['cpu_us_per_tick']:.1f} us/tick "
             f"({res['cpu_percent']:.0f}%) rss={res['rss_mb']:.0f} MB"
         )
     r = rep["ratio_over_floor"]

@@ -43,6 +43,7 @@ LATENCY = Histogram(
     "In-process service time of a micro-batch: records received -> signals handed to the producer",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+OFFSET_GAPS = Counter("consumer_offset_gaps_total", "Fetched batches that skipped offsets")
 BATCH_SIZE = Histogram(
     "micro_batch_size", "Records per micro-batch", buckets=(1, 10, 100, 500, 1000, 2000, 5000)
 )
@@ -176,6 +177,17 @@ class StreamWorker:
         their way to the broker. Offsets are committed only once every earlier batch
         is committed and this one's signals are acknowledged, so at-least-once holds.
         """
+        for tp, msgs in batches.items():
+            expected = self.processed_offsets.get(tp)
+            if expected is not None and msgs[0].offset != expected:
+                # Kafka may skip offsets (compaction, transaction markers); none of those
+                # apply to `ticks`, so a gap means records were not delivered to us.
+                OFFSET_GAPS.inc()
+                logger.warning(
+                    "offset gap",
+                    extra={"partition": tp.partition, "expected": expected,
+                           "got": msgs[0].offset},
+                )  # fmt: skip
         acks = await self.process(batches)
         offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items()}
         self.processed_offsets.update(offsets)
