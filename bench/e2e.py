@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -176,6 +177,9 @@ class Bench:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            # keep the system's log beside the report (the work dir is temporary)
+            self.config.out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, self.config.out_dir / log.name)
 
     def measure(self, kind: str, rate: float, duration_s: float) -> dict[str, Any]:
         """One system at one rate: latency, stages, CPU per tick, RSS, lost, duplicates."""
