@@ -248,6 +248,9 @@ class ArchiveCounts:
     ticks: int = 0
     signals: int = 0
     skipped: int = 0
+    # monotonic seconds: first batch received, last batch committed (for throughput)
+    first_batch_s: float | None = None
+    last_commit_s: float | None = None
 
 
 def _archive_ticks(
@@ -292,6 +295,8 @@ async def run_archiver(
                     break
                 continue
             last_record = time.monotonic()
+            if counts.first_batch_s is None:
+                counts.first_batch_s = last_record
             tick_records = [m for tp, ms in batches.items() if tp.topic == config.topic for m in ms]
             signal_records = [
                 m for tp, ms in batches.items() if tp.topic != config.topic for m in ms
@@ -310,6 +315,7 @@ async def run_archiver(
                 tp: msgs[-1].offset + 1 for tp, msgs in batches.items()
             }
             await consumer.commit(offsets)
+            counts.last_commit_s = time.monotonic()
             logger.debug("archived", extra={"ticks": counts.ticks, "signals": counts.signals})
     finally:
         await consumer.stop()
