@@ -79,16 +79,6 @@ def forward_labels(ticks: pd.DataFrame, bar_ns: int, horizon_bars: int = 1) -> L
     return Labels(label, end, fwd_return)
 
 
-def next_bar_labels(ticks: pd.DataFrame, bar_ns: int) -> np.ndarray:
-    """Direction of the price at the close of the next bar (`forward_labels`, horizon 1).
-
-    >>> t = pd.DataFrame({"symbol": ["A"] * 3, "event_ns": [0, 5, 12], "price": [1.0, 2.0, 1.5]})
-    >>> next_bar_labels(t, 10).tolist()
-    [1.0, 0.0, nan]
-    """
-    return forward_labels(ticks, bar_ns, 1).label
-
-
 def build_dataset(
     ticks: pd.DataFrame, spec: FeatureSpec, min_rows: int = 200, horizon_bars: int = 1
 ) -> Dataset:
