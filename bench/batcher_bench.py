@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,21 +26,27 @@ from inference.validation import GoldenRows, ValidationPolicy, validate
 N_FEATURES = FeatureSpec().n_features
 
 
-class TimedSession:
-    """Wraps an InferenceSession and records how long each `run` took (ns)."""
+class Timed:
+    """Wraps an InferenceSession (`run`) or a TreeKernel (`score`); records the last call's ns."""
 
-    def __init__(self, session: Any) -> None:
-        self.session = session
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
         self.last_ns = 0
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter_ns()
-        out = self.session.run(*args, **kwargs)
+        out = self.inner.run(*args, **kwargs)
         self.last_ns = time.perf_counter_ns() - started
         return out
 
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        started = time.perf_counter_ns()
+        out = self.inner.score(rows)
+        self.last_ns = time.perf_counter_ns() - started
+        return out  # type: ignore[no-any-return]
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.session, name)
+        return getattr(self.inner, name)
 
 
 def _pct(values: np.ndarray | list[float], scale: float = 1.0) -> str:
@@ -48,17 +55,27 @@ def _pct(values: np.ndarray | list[float], scale: float = 1.0) -> str:
     return f"p50={p50:.1f} p90={p90:.1f} p99={p99:.1f} p99.9={p999:.1f} max={a.max():.1f}"
 
 
-def _timed_model(model: LoadedModel) -> tuple[LoadedModel, TimedSession]:
-    timed = TimedSession(model.scorer.session)
-    scorer = OnnxScorer(timed, model.scorer.input_name, model.scorer.prob_output,  # type: ignore[arg-type]
-                        model.scorer.provider)  # fmt: skip
+def _timed_model(model: LoadedModel) -> tuple[LoadedModel, Timed]:
+    """The model with whatever scores its rows (session or tree kernel) timed per call."""
+    s = model.scorer
+    if s.trees is not None:
+        timed = Timed(s.trees)
+        scorer = OnnxScorer(s.session, s.input_name, s.prob_output, s.provider, timed)  # type: ignore[arg-type]
+    else:
+        timed = Timed(s.session)
+        scorer = OnnxScorer(timed, s.input_name, s.prob_output, s.provider)  # type: ignore[arg-type]
     return LoadedModel(model.name, model.version, model.alias, model.spec_hash, scorer,
                        model.loaded_at_ns), timed  # fmt: skip
 
 
-def bench_overhead(onnx: bytes, label: str, iters: int) -> None:
-    """Batcher time per batch minus the time inside session.run of that same call."""
-    model, timed = _timed_model(loaded(onnx, N_FEATURES))
+def bench_overhead(onnx: bytes, label: str, iters: int, tree_kernel: bool = False) -> None:
+    """Batcher time per batch minus the time inside the scoring call of that same batch.
+
+    The bare call is `session.run` (ONNX Runtime) or `TreeKernel.score` (tree kernel).
+    """
+    model, timed = _timed_model(loaded(onnx, N_FEATURES, tree_kernel=tree_kernel))
+    engine = model.scorer.engine
+    bare_call = "session.run" if engine == "onnxruntime" else "kernel.score"
     for batch in (1, 100, 1000):
         batcher = MicroBatcher(model, N_FEATURES, BatcherConfig(max_batch=max(batch, 1000)))
         X, _ = synthetic_rows(batch, N_FEATURES, seed=3)
@@ -66,24 +83,35 @@ def bench_overhead(onnx: bytes, label: str, iters: int) -> None:
         origin = np.full(batch, time.time_ns(), np.int64)
         feed = {model.scorer.input_name: X}
         out = [model.scorer.prob_output]
+
+        def bare_run(out: list[str] = out, feed: dict[str, Any] = feed, X: Any = X) -> None:
+            if engine == "onnxruntime":
+                timed.inner.run(out, feed)
+            else:
+                timed.inner.score(X)
+
         for _ in range(200):  # warm up both paths
             batcher.score_batch(X64, origin)
-            timed.session.run(out, feed)
+            bare_run()
         overhead, bare = np.empty(iters), np.empty(iters)
         for i in range(iters):
             started = time.perf_counter_ns()
             batcher.score_batch(X64, origin)
             overhead[i] = time.perf_counter_ns() - started - timed.last_ns
             started = time.perf_counter_ns()
-            timed.session.run(out, feed)
+            bare_run()
             bare[i] = time.perf_counter_ns() - started
-        print(f"overhead  {label:<9} batch={batch:<5} batcher-over-run us: {_pct(overhead, 1e-3)}")
-        print(f"bare run  {label:<9} batch={batch:<5} session.run us:       {_pct(bare, 1e-3)}")
+        tag = f"{label} ({engine})"
+        print(f"overhead  {tag:<24} batch={batch:<5} batcher over {bare_call} us: "
+              f"{_pct(overhead, 1e-3)}")  # fmt: skip
+        print(f"bare call {tag:<24} batch={batch:<5} {bare_call} us: {_pct(bare, 1e-3)}")
 
 
-def bench_throughput(onnx: bytes, seconds: float, threads: int = 1) -> None:
+def bench_throughput(
+    onnx: bytes, seconds: float, threads: int = 1, tree_kernel: bool = True
+) -> None:
     """Rows/s through score_batch at batch 1000 (200-tree HistGradientBoosting)."""
-    model = loaded(onnx, N_FEATURES, threads=threads)
+    model = loaded(onnx, N_FEATURES, threads=threads, tree_kernel=tree_kernel)
     batcher = MicroBatcher(model, N_FEATURES, BatcherConfig(max_batch=1000))
     X, _ = synthetic_rows(1000, N_FEATURES, seed=5)
     X64 = X.astype(np.float64)
@@ -98,7 +126,10 @@ def bench_throughput(onnx: bytes, seconds: float, threads: int = 1) -> None:
         per_batch.append(time.perf_counter_ns() - t0)
     total = time.perf_counter() - started
     rows_s = 1000 * len(per_batch) / total
-    print(f"throughput hgb-200 batch=1000 threads={threads}: {rows_s:,.0f} rows/s over "
+    engine = model.scorer.engine
+    if engine == "onnxruntime":
+        engine += f" threads={threads}"
+    print(f"throughput hgb-200 batch=1000 {engine}: {rows_s:,.0f} rows/s over "
           f"{len(per_batch)} batches; per batch ms: {_pct(per_batch, 1e-6)}")  # fmt: skip
 
 
@@ -144,6 +175,20 @@ def bench_queue_wait(onnx: bytes, label: str, rate: float, seconds: float) -> No
                   f"{runner:<7} us: {_pct(waits[len(waits) // 10 :], 1e-3)}")  # fmt: skip
 
 
+async def _wait_until(due: float) -> None:
+    """Hold the loop until perf_counter() reaches `due`, yielding to other tasks.
+
+    Sleeps until about 1 ms before, then spins on sleep(0): timers alone oversleep by
+    up to a few ms on this VM, which would drown the pause being measured. The loop is
+    then always busy, like a worker's under load.
+    """
+    ahead = due - time.perf_counter()
+    if ahead > 0.0015:
+        await asyncio.sleep(ahead - 0.001)
+    while time.perf_counter() < due:
+        await asyncio.sleep(0)
+
+
 @dataclass
 class SwapRun:
     gaps_ns: np.ndarray
@@ -179,9 +224,7 @@ async def _swap_run(current: bytes, new: bytes, rate_hz: float, batch: int) -> S
     n = 0
     while time.perf_counter() - start < 3.0:
         n += 1
-        delay = start + n * period - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await _wait_until(start + n * period)
         batcher.score_batch(X, origin)
         done_at.append(time.perf_counter_ns())
     await task
@@ -194,7 +237,7 @@ def bench_swap(current: bytes, new: bytes) -> None:
     import logging
 
     logging.getLogger("inference").setLevel(logging.WARNING)
-    for rate, batch in ((1000.0, 50), (200.0, 500)):
+    for rate, batch in ((1000.0, 50), (200.0, 1000)):
         run = asyncio.run(_swap_run(current, new, rate, batch))
         lo, hi = run.window
         normal = float(np.median(run.gaps_ns))
@@ -229,9 +272,7 @@ async def _registry_swap_run(uri: str, name: str, versions: list[str]) -> dict[s
     n = 0
     while time.perf_counter() - start < 5.5:
         n += 1
-        delay = start + n * 0.001 - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await _wait_until(start + n * 0.001)
         for at in [t for t in moves if time.perf_counter() - start >= t]:
             version = moves.pop(at)
             moved_at.append(time.time_ns())
@@ -281,18 +322,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iters", type=int, default=3000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--switch-interval-us", type=int, default=500,
+                        help="GIL switch interval, as the worker sets it (TICKSERVE_GIL_SWITCH_"
+                             "INTERVAL_US); Python's own default is 5000")  # fmt: skip
     args = parser.parse_args()
+    sys.setswitchinterval(args.switch_interval_us / 1e6)
+    print(f"GIL switch interval {sys.getswitchinterval() * 1e6:.0f} us")
     logistic = make_onnx_classifier(N_FEATURES, "logistic", seed=1)
     hgb = make_onnx_classifier(N_FEATURES, "hgb", seed=2, n_rows=20_000, max_iter=200,
                                early_stopping=False)  # fmt: skip
+    hgb_next = make_onnx_classifier(N_FEATURES, "hgb", seed=3, n_rows=20_000, max_iter=200,
+                                    early_stopping=False)  # fmt: skip
     bench_overhead(logistic, "logistic", args.iters)
     bench_overhead(hgb, "hgb-200", args.iters)
+    bench_overhead(hgb, "hgb-200", args.iters, tree_kernel=True)
+    bench_throughput(hgb, args.seconds, tree_kernel=False)
+    bench_throughput(hgb, args.seconds, threads=2, tree_kernel=False)
     bench_throughput(hgb, args.seconds)
-    bench_throughput(hgb, args.seconds, threads=2)
     bench_queue_wait(logistic, "logistic", 50_000, 2.0)
     bench_queue_wait(hgb, "hgb-200", 50_000, 2.0)
-    bench_swap(logistic, hgb)
-    bench_registry_swap(logistic, hgb)
+    # a new version of the same model family, as a weekly retrain brings
+    bench_swap(hgb, hgb_next)
+    bench_registry_swap(hgb, hgb_next)
 
 
 if __name__ == "__main__":

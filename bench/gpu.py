@@ -1,7 +1,9 @@
 """GPU check: the ONNX scorer on CUDA (and TensorRT if present) against the CPU provider.
 
-For batch sizes 1..8192 prints rows/s and p50/p99 per batch for each provider, and
-for CUDA the host->device->host copy time of the inputs (I/O binding). On a
+For batch sizes 1..8192 prints rows/s and p50/p99 per batch for each provider, for
+CUDA also through the scorer's I/O binding (`inference.session.DeviceBinding`, what
+the batcher uses there) and the host->device->host copy time of the inputs, and the
+tree kernel (`inference.trees`, CPU) on the same model. On a
 machine without a usable CUDA provider it says so and exits 0: the project never
 needs a GPU. Run: python -m bench.gpu [--rounds 200]
 """
@@ -29,6 +31,45 @@ def model_bytes(n_features: int, trees: int = 200) -> bytes:
     onnx = to_onnx(clf, X[:1], options={id(clf): {"zipmap": False}},
                    target_opset={"": 17, "ai.onnx.ml": 3})  # fmt: skip
     return onnx.SerializeToString()  # type: ignore[no-any-return]
+
+
+def _timed(label: str, batch: int, rounds: int, call: object) -> str:
+    for _ in range(10):
+        call()  # type: ignore[operator]
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        call()  # type: ignore[operator]
+        times.append(time.perf_counter_ns() - t0)
+    arr = np.asarray(times) / 1e3
+    rate = batch / (np.median(arr) / 1e6)
+    p50, p99 = np.percentile(arr, [50, 99])
+    return (f"{label:<28} batch {batch:>5}: {rate:>12,.0f} rows/s  "
+            f"p50 {p50:9.1f} us  p99 {p99:9.1f} us")  # fmt: skip
+
+
+def time_engines(model: bytes, rounds: int, n_features: int) -> list[str]:
+    """Table rows for the tree kernel (CPU) and, where CUDA works, the I/O-bound session."""
+    from inference.session import DeviceBinding, OnnxScorer, choose_providers
+
+    scorer = OnnxScorer.from_bytes(model, n_features, prefer_gpu=False)
+    rows = []
+    rng = np.random.default_rng(1)
+    binding = None
+    providers, _ = choose_providers(prefer_gpu=True)  # quiet where CUDA is not loadable
+    if providers[0] == "CUDAExecutionProvider":
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model, options, providers=list(providers))
+        binding = DeviceBinding(session, session.get_inputs()[0].name, scorer.prob_output,
+                                "cuda", n_features)  # fmt: skip
+    for batch in BATCHES:
+        x = rng.normal(size=(batch, n_features)).astype(np.float32)
+        if scorer.trees is not None:
+            rows.append(_timed("tree kernel (CPU)", batch, rounds, lambda x=x: scorer.score(x)))
+        if binding is not None:
+            rows.append(_timed("CUDA + I/O binding", batch, rounds, lambda x=x: binding.run(x)))
+    return rows
 
 
 def time_provider(model: bytes, provider: str, rounds: int, n_features: int) -> list[str]:
@@ -84,6 +125,8 @@ def main() -> None:
     for provider in providers:
         for row in time_provider(model, provider, args.rounds, args.features):
             print(row, flush=True)
+    for row in time_engines(model, args.rounds, args.features):
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

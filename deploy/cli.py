@@ -226,6 +226,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from stream.worker import StreamWorker, WorkerConfig
 
     spec = settings.feature_spec
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     if settings.metrics_port and not port_free(settings.metrics_port):
         raise ConfigError(f"metrics port {settings.metrics_port} is already in use")
     watcher = ModelWatcher(
@@ -234,7 +235,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             settings.challenger_alias, settings.model_poll_s, settings.prefer_gpu,
             ValidationPolicy(warmup_rows=settings.max_batch,
                              warmup_budget_s=settings.warmup_budget_ms / 1000),
-            onnx_threads=settings.onnx_threads,
+            onnx_threads=settings.onnx_threads, tree_kernel=settings.tree_kernel,
         ),
         spec,
     )  # fmt: skip

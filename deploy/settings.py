@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     model_alias: str = "champion"
     prefer_gpu: bool = True
     onnx_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per session
+    tree_kernel: bool = True  # score tree ensembles with inference/trees.py where it covers them
 
     # ClickHouse
     clickhouse_dsn: str | None = None
@@ -72,6 +73,10 @@ class Settings(BaseSettings):
     challenger_alias: str = ""  # scored in shadow to shadow_topic; "" = no challenger
     shadow_topic: str = "signals.shadow"
     warmup_budget_ms: int = Field(2000, gt=0)
+    # How long a background thread (Feast writer, registry polls, model loads) may hold
+    # the GIL before the event loop gets it back; Python's default is 5000 us, which
+    # shows up as multi-ms stalls in the stream and in swap pauses
+    gil_switch_interval_us: int = Field(500, ge=50, le=100_000)
     log_level: str = "INFO"
 
     @field_validator("redis_url")

@@ -73,6 +73,7 @@ class VersionInfo(BaseModel):
     alias: str
     feature_spec_hash: str
     provider: str
+    engine: str = Field(description="what scores rows: tree-kernel or onnxruntime")
     loaded_at: datetime
     loaded_at_ns: int
 
@@ -104,6 +105,7 @@ def _version_info(model: LoadedModel) -> dict[str, Any]:
         "alias": model.alias,
         "feature_spec_hash": model.spec_hash,
         "provider": model.scorer.provider,
+        "engine": model.scorer.engine,
         "loaded_at": datetime.fromtimestamp(model.loaded_at_ns / 1e9, tz=UTC),
         "loaded_at_ns": model.loaded_at_ns,
     }

@@ -75,6 +75,7 @@ def fetch_version(
     spec: FeatureSpec,
     prefer_gpu: bool = True,
     threads: int = 1,
+    tree_kernel: bool = True,
 ) -> LoadedModel:
     """Check the FeatureSpec tag, download only the ONNX file and open a session on it.
 
@@ -111,7 +112,7 @@ def fetch_version(
         ) from exc  # fmt: skip
     try:
         scorer = OnnxScorer.from_bytes(
-            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads
+            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads, tree_kernel
         )
     except ModelRejected as exc:
         raise ModelRejected(

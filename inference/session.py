@@ -11,6 +11,13 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client import Gauge
 
+from inference.trees import (
+    PROBE_TOLERANCE,
+    TreeKernel,
+    Unsupported,
+    compile_tree_kernel,
+    probe_rows,
+)
 from tickserve.errors import ModelRejected
 
 logger = logging.getLogger(__name__)
@@ -53,22 +60,103 @@ def _decide(prefer_gpu: bool) -> tuple[tuple[str, ...], str]:
     return ("CUDAExecutionProvider", "CPUExecutionProvider"), "CUDA libraries loadable"
 
 
+class DeviceBinding:
+    """I/O binding for a session on a GPU: device tensors allocated once, reused every batch.
+
+    Without it, every `session.run` on CUDA allocates the input and output on the device
+    and frees them again. Here each batch is padded up to a power-of-two bucket (the
+    rows are independent, so padding changes no score), whose input and output tensors
+    live on the device for the session's life: a batch costs one host-to-device copy of
+    its rows, the run, and one device-to-host copy of the probabilities.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        input_name: str,
+        prob_output: str,
+        device: str,
+        n_features: int,
+    ) -> None:
+        """Bind `session`'s input and probabilities output to tensors on `device`."""
+        self.session = session
+        self.input_name = input_name
+        self.prob_output = prob_output
+        self.device = device
+        self.n_features = n_features
+        self._binding = session.io_binding()
+        self._buckets: dict[int, tuple[ort.OrtValue, ort.OrtValue, np.ndarray]] = {}
+        self._bound = 0
+
+    def run(self, rows: np.ndarray) -> np.ndarray:
+        """P(up) for `rows` (n, n_features) float32, through the bound device tensors."""
+        n = rows.shape[0]
+        size = 1 << max(n - 1, 0).bit_length()  # the power of two >= n
+        bucket = self._buckets.get(size)
+        if bucket is None:
+            bucket = self._allocate(size)
+        x, y, staging = bucket
+        staging[:n] = rows
+        staging[n:] = 0.0
+        x.update_inplace(staging)
+        if self._bound != size:
+            self._binding.bind_ortvalue_input(self.input_name, x)
+            self._binding.bind_ortvalue_output(self.prob_output, y)
+            self._bound = size
+        self.session.run_with_iobinding(self._binding)
+        return np.asarray(y.numpy()[:n, 1], np.float64)
+
+    def _allocate(self, size: int) -> tuple[ort.OrtValue, ort.OrtValue, np.ndarray]:
+        def tensor(shape: tuple[int, int]) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+
+        bucket = (tensor((size, self.n_features)), tensor((size, 2)),
+                  np.zeros((size, self.n_features), np.float32))  # fmt: skip
+        self._buckets[size] = bucket
+        return bucket
+
+
 @dataclass(frozen=True, slots=True)
 class OnnxScorer:
-    """A loaded ONNX classifier; `score` returns P(up) per row as float64."""
+    """A loaded ONNX classifier; `score` returns P(up) per row as float64.
+
+    Attributes:
+        session: The ONNX Runtime session (always built: it defines the model's contract).
+        input_name: The one input tensor.
+        prob_output: The probabilities output.
+        provider: The execution provider the session runs on.
+        trees: Set when a tree ensemble is scored by `inference.trees` instead of the
+            session, after it reproduced the session on probe rows.
+        binding: Set when the session runs on a GPU: device tensors reused per batch.
+    """
 
     session: ort.InferenceSession
     input_name: str
     prob_output: str
     provider: str
+    trees: TreeKernel | None = None
+    binding: DeviceBinding | None = None
+
+    @property
+    def engine(self) -> str:
+        """What scores the rows: "tree-kernel" or "onnxruntime"."""
+        return "tree-kernel" if self.trees is not None else "onnxruntime"
 
     @classmethod
     def from_bytes(
-        cls, model: bytes, n_features: int, prefer_gpu: bool = True, threads: int = 1
+        cls,
+        model: bytes,
+        n_features: int,
+        prefer_gpu: bool = True,
+        threads: int = 1,
+        tree_kernel: bool = True,
     ) -> OnnxScorer:
         """Build a session and check the model's interface against `n_features`.
 
-        `threads` is ONNX Runtime's intra-op pool; 1 by default (see below).
+        `threads` is ONNX Runtime's intra-op pool; 1 by default (see below). With
+        `tree_kernel`, a tree ensemble the kernel covers is scored by it (see
+        `inference.trees`); anything else, or a kernel that disagrees with the session
+        on the probe rows, is scored by the session.
         """
         providers, reason = choose_providers(prefer_gpu)
         options = ort.SessionOptions()
@@ -99,11 +187,48 @@ class OnnxScorer:
                 f"model has no probabilities output (outputs: {names})", reason="contract"
             )
         provider = session.get_providers()[0]
-        logger.info("onnx session ready", extra={"provider": provider, "reason": reason})
-        return cls(session, inputs[0].name, prob[0], provider)
+        binding = None
+        if provider == "CUDAExecutionProvider":
+            binding = DeviceBinding(session, inputs[0].name, prob[0], "cuda", n_features)
+        scorer = cls(session, inputs[0].name, prob[0], provider, None, binding)
+        if tree_kernel:
+            scorer = scorer._with_tree_kernel(model, n_features)
+        logger.info(
+            "onnx session ready",
+            extra={"provider": provider, "reason": reason, "engine": scorer.engine},
+        )
+        return scorer
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         """P(up) for each row of `rows` (n, n_features)."""
+        if self.trees is not None:
+            return self.trees.score(rows)
+        return self.run_session(rows)
+
+    def run_session(self, rows: np.ndarray) -> np.ndarray:
+        """P(up) from the ONNX Runtime session, whatever `engine` is."""
+        if self.binding is not None:
+            return self.binding.run(rows)
         feed = {self.input_name: np.ascontiguousarray(rows, np.float32)}
         probs = self.session.run([self.prob_output], feed)[0]
         return np.asarray(probs[:, 1], np.float64)
+
+    def _with_tree_kernel(self, model: bytes, n_features: int) -> OnnxScorer:
+        """This scorer with the tree kernel, if it covers the model and agrees with ORT."""
+        import onnx
+
+        try:
+            kernel = compile_tree_kernel(onnx.load_from_string(model), n_features)
+        except Unsupported as exc:
+            logger.debug("tree kernel not used", extra={"reason": str(exc)})
+            return self
+        probe = probe_rows(kernel)
+        gap = float(np.max(np.abs(kernel.score(probe) - self.run_session(probe))))
+        if not gap <= PROBE_TOLERANCE:  # NaN-safe: a NaN gap keeps the session
+            logger.warning(
+                "tree kernel disagrees with onnxruntime on probe rows; onnxruntime scores",
+                extra={"gap": gap, "tolerance": PROBE_TOLERANCE},
+            )
+            return self
+        return OnnxScorer(self.session, self.input_name, self.prob_output, self.provider, kernel,
+                          self.binding)  # fmt: skip

@@ -51,6 +51,7 @@ class WatcherConfig:
         policy: The serving checks' tolerances and budgets.
         keep_versions: Checked versions kept loaded, so a rollback swaps at once.
         onnx_threads: ONNX Runtime intra-op threads per session.
+        tree_kernel: Score tree ensembles with `inference.trees` where it covers them.
     """
 
     tracking_uri: str
@@ -62,6 +63,7 @@ class WatcherConfig:
     policy: ValidationPolicy = ValidationPolicy()
     keep_versions: int = 3
     onnx_threads: int = 1
+    tree_kernel: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,9 @@ class ModelWatcher:
     def _load_checked(self, ref: VersionRef) -> LoadedModel:
         """Fetch one version and run every check (runs in a worker thread)."""
         cfg = self.config
-        model = fetch_version(cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads)
+        model = fetch_version(
+            cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads, cfg.tree_kernel
+        )
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
         contract = validate(model.scorer, golden, cfg.policy, self.contract)
         if self.contract is None:
