@@ -220,6 +220,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from features.snapshot import SnapshotStore
     from inference.api import ApiContext, create_app, serve_http
     from inference.batcher import BatcherConfig, MicroBatcher
+    from inference.trees import warm_up as warm_up_trees
     from inference.validation import ValidationPolicy
     from inference.watcher import ModelWatcher, WatcherConfig
     from stream.kafka import ensure_topics
@@ -255,6 +256,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
     )  # fmt: skip
     warm_up(spec)
+    warm_up_trees()
     snapshots = SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}")
     engine = FeatureEngine(spec, settings.max_symbols)
     worker = StreamWorker(config, engine, model, writer, snapshots, batcher=batcher)

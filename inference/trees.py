@@ -17,9 +17,9 @@ scores 1,000 rows of a 200-tree, 31-leaf model about six times faster than ONNX 
 on one thread (`bench.batcher_bench`).
 
 Only data comes from the model: the kernel reads the ONNX node's attributes (never
-pickles, never generated code). It covers the form scikit-learn and LightGBM binary
-classifiers export to (one `TreeEnsembleClassifier` node, one score per row, LOGISTIC
-or no post transform, `BRANCH_LEQ`/`BRANCH_LT` splits, at most 64 leaves per tree). For
+pickles, never generated code). It covers the form skl2onnx gives a binary
+HistGradientBoostingClassifier (one `TreeEnsembleClassifier` node, one score per row,
+LOGISTIC post transform, `BRANCH_LEQ`/`BRANCH_LT` splits, at most 64 leaves per tree). For
 anything else `compile_tree_kernel` says why and ONNX Runtime keeps scoring. And even a
 model it covers is used only after it reproduces ONNX Runtime on probe rows built from
 the model's own thresholds (at, just below and just above each split, and NaN).
@@ -143,6 +143,20 @@ def _score(
             out[r] = 1.0 / (1.0 + np.exp(-acc[r]))
     else:
         out[:] = acc
+
+
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the kernel now, before the stream starts.
+
+    Otherwise the first tree model swapped in would compile it in the loader thread,
+    and compilation is Python code that competes with the event loop for the GIL.
+    """
+    stump = TreeKernel(
+        np.zeros(1, np.int64), np.zeros(1, np.float32), np.array([~np.uint64(1)], np.uint64),
+        np.zeros(1, np.bool_), np.zeros(1, np.bool_), np.array([0, 1], np.int64),
+        np.array([-1.0, 1.0]), np.array([0, 2], np.int64), 0.0, True, 1,
+    )  # fmt: skip
+    stump.score(np.array([[-1.0], [1.0]], np.float32))
 
 
 def compile_tree_kernel(model: Any, n_features: int) -> TreeKernel:
