@@ -99,6 +99,11 @@ def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on stderr: only on a terminal, and not with --no-progress."""
+    return sys.stderr.isatty() and not args.no_progress
+
+
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     """Load a historical trade file straight into the archive."""
     from stream.archive import ClickHouseArchive
@@ -107,7 +112,7 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     archive = ClickHouseArchive.open(settings.clickhouse)
     report = import_file(
         archive, Path(args.input), args.symbol, settings.max_future_ms * 1_000_000,
-        progress=sys.stderr.isatty(),
+        progress=_progress(args),
     )  # fmt: skip
     print(f"import: {report.summary()}; {archive.count_ticks()} ticks in the archive")
     return 0
@@ -169,11 +174,13 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     spent = check_budget(settings.mlflow_uri, params.cost)
     spec = settings.feature_spec
     ticks = ClickHouseArchive.open(settings.clickhouse).read_ticks(args.symbols or None)
-    dataset = build_dataset(ticks, spec, horizon_bars=params.splits.horizon_bars)
+    dataset = build_dataset(
+        ticks, spec, horizon_bars=params.splits.horizon_bars, progress=_progress(args)
+    )
     result = train_and_register(
         dataset, spec, settings.mlflow_uri, settings.model_name, alias=None, params=params,
         provenance=_provenance(), meter=meter,
-        figures_dir=Path(args.figures) if args.figures else None,
+        figures_dir=Path(args.figures) if args.figures else None, progress=_progress(args),
     )  # fmt: skip
     print(f"train: {result.name} v{result.version} ({result.model_type}, run "
           f"{result.model_type}_{result.version} in {result.experiment}); "
@@ -295,19 +302,25 @@ def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
     from stream.feed import read_trades
     from stream.tick import SIDES, validate
     from tickserve.errors import InvalidTick
+    from tickserve.progress import progress_bar
 
     rows, skipped = [], Counter[str]()
     far_future = 2**62  # a file is history: no clock-skew check
-    for raw in read_trades(Path(args.input), args.symbol):
-        try:
-            tick = validate({**raw, "recv_ns": 0}, far_future, 0)
-        except InvalidTick as exc:
-            skipped[exc.reason] += 1
-            continue
-        rows.append((tick.symbol, tick.event_ns, tick.trade_id, tick.price, tick.quantity,
-                     SIDES[tick.side]))  # fmt: skip
+    trades = read_trades(Path(args.input), args.symbol)
+    with progress_bar("validate", len(trades), " ticks", _progress(args)) as bar:
+        for raw in trades:
+            bar.update(1)
+            try:
+                tick = validate({**raw, "recv_ns": 0}, far_future, 0)
+            except InvalidTick as exc:
+                skipped[exc.reason] += 1
+                continue
+            rows.append((tick.symbol, tick.event_ns, tick.trade_id, tick.price, tick.quantity,
+                         SIDES[tick.side]))  # fmt: skip
     columns = ["symbol", "event_ns", "trade_id", "price", "quantity", "is_buy"]
-    table = features_frame(pd.DataFrame(rows, columns=columns), settings.feature_spec)
+    table = features_frame(
+        pd.DataFrame(rows, columns=columns), settings.feature_spec, progress=_progress(args)
+    )
     table.to_parquet(args.output, index=False)
     print(
         f"features: {len(table)} rows ({int(table['ready'].sum())} ready) -> {args.output}; "
@@ -342,6 +355,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, Path(args.data), args.live_rate)
 
 
+NO_PROGRESS = "no progress bars (default: shown when stderr is a terminal)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every subcommand has --help)."""
     parser = argparse.ArgumentParser(
@@ -373,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="load a historical trade file into the archive")
     imp.add_argument("--input", required=True, help="trade file (same formats as feed --file)")
     imp.add_argument("--symbol", help="symbol for files whose rows carry none")
+    imp.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     train = sub.add_parser("train", help="train on the archive, register a new version in MLflow")
     train.add_argument("--symbols", nargs="*", help="restrict to these symbols")
@@ -380,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", choices=["logistic", "hgb"], help="override train.model.type")
     train.add_argument("--figures", help="also save the figures as PNG in this folder")
     train.add_argument("--metrics-out", help="write the metrics as JSON here")
+    train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     validate = sub.add_parser(
         "validate", help="validation gate: promote a version to the alias only if it passes"
@@ -401,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--input", required=True, help="trade file (formats as for feed)")
     features.add_argument("--output", required=True, help="Parquet file to write")
     features.add_argument("--symbol", help="symbol for files whose rows carry none")
+    features.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     bench = sub.add_parser("bench", help="benchmarks: e2e against the broker floor, compare")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")

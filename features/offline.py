@@ -12,13 +12,14 @@ from tickserve.errors import DataError
 TICK_COLUMNS = ("symbol", "event_ns", "price", "quantity", "is_buy")
 
 
-def features_frame(ticks: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+def features_frame(ticks: pd.DataFrame, spec: FeatureSpec, progress: bool = False) -> pd.DataFrame:
     """The stream's features for every tick of `ticks`, in the given (stream) order.
 
     Args:
         ticks: Columns symbol, event_ns, price, quantity, is_buy (plus any others,
             which are carried through, e.g. trade_id).
         spec: The FeatureSpec to compute.
+        progress: Show a progress bar in ticks on stderr.
 
     Returns:
         `ticks` with one column per feature, `ready` and `late` added.
@@ -33,6 +34,7 @@ def features_frame(ticks: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
         ticks["price"].to_numpy(np.float64),
         ticks["quantity"].to_numpy(np.float64),
         ticks["is_buy"].to_numpy().astype(bool),
+        progress=progress,
     )
     out = ticks.reset_index(drop=True).copy()
     for j, name in enumerate(spec.names):

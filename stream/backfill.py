@@ -18,6 +18,7 @@ from stream.archive import TICK_COLUMNS, ClickHouseArchive
 from stream.feed import NS_PER_MS, read_trades, symbol_from_filename
 from stream.tick import SIDES, validate
 from tickserve.errors import DataError, InvalidTick
+from tickserve.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -168,28 +169,27 @@ def import_file(
     chunk; every other format `stream.feed.read_trades` knows goes row by row through
     `stream.tick.validate`. Both apply the same rules (a test holds them equal).
     """
-    from tqdm import tqdm
-
     if not path.exists():
         raise DataError(f"trade file not found: {path}")
     report = ImportReport()
     now_ns = time.time_ns()
     if path.suffix in COLUMNAR:
         default = symbol or symbol_from_filename(path)
-        bar = tqdm(desc=f"import {path.name}", unit=" rows", disable=not progress)
-        for frame in _frames(path):
-            missing = {"timestamp", "price", "amount", "side"} - set(frame.columns)
-            if missing:
-                raise DataError(f"{path}: not a ccxt trade file, missing columns {sorted(missing)}")
-            if "symbol" not in frame.columns and default is None:
-                raise DataError(f"{path}: rows have no symbol; pass --symbol")
-            table, skipped = validate_frame(frame, default, now_ns, max_future_ns)
-            archive.insert_tick_table(table)
-            report.rows += len(frame)
-            report.inserted += table.num_rows
-            report.skipped.update(skipped)
-            bar.update(len(frame))
-        bar.close()
+        with progress_bar(f"import {path.name}", unit=" rows", enabled=progress) as bar:
+            for frame in _frames(path):
+                missing = {"timestamp", "price", "amount", "side"} - set(frame.columns)
+                if missing:
+                    raise DataError(
+                        f"{path}: not a ccxt trade file, missing columns {sorted(missing)}"
+                    )
+                if "symbol" not in frame.columns and default is None:
+                    raise DataError(f"{path}: rows have no symbol; pass --symbol")
+                table, skipped = validate_frame(frame, default, now_ns, max_future_ns)
+                archive.insert_tick_table(table)
+                report.rows += len(frame)
+                report.inserted += table.num_rows
+                report.skipped.update(skipped)
+                bar.update(len(frame))
     else:
         try:
             rows = read_trades(path, symbol)

@@ -115,3 +115,55 @@ def test_features_command_writes_one_row_per_tick(tmp_path: Path) -> None:
     )  # fmt: skip
     np.testing.assert_array_equal(table[list(spec.names)].to_numpy(), expected.values)
     assert table["ready"].tolist() == expected.ready.tolist()
+    assert "ticks/s" not in done.stderr  # stderr is a pipe, not a terminal: no progress bar
+
+
+def stderr_on_a_terminal(*args: str, cwd: Path) -> str:
+    """Run tickserve with stderr on a 120-column pseudo-terminal; what that terminal got."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    got = bytearray()
+
+    def drain() -> None:  # a full pty buffer would block the child
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed it
+                return
+            if not data:
+                return
+            got.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSERVE_", "MLFLOW_"))}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "deploy.cli", *args], env={**clean, "PYTHONPATH": str(ROOT)},
+            cwd=cwd, stdout=subprocess.PIPE, stderr=slave, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+        reader.join()
+        os.close(master)
+    assert done.returncode == 0, got.decode()
+    return got.decode()
+
+
+def test_features_command_shows_progress_on_a_terminal_unless_told_not_to(tmp_path: Path) -> None:
+    from tests.conftest import TRADES
+
+    out = str(tmp_path / "features.parquet")
+    shown = stderr_on_a_terminal("features", "--input", str(TRADES), "--output", out, cwd=tmp_path)
+    assert "validate: 100%" in shown and "features: 100%" in shown
+    assert shown.count("12477/12477 [") >= 2
+    quiet = stderr_on_a_terminal(
+        "features", "--input", str(TRADES), "--output", out, "--no-progress", cwd=tmp_path
+    )
+    assert "ticks/s" not in quiet and "100%" not in quiet

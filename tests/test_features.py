@@ -66,6 +66,22 @@ def test_streaming_equals_batch_bit_for_bit(trades: pd.DataFrame, sizes: list[in
     np.testing.assert_array_equal(streamed, batch[: len(streamed)])
 
 
+def test_offline_chunks_equal_one_call_and_show_progress_only_when_asked(
+    trades: pd.DataFrame, capfd: pytest.CaptureFixture[str]
+) -> None:
+    columns = (trades["symbol"].tolist(), trades["event_ns"].to_numpy(), trades["price"].to_numpy(),
+               trades["quantity"].to_numpy(), trades["is_buy"].to_numpy())  # fmt: skip
+    n = len(trades)
+    whole = compute_features(SPEC, *columns, chunk_ticks=n)
+    assert capfd.readouterr().err == ""
+    chunked = compute_features(SPEC, *columns, progress=True, chunk_ticks=1000)
+    err = capfd.readouterr().err
+    assert "features: 100%" in err and f"{n}/{n}" in err
+    np.testing.assert_array_equal(chunked.values, whole.values)
+    np.testing.assert_array_equal(chunked.ready, whole.ready)
+    np.testing.assert_array_equal(chunked.status, whole.status)
+
+
 COL = {name: i for i, name in enumerate(SPEC.names)}
 
 

@@ -149,6 +149,25 @@ def test_the_monthly_budget_stops_training(
     assert "not starting" in done.stderr
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_training_names_each_step_on_stderr_only_when_asked(
+    stack_settings: Settings, dataset: Dataset, progress: bool,
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.delenv("COLUMNS", raising=False)  # tqdm would trim its line to that width
+    name = unique("progress")
+    result = train_and_register(dataset, SPEC, stack_settings.mlflow_uri, name, alias=None,
+                                params=PARAMS, progress=progress)  # fmt: skip
+    err = capfd.readouterr().err
+    steps = [
+        "train: fold 1/3 fit + evaluate", "train: fold 2/3 fit + evaluate",
+        "train: fold 3/3 (test) fit", "train: ONNX export + parity",
+        "train: test metrics + figures", "train: MLflow log + register",
+        f"train: registered {name} v{result.version}: 100%", "| 6/6 [",
+    ]  # fmt: skip
+    assert [step in err for step in steps] == [progress] * len(steps), err
+
+
 def test_onnx_that_does_not_match_fails_the_run(dataset: Dataset) -> None:
     X = dataset.X[:2000].astype(np.float32)
     model = make_model("hgb", PARAMS.hgb).fit(X, dataset.y[:2000])

@@ -147,3 +147,18 @@ def test_bad_inputs_get_clear_errors(ticks: pd.DataFrame) -> None:
     rising = ticks.assign(price=np.linspace(1.0, 2.0, len(ticks)))
     with pytest.raises(DataError, match="same class"):
         build_dataset(rising, SPEC)
+
+
+def test_building_a_dataset_shows_progress_only_when_asked(
+    ticks: pd.DataFrame, capfd: pytest.CaptureFixture[str]
+) -> None:
+    two = pd.concat([ticks, ticks.assign(symbol="XRP/ETH copy")], ignore_index=True)
+    n = len(two)
+    quiet = build_dataset(two, SPEC)
+    assert capfd.readouterr().err == ""
+    shown = build_dataset(two, SPEC, progress=True)
+    err = capfd.readouterr().err
+    assert "features: 100%" in err and f"{n}/{n} [" in err
+    assert "labels: 100%" in err and "2/2 [" in err
+    np.testing.assert_array_equal(shown.X, quiet.X)
+    np.testing.assert_array_equal(shown.y, quiet.y)

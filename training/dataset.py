@@ -10,6 +10,7 @@ import pandas as pd
 from features.engine import compute_features
 from features.spec import FeatureSpec
 from tickserve.errors import DataError
+from tickserve.progress import progress_bar
 
 TICK_FIELDS = ("symbol", "event_ns", "price", "quantity", "is_buy")
 
@@ -44,7 +45,9 @@ class Labels:
     fwd_return: np.ndarray  # float64
 
 
-def forward_labels(ticks: pd.DataFrame, bar_ns: int, horizon_bars: int = 1) -> Labels:
+def forward_labels(
+    ticks: pd.DataFrame, bar_ns: int, horizon_bars: int = 1, progress: bool = False
+) -> Labels:
     """Direction of the price `horizon_bars` bars after each tick's own bar.
 
     The horizon ends at the close of bar `b + horizon_bars` (b = the tick's bar); the
@@ -66,13 +69,16 @@ def forward_labels(ticks: pd.DataFrame, bar_ns: int, horizon_bars: int = 1) -> L
     end = (ns // bar_ns + horizon_bars + 1) * bar_ns
     fwd = np.full(n, np.nan)
     codes, _ = pd.factorize(ticks["symbol"])
-    for code in range(codes.max() + 1 if n else 0):
-        rows = np.flatnonzero(codes == code)
-        rows = rows[np.argsort(ns[rows], kind="stable")]
-        times = ns[rows]
-        last = np.searchsorted(times, end[rows], side="left") - 1
-        later = times[last] > times  # strictly after the row's own event time
-        fwd[rows[later]] = price[rows[last[later]]]
+    n_symbols = codes.max() + 1 if n else 0
+    with progress_bar("labels", total=n_symbols, unit=" symbols", enabled=progress) as bar:
+        for code in range(n_symbols):
+            rows = np.flatnonzero(codes == code)
+            rows = rows[np.argsort(ns[rows], kind="stable")]
+            times = ns[rows]
+            last = np.searchsorted(times, end[rows], side="left") - 1
+            later = times[last] > times  # strictly after the row's own event time
+            fwd[rows[later]] = price[rows[last[later]]]
+            bar.update(1)
     fwd_return = fwd / price - 1.0
     label = np.where(fwd > price, 1.0, 0.0)
     label[np.isnan(fwd) | (fwd == price)] = np.nan
@@ -80,7 +86,11 @@ def forward_labels(ticks: pd.DataFrame, bar_ns: int, horizon_bars: int = 1) -> L
 
 
 def build_dataset(
-    ticks: pd.DataFrame, spec: FeatureSpec, min_rows: int = 200, horizon_bars: int = 1
+    ticks: pd.DataFrame,
+    spec: FeatureSpec,
+    min_rows: int = 200,
+    horizon_bars: int = 1,
+    progress: bool = False,
 ) -> Dataset:
     """Features (same kernels as the stream) and labels for every ready, labelled tick.
 
@@ -89,6 +99,7 @@ def build_dataset(
         spec: The FeatureSpec the model will be served with.
         min_rows: Fewer usable rows than this is an error, not a model.
         horizon_bars: Label horizon in bars after the tick's own bar.
+        progress: Show progress bars on stderr (features in ticks, labels in symbols).
 
     Raises:
         DataError: A missing column, too few bars or rows, or labels of a single class.
@@ -113,8 +124,9 @@ def build_dataset(
         ticks["price"].to_numpy(np.float64),
         ticks["quantity"].to_numpy(np.float64),
         ticks["is_buy"].to_numpy().astype(bool),
+        progress=progress,
     )
-    labels = forward_labels(ticks, spec.bar_ns, horizon_bars)
+    labels = forward_labels(ticks, spec.bar_ns, horizon_bars, progress)
     keep = feats.ready & ~np.isnan(labels.label)
     n = int(keep.sum())
     if n < min_rows:

@@ -14,6 +14,7 @@ import numpy as np
 from features.spec import FeatureSpec
 from inference.registry import SPEC_HASH_TAG
 from tickserve.errors import ConfigError, DataError
+from tickserve.progress import progress_bar
 from training import report
 from training.cost import CostMeter
 from training.dataset import Dataset
@@ -106,6 +107,7 @@ def train_and_register(
     provenance: dict[str, str] | None = None,
     meter: CostMeter | None = None,
     figures_dir: Path | None = None,
+    progress: bool = False,
 ) -> TrainResult:
     """Train on purged walk-forward folds, register the model as `model_name`.
 
@@ -126,15 +128,36 @@ def train_and_register(
         provenance: Extra run params, e.g. git commit and DVC data hash.
         meter: Cost meter started where the run began (default: now).
         figures_dir: Also save the figures there as PNG.
+        progress: Show a progress bar on stderr, one step per fold, then the ONNX
+            export, the figures and the MLflow logging, each step named as it runs.
     """
+    meter = meter or CostMeter((params or TrainParams()).cost)
+    params = params or _legacy_params(ds, test_fraction, C)
+    steps = params.splits.n_folds + 3  # each fold, the ONNX export, the figures, MLflow
+    with progress_bar("train", total=steps, unit="step", enabled=progress) as bar:
+        return _train_and_register(
+            ds, spec, tracking_uri, model_name, alias, params, provenance, meter, figures_dir, bar
+        )
+
+
+def _train_and_register(
+    ds: Dataset,
+    spec: FeatureSpec,
+    tracking_uri: str,
+    model_name: str,
+    alias: str | None,
+    params: TrainParams,
+    provenance: dict[str, str] | None,
+    meter: CostMeter,
+    figures_dir: Path | None,
+    bar: Any,
+) -> TrainResult:
     import mlflow
     import mlflow.onnx
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
     from sklearn.inspection import permutation_importance
 
-    meter = meter or CostMeter((params or TrainParams()).cost)
-    params = params or _legacy_params(ds, test_fraction, C)
     s = params.splits
     if s.horizon_bars != ds.horizon_bars:
         raise ConfigError(
@@ -149,15 +172,22 @@ def train_and_register(
     X = ds.X.astype(np.float32)  # what ONNX Runtime will be fed
     val: list[dict[str, float]] = []
     for k, fold in enumerate(folds[:-1], start=1):
+        bar.set_description_str(f"train: fold {k}/{len(folds)} fit + evaluate")
         model = _fit_fold(params, X, ds, fold, k)
         p_up = model.predict_proba(X[fold.test])[:, 1]
         val.append(_evaluate_fold(params, ds, fold.test, p_up)[0])
+        bar.update(1)
     last = folds[-1]
+    bar.set_description_str(f"train: fold {len(folds)}/{len(folds)} (test) fit")
     model = _fit_fold(params, X, ds, last, len(folds))
     X_train, X_test, y_test = X[last.train], X[last.test], ds.y[last.test]
     native = model.predict_proba(X_test)[:, 1]
+    bar.update(1)
+    bar.set_description_str("train: ONNX export + parity")
     onnx_model = export_onnx(model, X_train)
     onnx_scores, gap = check_parity(onnx_model, native, X_test)
+    bar.update(1)
+    bar.set_description_str("train: test metrics + figures")
     test, bt = _evaluate_fold(params, ds, last.test, native)
 
     metrics = {f"test_{k}": v for k, v in test.items()}
@@ -179,6 +209,8 @@ def train_and_register(
             bt, f"test backtest: Sharpe {bt.sharpe:.2f}, fees {params.backtest.fee_bps:g} bps"
         ),
     }
+    bar.update(1)
+    bar.set_description_str("train: MLflow log + register")
     experiment = f"tickserve/{universe_of(ds.symbols)}"
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -253,6 +285,8 @@ def train_and_register(
         client.set_model_version_tag(model_name, version, key, value)
     if alias:
         client.set_registered_model_alias(model_name, alias, version)
+    bar.update(1)
+    bar.set_description_str(f"train: registered {model_name} v{version}")
     logger.info(
         "model registered",
         extra={"model": model_name, "version": version, "alias": alias, **metrics},
