@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -250,17 +249,47 @@ def bench_swap(current: bytes, new: bytes) -> None:
               f"{len(during)} gaps in the window)")  # fmt: skip
 
 
+class _AliasMover:
+    """A child process that moves MLflow aliases on request, as a CI job would."""
+
+    SCRIPT = (
+        "import sys\n"
+        "from mlflow.tracking import MlflowClient\n"
+        "client = MlflowClient(tracking_uri=sys.argv[1], registry_uri=sys.argv[1])\n"
+        "print('ready', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    alias, version = line.split()\n"
+        "    client.set_registered_model_alias(sys.argv[2], alias, version)\n"
+    )
+
+    def __init__(self, uri: str, name: str) -> None:
+        import subprocess
+
+        argv = [sys.executable, "-c", self.SCRIPT, uri, name]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+
+    def move(self, alias: str, version: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{alias} {version}\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
 async def _registry_swap_run(uri: str, name: str, versions: list[str]) -> dict[str, Any]:
     """Batches at 1000/s x 50 rows while the real ModelWatcher follows alias moves."""
     from features.spec import FeatureSpec
-    from inference.registry import open_client
     from inference.watcher import ModelWatcher, WatcherConfig
 
     spec = FeatureSpec()
     watcher = ModelWatcher(WatcherConfig(uri, name, poll_interval_s=0.05, prefer_gpu=False),
                            spec)  # fmt: skip
     batcher = MicroBatcher(watcher.load_initial(), N_FEATURES, BatcherConfig(1000))
-    client = open_client(uri)
+    mover = _AliasMover(uri, name)  # in production the alias moves in another process
     stop = asyncio.Event()
     task = asyncio.create_task(watcher.run(batcher, stop))
     X, _ = synthetic_rows(50, N_FEATURES, seed=9)
@@ -276,13 +305,12 @@ async def _registry_swap_run(uri: str, name: str, versions: list[str]) -> dict[s
         for at in [t for t in moves if time.perf_counter() - start >= t]:
             version = moves.pop(at)
             moved_at.append(time.time_ns())
-            threading.Thread(
-                target=client.set_registered_model_alias, args=(name, "champion", version)
-            ).start()
+            mover.move("champion", version)
         batcher.score_batch(X, origin)
         done_at.append(time.time_ns())
     stop.set()
     await task
+    mover.close()
     return {"done": np.array(done_at), "moved": moved_at,
             "swapped": [e.at_ns for e in watcher.history]}  # fmt: skip
 

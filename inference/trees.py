@@ -96,7 +96,8 @@ class TreeKernel:
         return out
 
 
-@njit(cache=True, boundscheck=False)
+# nogil: a loader thread checking a new version must not stall the event loop
+@njit(cache=True, nogil=True, boundscheck=False)
 def _score(
     columns: np.ndarray,
     features: np.ndarray,
