@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from features.spec import NS_PER_SECOND, FeatureSpec
@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     challenger_alias: str = ""  # scored in shadow to shadow_topic; "" = no challenger
     shadow_topic: str = "signals.shadow"
     warmup_budget_ms: int = Field(2000, gt=0)
+    # HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset or "" = refused (403)
+    webhook_secret: SecretStr | None = None
     log_level: str = "INFO"
 
     @field_validator("redis_url")
@@ -80,6 +82,11 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://")):
             raise ValueError(f"must start with redis:// or rediss://, got {value!r}")
         return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _empty_secret_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
 
     @property
     def bootstrap(self) -> str:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from deploy.settings import load_settings
 from deploy.stack import free_port
 from features.spec import FeatureSpec
 from inference.api import ApiContext, create_app, serve_http
@@ -206,6 +207,18 @@ def test_without_a_secret_every_delivery_is_refused(onnx_model: bytes) -> None:
     assert response.status_code == 403
     assert "TICKSERVE_WEBHOOK_SECRET" in response.json()["detail"]
     assert outcome("disabled") == before + 1
+
+
+def test_the_secret_setting_is_masked_and_empty_means_unset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TICKSERVE_WEBHOOK_SECRET", SECRET)
+    settings = load_settings()
+    assert settings.webhook_secret is not None
+    assert settings.webhook_secret.get_secret_value() == SECRET
+    assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
+    monkeypatch.setenv("TICKSERVE_WEBHOOK_SECRET", "")
+    assert load_settings().webhook_secret is None
 
 
 def test_openapi_documents_the_webhook(ctx: ApiContext) -> None:
