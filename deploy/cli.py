@@ -230,6 +230,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from inference.trees import warm_up as warm_up_trees
     from inference.validation import ValidationPolicy
     from inference.watcher import ModelWatcher, WatcherConfig
+    from inference.webhook import WebhookConfig
     from stream.kafka import ensure_topics
     from stream.worker import StreamWorker, WorkerConfig
 
@@ -267,6 +268,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     snapshots = SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}")
     engine = FeatureEngine(spec, settings.max_symbols)
     worker = StreamWorker(config, engine, model, writer, snapshots, batcher=batcher)
+    webhook = None  # without a secret, POST /webhooks/mlflow refuses every delivery
+    if settings.webhook_secret is not None:
+        aliases = tuple(a for a in (settings.model_alias, settings.challenger_alias) if a)
+        webhook = WebhookConfig(settings.webhook_secret, settings.model_name, aliases, watcher.wake)
 
     async def main() -> None:
         topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
@@ -278,7 +283,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         others = [asyncio.create_task(watcher.run(batcher, stop))]
         if settings.metrics_port:
             api = create_app(ApiContext(batcher, spec.names, worker.last_rows.get,
-                                        worker.assigned.is_set, config.threshold))  # fmt: skip
+                                        worker.assigned.is_set, config.threshold,
+                                        webhook))  # fmt: skip
             others.append(
                 asyncio.create_task(
                     serve_http(api, settings.http_host, settings.metrics_port, stop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from features.spec import NS_PER_SECOND, FeatureSpec
@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     # the GIL before the event loop gets it back; Python's default is 5000 us, which
     # shows up as multi-ms stalls in the stream and in swap pauses
     gil_switch_interval_us: int = Field(500, ge=50, le=100_000)
+    # HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset or "" = refused (403)
+    webhook_secret: SecretStr | None = None
     log_level: str = "INFO"
 
     @field_validator("redis_url")
@@ -85,6 +87,11 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://")):
             raise ValueError(f"must start with redis:// or rediss://, got {value!r}")
         return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _empty_secret_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
 
     @property
     def bootstrap(self) -> str:

@@ -1,4 +1,7 @@
-"""HTTP API (FastAPI): predictions through the same MicroBatcher, model info, probes, metrics."""
+"""HTTP API (FastAPI): predictions through the same MicroBatcher, model info, probes, metrics.
+
+Also the MLflow webhook that makes the watcher poll at once when an alias moves.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from inference.batcher import MicroBatcher
 from inference.registry import LoadedModel
-from tickserve.errors import StaleRow
+from inference.webhook import WEBHOOKS, WebhookConfig, WebhookPayload, ignore_reason, verify
+from tickserve.errors import StaleRow, WebhookRejected
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ class ApiContext:
         latest: Symbol -> (event_ns, newest ready feature row), or None when unknown.
         consumer_ready: Whether the Kafka consumer has its partitions.
         threshold: P(up) at or above which the direction is 1 (else -1).
+        webhook: Who may trigger a registry poll through `POST /webhooks/mlflow`; None
+            (no secret configured) refuses every delivery with 403.
     """
 
     batcher: MicroBatcher
@@ -46,6 +52,7 @@ class ApiContext:
     latest: Callable[[str], tuple[int, np.ndarray] | None]
     consumer_ready: Callable[[], bool]
     threshold: float = 0.5
+    webhook: WebhookConfig | None = None
 
 
 class ErrorBody(BaseModel):
@@ -96,6 +103,15 @@ class Readiness(BaseModel):
     ready: bool
     model_loaded: bool
     consumer_assigned: bool
+
+
+class WebhookAnswer(BaseModel):
+    """What a verified MLflow delivery led to."""
+
+    status: Literal["polling", "ignored"] = Field(
+        description="polling: the watcher polls the registry now; ignored: not our alias"
+    )
+    detail: str
 
 
 def _version_info(model: LoadedModel) -> dict[str, Any]:
@@ -230,6 +246,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         state.ready = state.model_loaded and state.consumer_assigned
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
+    _add_webhook_route(app, ctx.webhook)
+
     @app.get(
         "/metrics", summary="Prometheus metrics", response_class=Response,
         responses={200: {"content": {"text/plain": {}}, "description": "exposition format"}},
@@ -239,6 +257,63 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
+    """`POST /webhooks/mlflow`: a signed alias change makes the watcher poll now."""
+    body_schema = WebhookPayload.model_json_schema()
+    refusals: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "signed, but not an MLflow webhook body"},
+        401: {"model": ErrorBody, "description": "missing headers, bad signature, or stale"},
+        403: {"model": ErrorBody, "description": "no webhook secret configured"},
+    }
+
+    @app.post(
+        "/webhooks/mlflow", response_model=WebhookAnswer, responses=refusals,
+        summary="MLflow webhook: an alias moved",
+        openapi_extra={"requestBody": {
+            "required": True, "content": {"application/json": {"schema": body_schema}},
+        }},
+    )  # fmt: skip
+    async def mlflow_webhook(
+        request: Request,
+        x_mlflow_signature: Annotated[str | None, Header(description="v1,<base64 HMAC>")] = None,
+        x_mlflow_timestamp: Annotated[str | None, Header(description="Unix seconds")] = None,
+        x_mlflow_delivery_id: Annotated[str | None, Header(description="delivery id")] = None,
+    ) -> WebhookAnswer:
+        """Verify the HMAC-SHA256 signature and age; for our model's aliases, poll now.
+
+        The payload's version is never trusted: the watcher reads the registry and
+        runs every serving check as on any poll.
+        """
+        if config is None:
+            WEBHOOKS.labels("disabled").inc()
+            raise HTTPException(403, "webhooks are disabled: TICKSERVE_WEBHOOK_SECRET is not set")
+        body = await request.body()
+        try:
+            payload = verify(
+                config.secret.get_secret_value(), x_mlflow_signature, x_mlflow_timestamp,
+                x_mlflow_delivery_id, body, time.time(), config.max_age_s,
+            )  # fmt: skip
+            ignored = ignore_reason(payload, config.model_name, config.aliases)
+        except WebhookRejected as exc:
+            WEBHOOKS.labels(exc.reason).inc()
+            logger.warning(
+                "mlflow webhook refused",
+                extra={"reason": exc.reason, "detail": str(exc), "delivery": x_mlflow_delivery_id},
+            )  # fmt: skip
+            raise HTTPException(400 if exc.reason == "malformed" else 401, str(exc)) from exc
+        if ignored:
+            WEBHOOKS.labels("ignored").inc()
+            return WebhookAnswer(status="ignored", detail=ignored)
+        WEBHOOKS.labels("polling").inc()
+        config.wake()
+        logger.info(
+            "mlflow webhook: polling the registry now",
+            extra={"event": f"{payload.entity}.{payload.action}", "alias": payload.data["alias"],
+                   "version": payload.data.get("version"), "delivery": x_mlflow_delivery_id},
+        )  # fmt: skip
+        return WebhookAnswer(status="polling", detail=f"{payload.action} {payload.data['alias']}")
 
 
 async def serve_http(app: FastAPI, host: str, port: int, stop: asyncio.Event) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -88,6 +87,7 @@ class ModelWatcher:
         self._client: object | None = None
         self._checked: OrderedDict[str, LoadedModel] = OrderedDict()
         self._rejected: dict[str, str] = {}  # role -> version the alias still points at
+        self._woken = asyncio.Event()  # binds to the loop that first waits on it
 
     def _registry(self) -> object:
         if self._client is None:
@@ -126,12 +126,20 @@ class ModelWatcher:
         )  # fmt: skip
         return model
 
+    def wake(self) -> None:
+        """Poll now instead of at the end of the interval (call on the loop `run` runs on).
+
+        A wake during a poll causes one more poll after it, so an alias moved while the
+        registry was being read is still seen. Wakes between two polls count as one.
+        """
+        self._woken.set()
+
     async def run(self, batcher: MicroBatcher, stop: asyncio.Event) -> None:
-        """Poll every `poll_interval_s` until `stop` is set."""
+        """Poll every `poll_interval_s`, or at once after `wake`, until `stop` is set."""
         while not stop.is_set():
+            self._woken.clear()  # this poll answers every wake so far
             await self.poll_once(batcher)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.poll_interval_s)
+            await _first_of(stop, self._woken, self.config.poll_interval_s)
 
     async def poll_once(self, batcher: MicroBatcher) -> None:
         """Follow the champion (and challenger) alias once; never raises."""
@@ -193,6 +201,16 @@ class ModelWatcher:
         self.history.append(SwapEvent(time.time_ns(), role, version, previous))
         SWAPS.labels(role).inc()
         SERVING.labels(role).set(_as_number(version))
+
+
+async def _first_of(a: asyncio.Event, b: asyncio.Event, timeout_s: float) -> None:
+    """Return when either event is set or after `timeout_s`, whichever comes first."""
+    waiters = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _as_number(version: str) -> float:

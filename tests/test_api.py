@@ -123,7 +123,9 @@ def test_openapi_document_is_valid_and_describes_the_body(ctx: ApiContext) -> No
     features = next(s for s in schema["properties"]["features"]["anyOf"] if s["type"] == "array")
     assert features["minItems"] == features["maxItems"] == 4
     assert schema["additionalProperties"] is False
-    assert set(doc["paths"]) == {"/predict", "/model", "/health", "/ready", "/metrics"}
+    assert set(doc["paths"]) == {
+        "/predict", "/model", "/health", "/ready", "/metrics", "/webhooks/mlflow",
+    }  # fmt: skip
     assert "404" in doc["paths"]["/predict"]["post"]["responses"]
 
 

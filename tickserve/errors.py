@@ -62,3 +62,16 @@ class DataError(TickserveError):
 
 class BudgetExceeded(TickserveError):
     """This month's logged training cost is over the configured budget."""
+
+
+class WebhookRejected(TickserveError):
+    """A webhook delivery was refused before it could change anything.
+
+    Attributes:
+        reason: Short label (a metric label): `bad_headers`, `bad_signature`, `stale`
+            or `malformed`.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
