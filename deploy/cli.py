@@ -245,6 +245,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             ValidationPolicy(warmup_rows=settings.max_batch,
                              warmup_budget_s=settings.warmup_budget_ms / 1000),
             onnx_threads=settings.onnx_threads, tree_kernel=settings.tree_kernel,
+            tensorrt=settings.tensorrt,
         ),
         spec,
     )  # fmt: skip

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     model_name: str = "tickserve-crypto"
     model_alias: str = "champion"
     prefer_gpu: bool = True
+    tensorrt: bool = False  # TensorRT before CUDA where its library loads (engine builds take s)
     onnx_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per session
     tree_kernel: bool = True  # score tree ensembles with inference/trees.py where it covers them
 

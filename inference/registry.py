@@ -76,6 +76,7 @@ def fetch_version(
     prefer_gpu: bool = True,
     threads: int = 1,
     tree_kernel: bool = True,
+    tensorrt: bool = False,
 ) -> LoadedModel:
     """Check the FeatureSpec tag, download only the ONNX file and open a session on it.
 
@@ -112,7 +113,7 @@ def fetch_version(
         ) from exc  # fmt: skip
     try:
         scorer = OnnxScorer.from_bytes(
-            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads, tree_kernel
+            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads, tree_kernel, tensorrt
         )
     except ModelRejected as exc:
         raise ModelRejected(

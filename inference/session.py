@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 # Libraries the CUDA provider of onnxruntime-gpu 1.2x/1.3x loads; if one is missing,
 # asking for CUDA prints an error and falls back, so we check first and stay quiet.
 _CUDA_LIBS = ("libcudart.so.13", "libcublasLt.so.13", "libcudnn.so.9")
+_TENSORRT_LIB = "libnvinfer.so.10"
 
 PROVIDER = Gauge(
     "onnx_execution_provider_info",
@@ -34,13 +35,20 @@ PROVIDER = Gauge(
 
 
 @cache
-def choose_providers(prefer_gpu: bool = True) -> tuple[tuple[str, ...], str]:
+def choose_providers(
+    prefer_gpu: bool = True, tensorrt: bool = False
+) -> tuple[tuple[str, ...], str]:
     """Execution providers to ask for, and why; decided once per process.
+
+    `tensorrt` puts TensorRT before CUDA when its library loads too (configured, never
+    by default: TensorRT builds an engine per input shape, which takes seconds).
 
     Returns:
         (providers, reason), e.g. ``(("CPUExecutionProvider",), "no CUDA libraries")``.
     """
     providers, reason = _decide(prefer_gpu)
+    if tensorrt and providers[0] == "CUDAExecutionProvider":
+        providers, reason = _with_tensorrt(providers, reason)
     PROVIDER.labels(providers[0], reason).set(1)
     logger.info("execution provider chosen", extra={"provider": providers[0], "reason": reason})
     return providers, reason
@@ -58,6 +66,16 @@ def _decide(prefer_gpu: bool) -> tuple[tuple[str, ...], str]:
         except OSError:
             return ("CPUExecutionProvider",), f"CUDA provider present but {lib} is not loadable"
     return ("CUDAExecutionProvider", "CPUExecutionProvider"), "CUDA libraries loadable"
+
+
+def _with_tensorrt(providers: tuple[str, ...], reason: str) -> tuple[tuple[str, ...], str]:
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return providers, f"{reason}; TensorRT asked for but not in this onnxruntime build"
+    try:
+        ctypes.CDLL(_TENSORRT_LIB)
+    except OSError:
+        return providers, f"{reason}; TensorRT asked for but {_TENSORRT_LIB} is not loadable"
+    return ("TensorrtExecutionProvider", *providers), "TensorRT configured and loadable"
 
 
 class DeviceBinding:
@@ -150,6 +168,7 @@ class OnnxScorer:
         prefer_gpu: bool = True,
         threads: int = 1,
         tree_kernel: bool = True,
+        tensorrt: bool = False,
     ) -> OnnxScorer:
         """Build a session and check the model's interface against `n_features`.
 
@@ -158,7 +177,7 @@ class OnnxScorer:
         `inference.trees`); anything else, or a kernel that disagrees with the session
         on the probe rows, is scored by the session.
         """
-        providers, reason = choose_providers(prefer_gpu)
+        providers, reason = choose_providers(prefer_gpu, tensorrt)
         options = ort.SessionOptions()
         # Two cores, one worker: one intra-op thread keeps the event loop's core free
         # and avoids thread hand-offs that cost more than these small batches. Big tree
@@ -188,7 +207,7 @@ class OnnxScorer:
             )
         provider = session.get_providers()[0]
         binding = None
-        if provider == "CUDAExecutionProvider":
+        if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             binding = DeviceBinding(session, inputs[0].name, prob[0], "cuda", n_features)
         scorer = cls(session, inputs[0].name, prob[0], provider, None, binding)
         if tree_kernel:

@@ -51,6 +51,7 @@ class WatcherConfig:
         keep_versions: Checked versions kept loaded, so a rollback swaps at once.
         onnx_threads: ONNX Runtime intra-op threads per session.
         tree_kernel: Score tree ensembles with `inference.trees` where it covers them.
+        tensorrt: Put TensorRT before CUDA where it is usable.
     """
 
     tracking_uri: str
@@ -63,6 +64,7 @@ class WatcherConfig:
     keep_versions: int = 3
     onnx_threads: int = 1
     tree_kernel: bool = True
+    tensorrt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +112,9 @@ class ModelWatcher:
         """Fetch one version and run every check (runs in a worker thread)."""
         cfg = self.config
         model = fetch_version(
-            cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads, cfg.tree_kernel
-        )
+            cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads, cfg.tree_kernel,
+            cfg.tensorrt,
+        )  # fmt: skip
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
         contract = validate(model.scorer, golden, cfg.policy, self.contract)
         if self.contract is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from features.spec import FeatureSpec
@@ -27,3 +28,22 @@ def test_device_binding_scores_what_session_run_scores(kind: str) -> None:
         assert got.shape == (n,)
         assert np.array_equal(got, scorer.run_session(X[:n]))
     assert sorted(binding._buckets) == [1, 4, 8, 64, 128, 1024]
+
+
+def test_tensorrt_is_asked_for_only_where_it_can_load() -> None:
+    import ctypes
+
+    from inference.session import _TENSORRT_LIB, _with_tensorrt
+
+    cuda = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    providers, reason = _with_tensorrt(cuda, "CUDA libraries loadable")
+    try:
+        ctypes.CDLL(_TENSORRT_LIB)
+        loadable = "TensorrtExecutionProvider" in ort.get_available_providers()
+    except OSError:
+        loadable = False
+    if loadable:
+        assert providers == ("TensorrtExecutionProvider", *cuda)
+    else:  # this machine: CUDA stays first, and the reason says why TensorRT is not used
+        assert providers == cuda
+        assert "TensorRT asked for but" in reason
