@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
@@ -90,6 +94,11 @@ class ModelWatcher:
         self._checked: OrderedDict[str, LoadedModel] = OrderedDict()
         self._rejected: dict[str, str] = {}  # role -> version the alias still points at
         self._woken = asyncio.Event()  # binds to the loop that first waits on it
+        # registry calls, downloads and checks run here, at a lower OS priority than
+        # the event loop's thread: on a busy machine the loop keeps its core
+        self._background = ThreadPoolExecutor(
+            1, thread_name_prefix="model-watcher", initializer=_lower_thread_priority
+        )
 
     def _registry(self) -> object:
         if self._client is None:
@@ -160,7 +169,9 @@ class ModelWatcher:
         loop = asyncio.get_running_loop()
         name = self.config.name
         try:
-            ref = await loop.run_in_executor(None, resolve_alias, self._registry(), name, alias)
+            ref = await loop.run_in_executor(
+                self._background, resolve_alias, self._registry(), name, alias
+            )
         except ModelNotFound:
             if role == CHALLENGER and batcher.challenger is not None:
                 self._apply(batcher, role, None)
@@ -177,7 +188,7 @@ class ModelWatcher:
         model = self._checked.get(ref.version)
         if model is None:
             try:
-                model = await loop.run_in_executor(None, self._load_checked, ref)
+                model = await loop.run_in_executor(self._background, self._load_checked, ref)
             except Exception as exc:  # any failure to load or check means: never serve it
                 reason = exc.reason if isinstance(exc, ModelRejected) else "error"
                 self._rejected[role] = ref.version
@@ -214,6 +225,12 @@ async def _first_of(a: asyncio.Event, b: asyncio.Event, timeout_s: float) -> Non
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+def _lower_thread_priority() -> None:
+    """Nice the calling thread by 10 (on Linux, niceness is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):  # not permitted, or not Linux
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _as_number(version: str) -> float:
