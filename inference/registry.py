@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from features.spec import FeatureSpec
 from inference.session import OnnxScorer
+from inference.trees import TreeKernel
 from tickserve.errors import ModelNotFound, ModelRejected
 
 logger = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ def fetch_version(
     spec: FeatureSpec,
     prefer_gpu: bool = True,
     threads: int = 1,
-    tree_kernel: bool = True,
+    tree_kernel: bool | Callable[[bytes, int], TreeKernel] = True,
     tensorrt: bool = False,
 ) -> LoadedModel:
     """Check the FeatureSpec tag, download only the ONNX file and open a session on it.

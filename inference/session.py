@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -15,7 +16,7 @@ from inference.trees import (
     PROBE_TOLERANCE,
     TreeKernel,
     Unsupported,
-    compile_tree_kernel,
+    compile_from_bytes,
     probe_rows,
 )
 from tickserve.errors import ModelRejected
@@ -167,7 +168,7 @@ class OnnxScorer:
         n_features: int,
         prefer_gpu: bool = True,
         threads: int = 1,
-        tree_kernel: bool = True,
+        tree_kernel: bool | Callable[[bytes, int], TreeKernel] = True,
         tensorrt: bool = False,
     ) -> OnnxScorer:
         """Build a session and check the model's interface against `n_features`.
@@ -175,7 +176,8 @@ class OnnxScorer:
         `threads` is ONNX Runtime's intra-op pool; 1 by default (see below). With
         `tree_kernel`, a tree ensemble the kernel covers is scored by it (see
         `inference.trees`); anything else, or a kernel that disagrees with the session
-        on the probe rows, is scored by the session.
+        on the probe rows, is scored by the session. `tree_kernel` may also be the
+        function that compiles it (e.g. a `KernelCompiler`).
         """
         providers, reason = choose_providers(prefer_gpu, tensorrt)
         options = ort.SessionOptions()
@@ -211,7 +213,8 @@ class OnnxScorer:
             binding = DeviceBinding(session, inputs[0].name, prob[0], "cuda", n_features)
         scorer = cls(session, inputs[0].name, prob[0], provider, None, binding)
         if tree_kernel:
-            scorer = scorer._with_tree_kernel(model, n_features)
+            compile_kernel = compile_from_bytes if tree_kernel is True else tree_kernel
+            scorer = scorer._with_tree_kernel(model, n_features, compile_kernel)
         logger.info(
             "onnx session ready",
             extra={"provider": provider, "reason": reason, "engine": scorer.engine},
@@ -232,12 +235,15 @@ class OnnxScorer:
         probs = self.session.run([self.prob_output], feed)[0]
         return np.asarray(probs[:, 1], np.float64)
 
-    def _with_tree_kernel(self, model: bytes, n_features: int) -> OnnxScorer:
+    def _with_tree_kernel(
+        self,
+        model: bytes,
+        n_features: int,
+        compile_kernel: Callable[[bytes, int], TreeKernel] = compile_from_bytes,
+    ) -> OnnxScorer:
         """This scorer with the tree kernel, if it covers the model and agrees with ORT."""
-        import onnx
-
         try:
-            kernel = compile_tree_kernel(onnx.load_from_string(model), n_features)
+            kernel = compile_kernel(model, n_features)
         except Unsupported as exc:
             logger.debug("tree kernel not used", extra={"reason": str(exc)})
             return self

@@ -27,9 +27,17 @@ the model's own thresholds (at, just below and just above each split, and NaN).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
-from dataclasses import dataclass
-from typing import Any
+import os
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from numba import njit
@@ -184,6 +192,105 @@ def compile_tree_kernel(model: Any, n_features: int) -> TreeKernel:
     if nodes.features.size and int(nodes.features.max()) >= n_features:
         raise Unsupported("a split reads a feature past the input width")
     return nodes.compile(float(base_values[0]), True, n_features)
+
+
+def compile_from_bytes(model: bytes, n_features: int) -> TreeKernel:
+    """`compile_tree_kernel` on a serialized ONNX model.
+
+    Raises:
+        Unsupported: With the reason the kernel does not cover this model.
+    """
+    import onnx
+
+    return compile_tree_kernel(onnx.load_from_string(model), n_features)
+
+
+class KernelCompiler:
+    """Runs `compile_from_bytes` in a child process, for models swapped in while serving.
+
+    Parsing a 200-tree ONNX model and turning its attributes into arrays holds the GIL
+    for up to ~3 ms at a stretch (protobuf parsing in C, long list conversions), which
+    the event loop would feel as a stall. The child (started on first use, then kept)
+    reads the ONNX bytes on stdin and answers with the kernel's arrays as an ``.npz``
+    (no pickle), so the serving process only copies a few arrays.
+    """
+
+    def __init__(self) -> None:
+        """No process yet."""
+        self._child: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, model: bytes, n_features: int) -> TreeKernel:
+        """The compiled kernel, or the child's `Unsupported`."""
+        with self._lock:
+            if self._child is None or self._child.poll() is not None:
+                root = Path(__file__).resolve().parents[1]
+                self._child = subprocess.Popen(
+                    [sys.executable, "-c", "from inference.trees import _serve; _serve()"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=root,
+                )  # fmt: skip
+            child = self._child
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(struct.pack("<QQ", len(model), n_features) + model)
+            child.stdin.flush()
+            status, size = struct.unpack("<QQ", _read_exactly(child.stdout, 16))
+            payload = _read_exactly(child.stdout, size)
+        if status:
+            raise Unsupported(payload.decode())
+        return _from_npz(payload)
+
+    def start(self) -> None:
+        """Start the child and wait until it answers, so the first swap pays no start-up."""
+        with contextlib.suppress(Unsupported):  # an empty model: the child's reply to a ping
+            self(b"", 0)
+
+    def close(self) -> None:
+        """Stop the child process, if one was started."""
+        with self._lock:
+            child, self._child = self._child, None
+        if child is not None and child.stdin is not None:
+            child.stdin.close()  # the child exits at end of input
+            child.wait(timeout=10)
+            if child.stdout is not None:
+                child.stdout.close()
+
+
+def _serve() -> None:
+    """The child's loop: ONNX bytes in, kernel arrays (or a reason) out."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)  # below the serving process's event loop
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while header := stdin.read(16):
+        size, n_features = struct.unpack("<QQ", header)
+        try:
+            status, payload = 0, _to_npz(compile_from_bytes(_read_exactly(stdin, size), n_features))
+        except Unsupported as exc:
+            status, payload = 1, str(exc).encode()
+        stdout.write(struct.pack("<QQ", status, len(payload)) + payload)
+        stdout.flush()
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise OSError(f"kernel compiler: expected {size} bytes, got {len(data or b'')}")
+    return data
+
+
+def _to_npz(kernel: TreeKernel) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f.name: np.asarray(getattr(kernel, f.name)) for f in fields(kernel)})
+    return buffer.getvalue()
+
+
+def _from_npz(payload: bytes) -> TreeKernel:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+        values = {f.name: arrays[f.name] for f in fields(TreeKernel)}
+    return TreeKernel(
+        **{k: v for k, v in values.items() if v.ndim},
+        base=float(values["base"]), logistic=bool(values["logistic"]),
+        n_features=int(values["n_features"]),
+    )  # fmt: skip
 
 
 def probe_rows(kernel: TreeKernel, n_rows: int = 1024, seed: int = 0) -> np.ndarray:

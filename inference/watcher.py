@@ -25,6 +25,7 @@ from inference.registry import (
     open_client,
     resolve_alias,
 )
+from inference.trees import KernelCompiler
 from inference.validation import GoldenRows, ModelContract, ValidationPolicy, validate
 from tickserve.errors import ModelNotFound, ModelRejected
 
@@ -99,6 +100,7 @@ class ModelWatcher:
         self._background = ThreadPoolExecutor(
             1, thread_name_prefix="model-watcher", initializer=_lower_thread_priority
         )
+        self._compiler = KernelCompiler()
 
     def _registry(self) -> object:
         if self._client is None:
@@ -113,15 +115,22 @@ class ModelWatcher:
             ModelRejected: The version fails a check; the process must not serve it.
         """
         ref = resolve_alias(self._registry(), self.config.name, self.config.alias)
-        model = self._load_checked(ref)
+        model = self._load_checked(ref, serving=False)
         SERVING.labels(CHAMPION).set(_as_number(model.version))
         return model
 
-    def _load_checked(self, ref: VersionRef) -> LoadedModel:
-        """Fetch one version and run every check (runs in a worker thread)."""
+    def _load_checked(self, ref: VersionRef, serving: bool = True) -> LoadedModel:
+        """Fetch one version and run every check (runs in a worker thread).
+
+        While `serving`, a tree kernel is compiled in a child process (see
+        `KernelCompiler`), so the event loop does not stall on it.
+        """
         cfg = self.config
+        kernel: bool | KernelCompiler = cfg.tree_kernel
+        if cfg.tree_kernel and serving:
+            kernel = self._compiler
         model = fetch_version(
-            cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads, cfg.tree_kernel,
+            cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads, kernel,
             cfg.tensorrt,
         )  # fmt: skip
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
@@ -148,10 +157,19 @@ class ModelWatcher:
 
     async def run(self, batcher: MicroBatcher, stop: asyncio.Event) -> None:
         """Poll every `poll_interval_s`, or at once after `wake`, until `stop` is set."""
-        while not stop.is_set():
-            self._woken.clear()  # this poll answers every wake so far
-            await self.poll_once(batcher)
-            await _first_of(stop, self._woken, self.config.poll_interval_s)
+        if self.config.tree_kernel:  # the compiler's child process starts now, not mid-swap
+            await asyncio.get_running_loop().run_in_executor(self._background, self._compiler.start)
+        try:
+            while not stop.is_set():
+                self._woken.clear()  # this poll answers every wake so far
+                await self.poll_once(batcher)
+                await _first_of(stop, self._woken, self.config.poll_interval_s)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the kernel compiler's child process, if one was started."""
+        self._compiler.close()
 
     async def poll_once(self, batcher: MicroBatcher) -> None:
         """Follow the champion (and challenger) alias once; never raises."""

@@ -213,6 +213,9 @@ def test_ten_champion_swaps_under_load_drop_and_double_nothing(
         assert s.score == pytest.approx(expected[s.version][index[s.trade_id]], abs=1e-6)
     runs = 1 + sum(a.version != b.version for a, b in zip(scored, scored[1:], strict=False))
     assert runs >= 8, f"only {runs} version runs among signals: swaps did not happen under load"
+    # the gradient-boosted version was swapped in with its tree kernel, compiled apart
+    hgb = served.watcher._checked[registry.good[2]]
+    assert hgb.scorer.engine == "tree-kernel"
 
 
 def test_bad_versions_never_serve_and_a_challenger_only_shadows(
