@@ -132,10 +132,33 @@ def bench_throughput(
           f"{len(per_batch)} batches; per batch ms: {_pct(per_batch, 1e-6)}")  # fmt: skip
 
 
-async def _queue_run(onnx: bytes, rate: float, seconds: float, max_delay_us: int) -> np.ndarray:
-    """Single rows offered at `rate` rows/s through submit_row; per-row wait in ns."""
-    batcher = MicroBatcher(loaded(onnx, N_FEATURES), N_FEATURES,
-                           BatcherConfig(max_batch=1000, max_delay_us=max_delay_us))  # fmt: skip
+class _ClosingBatcher(MicroBatcher):
+    """A MicroBatcher that notes when each queued batch closes and how long it took."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.closes: list[tuple[int, int, int]] = []  # (closed at ns, rows, compute ns)
+
+    def _flush_queue(self) -> None:
+        rows = len(self._waiters)
+        started = time.perf_counter_ns()
+        super()._flush_queue()
+        if rows:
+            self.closes.append((started, rows, time.perf_counter_ns() - started))
+
+
+@dataclass
+class QueueRun:
+    waits_ns: np.ndarray  # per row: submitted -> its batch closed
+    totals_ns: np.ndarray  # per row: submitted -> its future resolved (compute included)
+    compute_ns: np.ndarray  # per batch: scoring and answering its rows
+    rows_per_batch: np.ndarray
+
+
+async def _queue_run(onnx: bytes, rate: float, seconds: float, max_delay_us: int) -> QueueRun:
+    """Single rows offered at `rate` rows/s through submit_row."""
+    batcher = _ClosingBatcher(loaded(onnx, N_FEATURES), N_FEATURES,
+                              BatcherConfig(max_batch=1000, max_delay_us=max_delay_us))  # fmt: skip
     X, _ = synthetic_rows(1024, N_FEATURES, seed=13)
     n_rows = int(rate * seconds)
     queued = np.zeros(n_rows, np.int64)
@@ -156,22 +179,32 @@ async def _queue_run(onnx: bytes, rate: float, seconds: float, max_delay_us: int
     while batcher._waiters:
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.01)
-    return done - queued
+    closed, rows, compute = (np.array(c, np.int64) for c in zip(*batcher.closes, strict=True))
+    closed_per_row = np.repeat(closed, rows)  # rows join batches in the order they came
+    return QueueRun(closed_per_row - queued, done - queued, compute, rows)
 
 
 def bench_queue_wait(onnx: bytes, label: str, rate: float, seconds: float) -> None:
-    """p99 wait of single queued rows vs max_delay_us + one batch's compute."""
+    """p99 queue wait of single rows against max_delay_us + one batch's compute (p99)."""
     for max_delay_us in (500, 2000):
         for runner in ("asyncio", "uvloop"):
             coro = _queue_run(onnx, rate, seconds, max_delay_us)
             if runner == "uvloop":
                 import uvloop
 
-                waits = uvloop.run(coro)
+                got = uvloop.run(coro)
             else:
-                waits = asyncio.run(coro)
+                got = asyncio.run(coro)
+            skip = len(got.waits_ns) // 10  # warm-up
+            waits, totals = got.waits_ns[skip:], got.totals_ns[skip:]
+            compute_p99 = float(np.percentile(got.compute_ns, 99)) / 1e3
+            bound = max_delay_us + compute_p99
+            wait_p99 = float(np.percentile(waits, 99)) / 1e3
             print(f"queue wait {label:<9} {rate:,.0f} rows/s max_delay_us={max_delay_us:<5} "
-                  f"{runner:<7} us: {_pct(waits[len(waits) // 10 :], 1e-3)}")  # fmt: skip
+                  f"{runner:<7} us: {_pct(waits, 1e-3)}; batch compute p99 {compute_p99:.0f} "
+                  f"(~{np.median(got.rows_per_batch):.0f} rows) -> p99 wait {wait_p99:.0f} vs "
+                  f"bound {bound:.0f} {'ok' if wait_p99 <= bound else 'OVER'}; "
+                  f"submit->answer p99 {np.percentile(totals, 99) / 1e3:.0f}")  # fmt: skip
 
 
 async def _wait_until(due: float) -> None:

@@ -180,7 +180,7 @@ class MicroBatcher:
         n = len(self._waiters)
         if n == 0:
             self._queued_since = time.perf_counter_ns()
-            self._timer = loop.call_later(self._delay_s, self._on_deadline)
+            self._timer = loop.call_later(_early(self._delay_s), self._on_deadline)
         self._queue[n] = row
         self._queue_origin[n] = time.time_ns() if origin_ns is None else origin_ns
         waiter: asyncio.Future[RowScore] = loop.create_future()
@@ -192,14 +192,14 @@ class MicroBatcher:
     def _on_deadline(self) -> None:
         """Timer callback: flush, unless the loop's timer fired before the deadline.
 
-        uvloop (libuv) keeps timers in whole milliseconds and truncates: a 500 us delay
-        fires on the next loop iteration. Re-arming for the remainder holds the batch
-        open until the real deadline (the loop keeps serving I/O meanwhile).
+        Timers are armed early (see `_early`) and re-armed for what is left, which
+        holds the batch open until the real deadline (the loop keeps serving I/O
+        meanwhile) and closes it within about one loop iteration of it.
         """
         remaining_ns = self._queued_since + self.config.max_delay_us * 1000 - time.perf_counter_ns()
         if remaining_ns > 0 and self._waiters:
             self._timer = asyncio.get_running_loop().call_later(
-                remaining_ns / 1e9, self._on_deadline
+                _early(remaining_ns / 1e9), self._on_deadline
             )
             return
         self._flush_queue()
@@ -275,3 +275,14 @@ class MicroBatcher:
             SHADOW_ERRORS.inc()
             logger.exception("challenger failed", extra={"version": challenger.version})
             return np.full(batch.shape[0], np.nan)
+
+
+def _early(delay_s: float) -> float:
+    """A timer delay 1 ms short of `delay_s`: the last millisecond is polled.
+
+    uvloop (libuv) keeps timers in whole milliseconds, rounded, against a clock read
+    once per loop iteration, so a timer can fire most of a millisecond late; one
+    armed 1 ms early and then re-armed at 0 (the next iteration) until the deadline
+    passes closes the batch on time.
+    """
+    return max(delay_s - 0.001, 0.0)
