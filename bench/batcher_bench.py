@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import time
 from dataclasses import dataclass
@@ -394,6 +395,8 @@ def main() -> None:
                                early_stopping=False)  # fmt: skip
     hgb_next = make_onnx_classifier(N_FEATURES, "hgb", seed=3, n_rows=20_000, max_iter=200,
                                     early_stopping=False)  # fmt: skip
+    gc.collect()
+    gc.freeze()  # as `tickserve serve` does once it has started
     bench_overhead(logistic, "logistic", args.iters)
     bench_overhead(hgb, "hgb-200", args.iters)
     bench_overhead(hgb, "hgb-200", args.iters, tree_kernel=True)
