@@ -13,8 +13,8 @@ a different evaluation order (Lucchese et al., "QuickScorer", SIGIR 2015):
 
 The tests are independent of one another, so the kernel runs them as straight-line,
 branch-free loops over a column of the batch, which the compiler vectorises; the kernel
-scores 1,000 rows of a 200-tree, 31-leaf model about six times faster than ONNX Runtime
-on one thread (`bench.batcher_bench`).
+scores 1,000 rows of a 200-tree, 31-leaf model 5-8 times faster than ONNX Runtime on one
+thread (`bench.batcher_bench`).
 
 Only data comes from the model: the kernel reads the ONNX node's attributes (never
 pickles, never generated code). It covers the form skl2onnx gives a binary
