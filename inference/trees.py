@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 MAX_LEAVES = 64  # one uint64 bitvector per tree and row
 PROBE_TOLERANCE = 1e-6  # largest P(up) gap to ONNX Runtime on the probe rows
 
-_ALL = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 _DEBRUIJN = 0x03F7_9D71_B4CB_0A89
 # lowest set bit -> its index: isolate it, multiply by a de Bruijn constant, look up the top 6 bits
 _BIT_INDEX = np.zeros(64, np.int64)
@@ -72,8 +71,7 @@ class TreeKernel:
         split_start: (n_trees + 1,) where each tree's splits begin in the arrays above.
         leaf_values: (n_leaves,) float64 weight of each leaf, trees one after another.
         leaf_start: (n_trees + 1,) where each tree's leaves begin.
-        base: Score every row starts from.
-        logistic: Apply the logistic function to the summed score.
+        base: Score every row starts from; P(up) is the logistic of the summed score.
         n_features: Input width.
     """
 
@@ -86,7 +84,6 @@ class TreeKernel:
     leaf_values: np.ndarray
     leaf_start: np.ndarray
     base: float
-    logistic: bool
     n_features: int
 
     @property
@@ -99,8 +96,8 @@ class TreeKernel:
         columns = np.ascontiguousarray(rows.T, np.float32)  # one split reads one column
         out = np.empty(rows.shape[0], np.float64)
         _score(columns, self.features, self.thresholds, self.masks, self.nan_true, self.strict,
-               self.split_start, self.leaf_values, self.leaf_start, self.base, self.logistic,
-               _BIT_INDEX, out)  # fmt: skip
+               self.split_start, self.leaf_values, self.leaf_start, self.base, _BIT_INDEX,
+               out)  # fmt: skip
         return out
 
 
@@ -117,7 +114,6 @@ def _score(
     leaf_values: np.ndarray,
     leaf_start: np.ndarray,
     base: float,
-    logistic: bool,
     bit_index: np.ndarray,
     out: np.ndarray,
 ) -> None:
@@ -147,11 +143,8 @@ def _score(
             lowest = bits & (~bits + np.uint64(1))
             leaf = bit_index[(lowest * np.uint64(_DEBRUIJN)) >> np.uint64(58)]
             acc[r] += leaf_values[first + leaf]
-    if logistic:
-        for r in range(n):
-            out[r] = 1.0 / (1.0 + np.exp(-acc[r]))
-    else:
-        out[:] = acc
+    for r in range(n):
+        out[r] = 1.0 / (1.0 + np.exp(-acc[r]))
 
 
 def warm_up() -> None:
@@ -163,7 +156,7 @@ def warm_up() -> None:
     stump = TreeKernel(
         np.zeros(1, np.int64), np.zeros(1, np.float32), np.array([~np.uint64(1)], np.uint64),
         np.zeros(1, np.bool_), np.zeros(1, np.bool_), np.array([0, 1], np.int64),
-        np.array([-1.0, 1.0]), np.array([0, 2], np.int64), 0.0, True, 1,
+        np.array([-1.0, 1.0]), np.array([0, 2], np.int64), 0.0, 1,
     )  # fmt: skip
     stump.score(np.array([[-1.0], [1.0]], np.float32))
 
@@ -191,7 +184,7 @@ def compile_tree_kernel(model: Any, n_features: int) -> TreeKernel:
     nodes = _Nodes(attrs)
     if nodes.features.size and int(nodes.features.max()) >= n_features:
         raise Unsupported("a split reads a feature past the input width")
-    return nodes.compile(float(base_values[0]), True, n_features)
+    return nodes.compile(float(base_values[0]), n_features)
 
 
 def compile_from_bytes(model: bytes, n_features: int) -> TreeKernel:
@@ -288,8 +281,7 @@ def _from_npz(payload: bytes) -> TreeKernel:
         values = {f.name: arrays[f.name] for f in fields(TreeKernel)}
     return TreeKernel(
         **{k: v for k, v in values.items() if v.ndim},
-        base=float(values["base"]), logistic=bool(values["logistic"]),
-        n_features=int(values["n_features"]),
+        base=float(values["base"]), n_features=int(values["n_features"]),
     )  # fmt: skip
 
 
@@ -328,8 +320,11 @@ class _Nodes:
         self.false_ids = np.asarray(attrs["nodes_falsenodeids"], np.int64)
         tracks = attrs.get("nodes_missing_value_tracks_true") or [0] * len(ids)
         self.nan_true = np.asarray(tracks, np.bool_)
-        pairs = zip(self.trees.tolist(), ids.tolist(), strict=True)
+        pairs = list(zip(self.trees.tolist(), ids.tolist(), strict=True))
         self.index = {pair: k for k, pair in enumerate(pairs)}
+        self.roots: dict[int, int] = {}  # tree -> its lowest node id, the root
+        for tree, node in pairs:
+            self.roots[tree] = min(node, self.roots.get(tree, node))
         self.weights: dict[tuple[int, int], float] = {}
         for t, i, w in zip(attrs["class_treeids"], attrs["class_nodeids"], attrs["class_weights"],
                            strict=True):  # fmt: skip
@@ -338,14 +333,14 @@ class _Nodes:
         if bad:
             raise Unsupported(f"split modes {bad} are not covered")
 
-    def compile(self, base: float, logistic: bool, n_features: int) -> TreeKernel:
+    def compile(self, base: float, n_features: int) -> TreeKernel:
         features: list[int] = []
         thresholds: list[float] = []
         masks: list[np.uint64] = []
         nan_true: list[bool] = []
         strict: list[bool] = []
         split_start, leaf_values, leaf_start = [0], [], [0]
-        for tree in sorted(set(self.trees.tolist())):
+        for tree in sorted(self.roots):
             splits, leaves = self._walk(tree)
             if len(leaves) > MAX_LEAVES:
                 raise Unsupported(f"tree {tree} has {len(leaves)} leaves > {MAX_LEAVES}")
@@ -364,15 +359,15 @@ class _Nodes:
             np.asarray(masks, np.uint64), np.asarray(nan_true, np.bool_),
             np.asarray(strict, np.bool_), np.asarray(split_start, np.int64),
             np.asarray(leaf_values, np.float64), np.asarray(leaf_start, np.int64),
-            base, logistic, n_features,
+            base, n_features,
         )  # fmt: skip
 
     def _walk(self, tree: int) -> tuple[list[tuple[int, int, int]], list[float]]:
         """Splits as (node, first left leaf, end of left leaves) and leaf weights, in order."""
         splits: list[tuple[int, int, int]] = []
         leaves: list[float] = []
-        root = min(i for t, i in self.index if t == tree)
-        stack: list[tuple[int, int]] = [(root, -1)]  # (node id, split slot to finish or -1)
+        # (node id, split slot to finish or -1)
+        stack: list[tuple[int, int]] = [(self.roots[tree], -1)]
         while stack:
             node, slot = stack.pop()
             if slot >= 0:  # back from the true (left) subtree: its leaves end here
