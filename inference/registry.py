@@ -41,7 +41,6 @@ class VersionRef:
     alias: str
     spec_hash: str
     run_id: str
-    download_uri: str
 
 
 def open_client(tracking_uri: str) -> Any:
@@ -52,7 +51,7 @@ def open_client(tracking_uri: str) -> Any:
 
 
 def resolve_alias(client: Any, name: str, alias: str) -> VersionRef:
-    """The version behind `models:/<name>@<alias>`.
+    """The version behind `models:/<name>@<alias>`: one registry call (it runs every poll).
 
     Raises:
         ModelNotFound: No such registered model or alias.
@@ -61,14 +60,13 @@ def resolve_alias(client: Any, name: str, alias: str) -> VersionRef:
 
     try:
         mv = client.get_model_version_by_alias(name, alias)
-        uri = client.get_model_version_download_uri(name, mv.version)
     except MlflowException as exc:
         raise ModelNotFound(
             f"no model at models:/{name}@{alias} in {client.tracking_uri} "
             "(train and promote one: tickserve train, tickserve validate)"
         ) from exc
     spec_hash = mv.tags.get(SPEC_HASH_TAG, "")
-    return VersionRef(name, str(mv.version), alias, spec_hash, mv.run_id or "", uri)
+    return VersionRef(name, str(mv.version), alias, spec_hash, mv.run_id or "")
 
 
 def fetch_version(
@@ -97,7 +95,9 @@ def fetch_version(
             reason="spec_hash", version=ref.version,
         )  # fmt: skip
     try:
-        listed = mlflow.artifacts.list_artifacts(artifact_uri=ref.download_uri)
+        # looked up here, not in every poll: it cost ~3x the alias lookup (sqlite store)
+        uri = open_client(tracking_uri).get_model_version_download_uri(ref.name, ref.version)
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri)
         onnx_paths = sorted(a.path for a in listed if a.path.endswith(".onnx"))
         if not onnx_paths:
             raise ModelRejected(
@@ -106,7 +106,7 @@ def fetch_version(
             )  # fmt: skip
         name = Path(onnx_paths[0]).name
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{ref.download_uri.rstrip('/')}/{name}", tracking_uri=tracking_uri
+            artifact_uri=f"{uri.rstrip('/')}/{name}", tracking_uri=tracking_uri
         )
     except MlflowException as exc:
         raise ModelRejected(
