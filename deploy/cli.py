@@ -255,7 +255,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         model, spec.n_features,
         BatcherConfig(settings.max_batch, settings.max_delay_us, settings.stale_ms * 1_000_000),
     )  # fmt: skip
-    writer = OnlineWriter(open_store(settings.redis, settings.feast_registry), spec).start()
+    writer = OnlineWriter(
+        open_store(settings.redis, settings.feast_registry), spec, settings.online_flush_s
+    ).start()
     config = WorkerConfig(
         bootstrap=settings.bootstrap, ticks_topic=settings.ticks_topic,
         signals_topic=settings.signals_topic, dlq_topic=settings.dlq_topic,
