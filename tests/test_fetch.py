@@ -1,0 +1,162 @@
+"""`stream.fetch.drain` against aiokafka's own `getmany`, on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from deploy.settings import Settings
+from stream.fetch import Fetched, batch_bounds, drain, install, parse_batches
+from stream.kafka import ensure_topics, make_consumer
+from tests.conftest import unique
+from tests.kafka_helpers import run
+
+PARTITIONS = 3
+
+
+def _records(n: int, seed: int) -> list[tuple[bytes | None, bytes | None, int]]:
+    """(key, value, partition): null keys and values, empty ones, a few large values."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        key = None if i % 17 == 0 and i % 29 else f"k{i % 23}".encode()
+        if i % 29 == 0:
+            value = None
+        elif i % 31 == 0:
+            value = b""
+        else:
+            value = bytes(rng.integers(0, 256, int(rng.integers(1, 300 if i % 97 else 5000))))
+        out.append((key, value, i % PARTITIONS))
+    return out
+
+
+async def _produce(bootstrap: str, topic: str, records: list, compression: str | None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
+                                compression_type=compression)  # fmt: skip
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                topic, value, key=key, partition=p, headers=[("h", b"x")] if i % 5 == 0 else []
+            )  # fmt: skip
+            for i, (key, value, p) in enumerate(records)
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def _read(
+    settings: Settings, topic: str, n: int, raw: bool
+) -> tuple[dict[int, list[tuple]], int]:
+    """(offset, key, value) per partition, through `drain` or through `getmany`.
+
+    Also returns how many partition fetches `drain` handed to aiokafka's iterator.
+    """
+    install()
+    consumer = make_consumer(settings.bootstrap, unique("g"), [topic], max_batch=100)
+    await consumer.start()
+    got: dict[int, list[tuple]] = {p: [] for p in range(PARTITIONS)}
+    via_aiokafka = 0
+    try:
+        deadline = time.monotonic() + 60
+        while sum(map(len, got.values())) < n and time.monotonic() < deadline:
+            if raw:
+                fetched = await drain(consumer, topic, 200)
+                via_aiokafka += fetched.via_aiokafka
+                for i in range(len(fetched)):
+                    got[int(fetched.partition[i])].append(
+                        (int(fetched.offset[i]), fetched.key(i), fetched.value(i))
+                    )
+                for tp, offset in fetched.next_offsets.items():
+                    assert await consumer.position(tp) == offset
+            else:
+                for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
+                    got[tp.partition].extend((m.offset, m.key, m.value) for m in msgs)
+    finally:
+        await consumer.stop()
+    return got, via_aiokafka
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_drain_equals_getmany(stack_settings: Settings, compression: str | None) -> None:
+    """Same records, offsets and order per partition; gzip batches take aiokafka's path."""
+    topic = unique("fetch")
+    records = _records(3000, seed=7)
+    run(ensure_topics(stack_settings.bootstrap, [topic], PARTITIONS))
+    run(_produce(stack_settings.bootstrap, topic, records, compression))
+    raw, via_aiokafka = run(_read(stack_settings, topic, len(records), raw=True))
+    ref, _ = run(_read(stack_settings, topic, len(records), raw=False))
+    # plain batches are parsed by us; gzip ones by aiokafka (and still equal)
+    assert (via_aiokafka > 0) == (compression is not None)
+    assert sum(map(len, raw.values())) == len(records)
+    for p in range(PARTITIONS):
+        assert raw[p] == ref[p]
+        assert [o for o, _, _ in raw[p]] == list(range(len(raw[p])))
+        mine = [(k, v) for k, v, q in records if q == p]
+        assert [(k, v) for _, k, v in raw[p]] == mine
+
+
+def _batch(n: int, base: int) -> bytes:
+    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+    for i in range(n):
+        builder.append(i, timestamp=1000 + i, key=b"k", value=f"v{base + i}".encode(), headers=[])
+    raw = bytearray(builder.build())
+    raw[0:8] = base.to_bytes(8, "big")  # the broker assigns the base offset
+    return bytes(raw)
+
+
+def test_parse_skips_records_before_the_fetch_offset_and_partial_batches() -> None:
+    """A fetch may start mid-batch and end in a cut batch: both handled as aiokafka does."""
+    whole = _batch(5, 10) + _batch(4, 15)
+    cut = whole + _batch(3, 19)[:40]
+    buf = np.frombuffer(cut, np.uint8)
+    starts, ends, status = batch_bounds(buf)
+    assert status == 0 and len(starts) == 2
+    offset, _, _, vs, vl, next_offset, status = parse_batches(buf, starts, ends, 12)
+    assert status == 0
+    assert offset.tolist() == [12, 13, 14, 15, 16, 17, 18]
+    assert next_offset == 19
+    assert [cut[s : s + n] for s, n in zip(vs, vl, strict=True)][0] == b"v12"
+
+
+def test_compressed_batches_are_flagged_for_aiokafka() -> None:
+    builder = DefaultRecordBatchBuilder(2, 1, 0, -1, -1, -1, 1 << 20)  # gzip
+    builder.append(0, timestamp=1, key=None, value=b"x" * 100, headers=[])
+    _, _, status = batch_bounds(np.frombuffer(bytes(builder.build()), np.uint8))
+    assert status == 1
+
+
+def test_corrupt_batch_raises(stack_settings: Settings) -> None:
+    """A CRC mismatch raises like aiokafka's check_crcs, never yields records."""
+    from aiokafka.errors import CorruptRecordException
+
+    from stream.fetch import _check_crcs
+
+    raw = bytearray(_batch(3, 0))
+    raw[-1] ^= 0xFF
+    buf = np.frombuffer(bytes(raw), np.uint8)
+    starts, ends, _ = batch_bounds(buf)
+    with pytest.raises(CorruptRecordException):
+        _check_crcs(memoryview(bytes(raw)), starts, ends, TopicPartition("t", 0))
+
+
+def test_empty_drain_times_out(stack_settings: Settings) -> None:
+    topic = unique("fetch-empty")
+    run(ensure_topics(stack_settings.bootstrap, [topic], 1))
+
+    async def go() -> Fetched:
+        consumer: AIOKafkaConsumer = make_consumer(stack_settings.bootstrap, unique("g"), [topic])
+        await consumer.start()
+        try:
+            return await drain(consumer, topic, 300)
+        finally:
+            await consumer.stop()
+
+    fetched = run(go())
+    assert len(fetched) == 0 and fetched.next_offsets == {}
