@@ -226,6 +226,18 @@ def test_producer_state_patch_equals_builder() -> None:
     assert prebuilt.size() == builder.size() and prebuilt.record_count() == 20
 
 
+def test_crc32c_kernels_equal_aiokafka() -> None:
+    from aiokafka.record.util import calc_crc32c
+
+    from stream import records
+
+    data = np.random.default_rng(6).integers(0, 256, 5000).astype(np.uint8)
+    kernels = [records._crc32c_tables] + [records._crc32c_sse42] * records.HARDWARE_CRC
+    for start, end in [(0, 0), (0, 1), (3, 10), (5, 17), (1, 4096), (7, 5000)]:
+        expected = calc_crc32c(data[start:end].tobytes())
+        assert [crc(data, start, end) for crc in kernels] == [expected] * len(kernels)
+
+
 # aiokafka internals PrebuiltBatch stands in for (see its docstring): review on upgrade
 AIOKAFKA_SERIES = "0.14."
 
