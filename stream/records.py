@@ -555,6 +555,19 @@ def encode_signal_batches(
 
     Returns:
         (partition, batch bytes, record count) per batch, by partition, then row order.
+
+    >>> from aiokafka.record.default_records import DefaultRecordBatch
+    >>> from stream.signal import Signal
+    >>> at = np.array([0]), np.array([3])  # "BTC" at 0, trade id "7" at 3
+    >>> [(p, data, n)] = encode_signal_batches(
+    ...     np.frombuffer(b"BTC7", np.uint8), sym_start=at[0], sym_len=at[1],
+    ...     key_start=at[0], key_len=at[1], tid_start=at[1], tid_len=at[1] - 2,
+    ...     event_ns=at[1], recv_ns=at[1], emit_ns=9, model="m", version="4",
+    ...     scores=np.array([0.75]), threshold=0.5, partition=np.array([2]), timestamp_ms=5)
+    >>> [record] = DefaultRecordBatch(data)
+    >>> signal = Signal.decode(record.value)
+    >>> p, n, record.key, signal.symbol, signal.trade_id, signal.score, signal.direction
+    (2, 1, b'BTC', 'BTC', '7', 0.75, 1)
     """
     n = len(partition)
     per_row = (sym_start, sym_len, key_start, key_len, tid_start, tid_len, event_ns, recv_ns,
