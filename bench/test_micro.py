@@ -1,14 +1,17 @@
 """Microbenchmarks (pytest-benchmark; `make bench`), each beside its natural alternative.
 
 Groups: tick decode (json vs orjson vs tickserve's batch decode), signal encode,
-feature update (tickserve batch 1 and 1000 vs talipp tick by tick), ONNX run per
-batch size, online-store write per batch (Feast DataFrame path vs tickserve's).
+signals -> Kafka record batches (encode_signals + BatchBuilder appends vs
+encode_signal_batches) and their CRC-32C, feature update (tickserve batch 1 and
+1000 vs talipp tick by tick), ONNX run per batch size, online-store write per
+batch (Feast DataFrame path vs tickserve's).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +63,125 @@ def test_encode_tickserve(benchmark: pytest.FixtureRequest) -> None:
     ev = [t["event_ns"] for t in TICKS]
     scores: list[float | None] = [0.5] * N
     benchmark(lambda: encode_signals(symbols, ids, ev, ev, NOW, "m", "1", scores, 0.5))  # type: ignore[arg-type]
+
+
+SIGNALS = 2000
+SIGNAL_PARTITIONS = 4
+TIMING_HEADER = [("t", bytes(40))]
+
+
+@dataclass(frozen=True)
+class SignalRows:
+    """2000 signals over 4 partitions, a tenth not ready: lists as encode_signals takes
+    them, and the spans into one text buffer that encode_signal_batches reads."""
+
+    symbols: list[str]
+    trade_ids: list[str]
+    keys: list[bytes]
+    scores: np.ndarray
+    event_ns: np.ndarray
+    partition: np.ndarray
+    text: np.ndarray
+    starts: np.ndarray  # symbols' (= keys') spans, then the trade ids'
+    lens: np.ndarray
+
+    def encode_signal_batches(self) -> list[tuple[int, bytes, int]]:
+        from stream.records import encode_signal_batches
+
+        n = SIGNALS
+        return encode_signal_batches(
+            self.text, sym_start=self.starts[:n], sym_len=self.lens[:n],
+            key_start=self.starts[:n], key_len=self.lens[:n], tid_start=self.starts[n:],
+            tid_len=self.lens[n:], event_ns=self.event_ns, recv_ns=self.event_ns + 1_000,
+            emit_ns=NOW, model="model", version="7", scores=self.scores, threshold=0.5,
+            partition=self.partition, timestamp_ms=NOW // 10**6, headers=TIMING_HEADER,
+        )  # fmt: skip
+
+
+def _signal_rows() -> SignalRows:
+    rng = np.random.default_rng(11)
+    sym = rng.integers(0, 100, SIGNALS)
+    symbols = [f"SYN{i:03d}/USD" for i in sym.tolist()]
+    trade_ids = [str(10_000_000 + i) for i in range(SIGNALS)]
+    scores = rng.random(SIGNALS)
+    scores[rng.random(SIGNALS) < 0.1] = np.nan
+    names = [orjson.dumps(s)[1:-1] for s in symbols] + [t.encode() for t in trade_ids]
+    lens = np.array([len(b) for b in names], np.int64)
+    event_ns = NOW + np.arange(SIGNALS, dtype=np.int64) * 50_000
+    text = np.frombuffer(b"".join(names), np.uint8)
+    return SignalRows(symbols, trade_ids, [s.encode() for s in symbols], scores, event_ns,
+                      sym % SIGNAL_PARTITIONS, text, np.cumsum(lens) - lens, lens)  # fmt: skip
+
+
+@pytest.mark.benchmark(group="encode + batch 2000 signals, 4 partitions")
+def test_encode_produce_batch_builder(benchmark: pytest.FixtureRequest) -> None:
+    """What the worker does now: encode_signals, then one BatchBuilder.append per signal."""
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    r = _signal_rows()
+    scores = r.scores.tolist()
+    partitions = r.partition.tolist()
+
+    def encode_produce() -> list[bytes]:
+        values = encode_signals(
+            r.symbols, r.trade_ids, r.event_ns.tolist(), (r.event_ns + 1_000).tolist(), NOW,
+            "model", "7", [None if s != s else s for s in scores], 0.5,
+        )  # fmt: skip
+        builders: dict[int, BatchBuilder] = {}
+        for p, key, value in zip(partitions, r.keys, values, strict=True):
+            builder = builders.get(p)
+            if builder is None:
+                builder = builders[p] = BatchBuilder(256 * 1024, 0)
+            builder.append(timestamp=NOW // 10**6, key=key, value=value, headers=TIMING_HEADER)
+        return [bytes(b._build()) for b in builders.values()]
+
+    assert len(benchmark(encode_produce)) == SIGNAL_PARTITIONS
+
+
+@pytest.mark.benchmark(group="encode + batch 2000 signals, 4 partitions")
+def test_encode_produce_tickserve_records(benchmark: pytest.FixtureRequest) -> None:
+    """Numba writes the values into record batches; PrebuiltBatch carries each to send_batch."""
+    from stream.records import PrebuiltBatch, warm_up
+
+    warm_up()
+    r = _signal_rows()
+
+    def encode_produce() -> list[PrebuiltBatch]:
+        return [PrebuiltBatch(data, count) for _, data, count in r.encode_signal_batches()]
+
+    assert len(benchmark(encode_produce)) == SIGNAL_PARTITIONS
+
+
+def _signal_batch_buffer() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The record batches of `_signal_rows` back to back, with their offsets and sizes."""
+    batches = _signal_rows().encode_signal_batches()
+    sizes = np.array([len(data) for _, data, _ in batches], np.int64)
+    buffer = np.frombuffer(b"".join(data for _, data, _ in batches), np.uint8).copy()
+    return buffer, np.cumsum(sizes) - sizes, sizes
+
+
+@pytest.mark.benchmark(group="crc32c of 2000 signals' record batches")
+def test_crc32c_aiokafka(benchmark: pytest.FixtureRequest) -> None:
+    from aiokafka.record.util import calc_crc32c
+
+    buffer, at, sizes = _signal_batch_buffer()
+    views = [buffer.data[a + 21 : a + s] for a, s in zip(at, sizes, strict=True)]
+    benchmark(lambda: [calc_crc32c(v) for v in views])
+
+
+@pytest.mark.parametrize("kernel", ["sse42", "tables"])
+@pytest.mark.benchmark(group="crc32c of 2000 signals' record batches")
+def test_crc32c_tickserve(benchmark: pytest.FixtureRequest, kernel: str) -> None:
+    from stream import records
+
+    if kernel == "sse42" and not records.HARDWARE_CRC:
+        pytest.fail("this CPU has no SSE4.2")
+    crc = records._crc_batches_sse42 if kernel == "sse42" else records._crc_batches_tables
+    buffer, at, sizes = _signal_batch_buffer()
+    expected = buffer.copy()
+    crc(buffer, at, sizes)
+    assert np.array_equal(buffer, expected)  # the batches came with these CRCs
+    benchmark(crc, buffer, at, sizes)
 
 
 def _feature_inputs(n: int) -> tuple[np.ndarray, ...]:
