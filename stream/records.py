@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -523,6 +523,7 @@ def encode_signal_batches(
     partition: np.ndarray, timestamp_ms: int,
     headers: Sequence[tuple[str, bytes | None]] = (),
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    stamp_last: Callable[[], int] | None = None,
 ) -> list[tuple[int, bytes, int]]:  # fmt: skip
     """Kafka record batches (magic 2, uncompressed) holding one signal per row.
 
@@ -552,6 +553,9 @@ def encode_signal_batches(
         headers: Headers of every record, such as the stage timing header.
         max_batch_bytes: A batch stays smaller than this (a record that alone does not
             still goes, alone).
+        stamp_last: If given, called once the records are built (before their CRCs):
+            its value, little-endian int64, replaces the last 8 bytes of every
+            record's last header value (the "encoded" time of the stage header).
 
     Returns:
         (partition, batch bytes, record count) per batch, by partition, then row order.
@@ -590,6 +594,10 @@ def encode_signal_batches(
         ev, rv, scores, float(threshold), scores_json, part, pieces, piece_at,
         int(timestamp_ms), *_header_block(headers), int(max_batch_bytes),
     )  # fmt: skip
+    if stamp_last is not None:
+        if not headers or len(headers[-1][1] or b"") < 8:
+            raise ValueError("stamp_last needs a last header value of at least 8 bytes")
+        _stamp_tails(out, b_at, b_count, np.int64(stamp_last()))
     _crc_batches(out, b_at, b_size)
     return [
         (p, out[at : at + size].tobytes(), count)
@@ -597,6 +605,29 @@ def encode_signal_batches(
             b_part.tolist(), b_at.tolist(), b_size.tolist(), b_count.tolist(), strict=True
         )
     ]
+
+
+@njit(cache=True)
+def _stamp_tails(out: np.ndarray, b_at: np.ndarray, b_count: np.ndarray, value: np.int64) -> None:
+    """Write `value` into the last 8 bytes of every record of the batches."""
+    tail = np.empty(1, np.int64)
+    tail[0] = value
+    stamp = tail.view(np.uint8)  # little-endian, as struct "<q" packs it
+    for b in range(b_at.shape[0]):
+        pos = b_at[b] + HEADER_SIZE
+        for _ in range(b_count[b]):
+            raw = np.int64(0)
+            shift = 0
+            while True:  # the record's length, a zigzag varint
+                byte = np.int64(out[pos])
+                pos += 1
+                raw |= (byte & 0x7F) << shift
+                shift += 7
+                if byte < 0x80:
+                    break
+            end = pos + ((raw >> 1) ^ -(raw & 1))
+            out[end - 8 : end] = stamp
+            pos = end
 
 
 class PrebuiltBatch:

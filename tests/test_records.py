@@ -293,3 +293,33 @@ def test_round_trip_through_broker(topics: Settings) -> None:
         assert all(r.timestamp == timestamp_ms for r in got)
         assert all(list(r.headers) == [("t", TIMING)] for r in got)
     assert len({Signal.decode(r.value).trade_id for r in records}) == len(values)
+
+
+def test_stamp_last_writes_the_encoded_time_into_every_record() -> None:
+    """The stage header's last field is stamped after the build, and the CRCs still hold."""
+    rows = random_rows(600, seed=5)
+    placeholder = [("t", STAGES.pack(NOW_NS, NOW_NS + 1, NOW_NS + 2, NOW_NS + 3, 0))]
+    stamped = NOW_NS + 987_654_321
+    text = b"".join(orjson.dumps(s)[1:-1] for s in rows.symbols)
+    lens = np.array([len(orjson.dumps(s)) - 2 for s in rows.symbols], np.int64)
+    starts = np.cumsum(lens) - lens
+    batches = encode_signal_batches(
+        np.frombuffer(text, np.uint8), sym_start=starts, sym_len=lens, key_start=starts,
+        key_len=lens, tid_start=starts, tid_len=lens, event_ns=rows.event_ns,
+        recv_ns=rows.recv_ns, emit_ns=1, model="m", version="1", scores=rows.scores,
+        threshold=0.5, partition=rows.partition, timestamp_ms=5, headers=placeholder,
+        max_batch_bytes=16 * 1024, stamp_last=lambda: stamped,
+    )  # fmt: skip
+    records = decode(batches)  # CRC validated
+    assert len(records) == 600 and len(batches) > 4
+    for _, record in records:
+        [(name, value)] = record.headers
+        assert name == "t"
+        assert STAGES.unpack(value) == (NOW_NS, NOW_NS + 1, NOW_NS + 2, NOW_NS + 3, stamped)
+    with pytest.raises(ValueError, match="last header"):
+        encode_signal_batches(
+            np.frombuffer(text, np.uint8), sym_start=starts, sym_len=lens, key_start=starts,
+            key_len=lens, tid_start=starts, tid_len=lens, event_ns=rows.event_ns,
+            recv_ns=rows.recv_ns, emit_ns=1, model="m", version="1", scores=rows.scores,
+            threshold=0.5, partition=rows.partition, timestamp_ms=5, stamp_last=lambda: 1,
+        )  # fmt: skip
