@@ -1,8 +1,9 @@
 """The broker floor: consume ticks and produce the same bytes, nothing else.
 
-Same consumer and producer settings as the worker, and the same produce path (one
-record batch per partition, commit after the acks), so the difference between
-this and `tickserve serve` is tickserve's own work.
+Same consumer and producer settings as the worker, the same consume path
+(`stream.fetch.drain`: record batches parsed as columns) and the same produce
+shape (one record batch per partition, commit after the acks), so the difference
+between this and `tickserve serve` is tickserve's own work.
 
 Run: python -m bench.echo --bootstrap HOST:PORT --source T --sink T2 --group G
 """
@@ -13,7 +14,9 @@ import argparse
 import asyncio
 import signal
 import time
+from typing import Any
 
+from stream.fetch import drain, install
 from stream.kafka import make_consumer, make_producer, start_client
 
 
@@ -22,6 +25,7 @@ async def echo(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    install()
     consumer = make_consumer(args.bootstrap, args.group, [args.source], args.fetch_max_wait_ms,
                              args.max_batch)  # fmt: skip
     producer = make_producer(args.bootstrap, args.linger_ms)
@@ -33,22 +37,29 @@ async def echo(args: argparse.Namespace) -> None:
     print("assigned", flush=True)
     try:
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=100, max_records=args.max_batch)
-            if not batches:
+            fetched = await drain(consumer, args.source, timeout_ms=100)
+            if not len(fetched):
                 continue
             acks = []
             now_ms = time.time_ns() // 1_000_000
-            for tp, msgs in batches.items():
-                p = tp.partition % partitions
-                builder = producer.create_batch()
-                for m in msgs:
-                    if builder.append(timestamp=now_ms, key=m.key, value=m.value) is None:
-                        acks.append(await producer.send_batch(builder, args.sink, partition=p))
-                        builder = producer.create_batch()
-                        builder.append(timestamp=now_ms, key=m.key, value=m.value)
+            builders: dict[int, Any] = {}
+            for i, partition in enumerate(fetched.partition.tolist()):
+                p = partition % partitions
+                key, value = fetched.key(i), fetched.value(i)
+                builder = builders.get(p)
+                if builder is None:
+                    builder = builders[p] = producer.create_batch()
+                if builder.append(timestamp=now_ms, key=key, value=value) is None:
+                    builder.close()
+                    acks.append(await producer.send_batch(builder, args.sink, partition=p))
+                    builder = builders[p] = producer.create_batch()
+                    builder.append(timestamp=now_ms, key=key, value=value)
+            for p, builder in builders.items():
+                # closed: sent at once, not held `linger_ms` for appends that never come
+                builder.close()
                 acks.append(await producer.send_batch(builder, args.sink, partition=p))
             await asyncio.gather(*acks)
-            await consumer.commit({tp: msgs[-1].offset + 1 for tp, msgs in batches.items()})
+            await consumer.commit(fetched.next_offsets)
     finally:
         await consumer.stop()
         await producer.stop()
