@@ -291,6 +291,17 @@ def test_empty_batch_and_bad_layout() -> None:
         decode_columns(buf, starts - 1, lens, NOW, FUTURE_NS)
 
 
+def test_a_writable_buffer_and_int32_offsets_decode_alike() -> None:
+    buf, starts, lens = pack(random_records(10, 200))
+    want, rejected = decode_columns(buf, starts, lens, NOW, FUTURE_NS)
+    got, got_rejected = decode_columns(
+        np.array(buf), starts.astype(np.int32), lens.astype(np.int32), NOW, FUTURE_NS
+    )
+    assert (got.trade_ids(), got.index.tolist(), got_rejected) == (
+        want.trade_ids(), want.index.tolist(), rejected,
+    )  # fmt: skip
+
+
 def float_tokens(rng: np.random.Generator) -> list[str]:
     """Random doubles' shortest repr, their 17-digit spelling, short decimals, tricky cases."""
     doubles = rng.integers(0, 2**64, 20_000, dtype=np.uint64).view(np.float64)
