@@ -1,10 +1,10 @@
 """Microbenchmarks (pytest-benchmark; `make bench`), each beside its natural alternative.
 
-Groups: tick decode (json vs orjson vs tickserve's batch decode), signal encode,
-signals -> Kafka record batches (encode_signals + BatchBuilder appends vs
-encode_signal_batches) and their CRC-32C, feature update (tickserve batch 1 and
-1000 vs talipp tick by tick), ONNX run per batch size, online-store write per
-batch (Feast DataFrame path vs tickserve's).
+Groups: tick decode (json vs orjson vs tickserve's batch and columnar decode), signal
+encode, signals -> Kafka record batches (encode_signals + BatchBuilder appends vs
+encode_signal_batches) and their CRC-32C, feature update (tickserve batch 1 and 1000
+vs talipp tick by tick), ONNX run per batch size, online-store write per batch (Feast
+DataFrame path vs tickserve's).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from features.engine import FeatureEngine
 from features.spec import NS_PER_SECOND, FeatureSpec
 from stream.signal import encode_signals
 from stream.tick import decode_batch
+from stream.tickcodec import decode_columns, pack, warm_up
 
 N = 1000
 NOW = 1_700_000_000_000_000_000
@@ -49,6 +50,14 @@ def test_decode_orjson(benchmark: pytest.FixtureRequest) -> None:
 def test_decode_tickserve_validated(benchmark: pytest.FixtureRequest) -> None:
     cols, rejected = benchmark(lambda: decode_batch(RAW, NOW * 2, 0))
     assert len(cols) == N and not rejected
+
+
+@pytest.mark.benchmark(group="decode 1000 ticks")
+def test_decode_tickserve_columnar(benchmark: pytest.FixtureRequest) -> None:
+    """Laying out the values (`pack`) included, as decode_batch takes the same list."""
+    warm_up()
+    spans, rejected = benchmark(lambda: decode_columns(*pack(RAW), NOW * 2, 0))
+    assert len(spans) == N and not rejected
 
 
 @pytest.mark.benchmark(group="encode 1000 signals")
