@@ -11,13 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from aiokafka import (
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-    ConsumerRecord,
-    TopicPartition,
-)
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError
 from prometheus_client import Counter, Histogram
 
@@ -28,9 +22,12 @@ from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
 from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
 from inference.registry import LoadedModel
+from stream import fetch
+from stream.fetch import Fetched
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
+from stream.records import PrebuiltBatch, encode_signal_batches
 from stream.signal import STAGES, encode_signals
-from stream.tick import decode_batch
+from stream.tickcodec import SymbolTable, TickSpans, decode_columns
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +50,6 @@ MAX_INFLIGHT_BATCHES = 4
 
 # (trade_ids, symbols, feature values, ready) of each micro-batch, for audits and tests
 FeatureTap = Callable[[list[str], list[str], np.ndarray, np.ndarray], None]
-Batches = dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +115,7 @@ class StreamWorker:
         self._batch_lock = asyncio.Lock()
         self._last_snapshot = time.monotonic()
         self._signal_partitions = 0
+        self._symbol_table = SymbolTable()
 
     @property
     def model(self) -> LoadedModel:
@@ -128,6 +125,7 @@ class StreamWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then commit, snapshot and close."""
         cfg = self.config
+        fetch.install()  # record batches are parsed as columns (see stream.fetch)
         consumer = make_consumer(
             cfg.bootstrap, cfg.group_id, [cfg.ticks_topic], cfg.fetch_max_wait_ms, cfg.max_batch,
             listener=_Rebalance(self),
@@ -151,10 +149,12 @@ class StreamWorker:
                        "version": self.model.version},
             )  # fmt: skip
             while not stop.is_set():
-                batches = await consumer.getmany(timeout_ms=100, max_records=cfg.max_batch)
-                if batches:
+                fetched = await fetch.drain(consumer, cfg.ticks_topic, timeout_ms=100)
+                if len(fetched):
                     async with self._batch_lock:
-                        await self._handle(batches)
+                        await self._handle(fetched)
+                elif fetched.next_offsets:  # only skipped offsets: move the commit along
+                    self.processed_offsets.update(fetched.next_offsets)
                 await self._reap(block=False)
             clean = True
         finally:
@@ -170,26 +170,27 @@ class StreamWorker:
                 self.snapshots.close()
             logger.info("worker stopped", extra={"processed": self.processed})
 
-    async def _handle(self, batches: Batches) -> None:
+    async def _handle(self, fetched: Fetched) -> None:
         """Process a micro-batch; its acks and commit complete in the background, in order.
 
         The next batch is fetched and scored while this one's signals are still on
         their way to the broker. Offsets are committed only once every earlier batch
         is committed and this one's signals are acknowledged, so at-least-once holds.
         """
-        for tp, msgs in batches.items():
+        for tp in fetched.next_offsets:
             expected = self.processed_offsets.get(tp)
-            if expected is not None and msgs[0].offset != expected:
+            first = np.flatnonzero(fetched.partition == tp.partition)[:1]
+            if expected is not None and first.size and fetched.offset[first[0]] != expected:
                 # Kafka may skip offsets (compaction, transaction markers); none of those
                 # apply to `ticks`, so a gap means records were not delivered to us.
                 OFFSET_GAPS.inc()
                 logger.warning(
                     "offset gap",
                     extra={"partition": tp.partition, "expected": expected,
-                           "got": msgs[0].offset},
+                           "got": int(fetched.offset[first[0]])},
                 )  # fmt: skip
-        acks = await self.process(batches)
-        offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items()}
+        acks = await self.process(fetched)
+        offsets = dict(fetched.next_offsets)
         self.processed_offsets.update(offsets)
         snaps: list[tuple[TopicPartition, snapshot.Snapshot]] = []
         if time.monotonic() - self._last_snapshot > self.config.snapshot_interval_s:
@@ -224,134 +225,146 @@ class StreamWorker:
         while self._inflight and (block or self._inflight[0].done()):
             await self._inflight.popleft()
 
-    async def process(self, batches: Batches) -> list[asyncio.Future[Any]]:
+    async def process(self, fetched: Fetched) -> list[asyncio.Future[Any]]:
         """Score one micro-batch and hand its signals and dead letters to the producer.
+
+        Columns all the way: record values are decoded from the fetch buffer in bulk,
+        symbols map to feature slots through a hash table, and the signals are
+        written into Kafka record batches by one Numba pass (`stream.records`). Python
+        runs per record only for dead letters, new symbols and shadow scores.
 
         Returns the futures of their acknowledgements.
         """
         started = time.perf_counter()
         started_ns = time.time_ns()
-        records = [m for msgs in batches.values() for m in msgs]
         cfg = self.config
-        cols, rejected = decode_batch([m.value for m in records], started_ns, cfg.max_future_ns)
+        spans, rejected = decode_columns(
+            fetched.buf, fetched.value_start, fetched.value_len, started_ns, cfg.max_future_ns
+        )
         t_decoded = time.time_ns()
-        known = len(self.engine.symbols)
-        slots = self.engine.slots(cols.symbols)
-        if len(self.engine.symbols) > known:
-            self._learn_partitions(cols.symbols, cols.index, records)
-        feats = self.engine.update(slots, cols.event_ns, cols.price, cols.quantity, cols.is_buy)
+        slots = self._slots(spans, fetched)
+        feats = self.engine.update(
+            slots, spans.event_ns, spans.price, spans.quantity, spans.is_buy
+        )  # fmt: skip
         t_featured = time.time_ns()
         if self.feature_tap is not None:
-            self.feature_tap(cols.trade_ids, cols.symbols, feats.values, feats.ready)
+            self.feature_tap(spans.trade_ids(), spans.symbols(), feats.values, feats.ready)
         ready = feats.ready
         # one batcher call per micro-batch: every row of it is scored by the same version
-        scored = self.batcher.score_batch(feats.values[ready], cols.recv_ns[ready])
-        scores = np.full(len(cols), np.nan)
+        scored = self.batcher.score_batch(feats.values[ready], spans.recv_ns[ready])
+        scores = np.full(len(spans), np.nan)
         scores[ready] = scored.scores
-        stale = np.zeros(len(cols), np.bool_)
+        stale = np.zeros(len(spans), np.bool_)
         stale[ready] = scored.stale
-
         t_scored = time.time_ns()
 
         model = scored.model
-        replayed = self._replayed(batches) if self.replay_until else None
+        replayed = self._replayed(fetched)  # per record: already has its signal
         late = feats.status == STATUS_LATE
-        index = cols.index.tolist()
         keep = ~late & ~stale
         if replayed is not None:
-            keep &= np.array([i not in replayed for i in index], np.bool_)
-        rows = np.flatnonzero(keep).tolist()
-        score_list = scores.tolist()
-        ready_list = ready.tolist()
-        values = encode_signals(
-            [cols.symbols[i] for i in rows], [cols.trade_ids[i] for i in rows],
-            cols.event_ns[rows].tolist(), cols.recv_ns[rows].tolist(), t_scored,
-            model.name, model.version,
-            [score_list[i] if ready_list[i] else None for i in rows], cfg.threshold,
-        )  # fmt: skip
-        out = [(records[index[i]].partition, records[index[i]].key, v)
-               for i, v in zip(rows, values, strict=True)]  # fmt: skip
-        dead: list[tuple[ConsumerRecord[Any, Any], str, str]] = [
-            (records[index[i]], reason, detail)
-            for mask, reason, detail in ((late, "late", "older than the open bar"),
-                                         (stale, "stale", "past the staleness deadline"))
-            for i in np.flatnonzero(mask).tolist()
-            if replayed is None or index[i] not in replayed
-        ]  # fmt: skip
+            keep &= ~replayed[spans.index]
+        rows = np.flatnonzero(keep)
+        acks = await self._send_signals(spans, rows, fetched.partition[spans.index[rows]],
+                                        scores[rows], model, started_ns,
+                                        (t_decoded, t_featured, t_scored))  # fmt: skip
+        for mask, reason, detail in ((late, "late", "older than the open bar"),
+                                     (stale, "stale", "past the staleness deadline")):  # fmt: skip
+            for record in spans.index[mask].tolist():
+                if replayed is None or not replayed[record]:
+                    acks.append(await self._dead_letter(fetched, record, reason, detail))
         for bad in rejected:
-            if replayed is None or bad.index not in replayed:
-                dead.append((records[bad.index], bad.reason, bad.detail))
-        # One header per batch: when its records were received, decoded, featured,
-        # scored and encoded (ns since the epoch) -- the in-process latency breakdown.
-        timing = STAGES.pack(started_ns, t_decoded, t_featured, t_scored, time.time_ns())
-        acks = await self._send_grouped(out, [("t", timing)])
-        acks.extend([await self._dead_letter(*d) for d in dead])
+            if replayed is None or not replayed[bad.index]:
+                acks.append(await self._dead_letter(fetched, bad.index, bad.reason, bad.detail))
         if scored.challenger is not None and cfg.shadow_topic:
-            acks.extend(await self._shadow(cols, records, ready, scored, t_scored))
+            acks.extend(await self._shadow(spans, fetched, ready, scored, t_scored))
         LATENCY.observe(time.perf_counter() - started)
 
         n_ready = int(ready.sum())
         n_stale = int(stale.sum())
-        TICKS.inc(len(records))
-        BATCH_SIZE.observe(len(records))
+        TICKS.inc(len(fetched))
+        BATCH_SIZE.observe(len(fetched))
         PREDICTIONS.labels(model.name, model.version, "true").inc(n_ready - n_stale)
-        PREDICTIONS.labels(model.name, "", "false").inc(len(cols) - n_ready - int(late.sum()))
-        self.processed += len(records)
-        self._publish_latest(cols.symbols, cols.event_ns, feats.values, ready, slots)
+        PREDICTIONS.labels(model.name, "", "false").inc(len(spans) - n_ready - int(late.sum()))
+        self.processed += len(fetched)
+        self._publish_latest(spans.event_ns, feats.values, ready, slots)
         return acks
 
-    async def _send_grouped(
-        self, out: list[tuple[int, bytes, bytes]], headers: list[tuple[str, bytes]]
+    def _slots(self, spans: TickSpans, fetched: Fetched) -> np.ndarray:
+        """Feature slot of each row; symbols seen for the first time get one here."""
+        slots = self._symbol_table.lookup(spans)
+        unknown = np.flatnonzero(slots < 0)
+        if unknown.size:
+            # rare (a new symbol, or bytes that only share a known symbol's hash):
+            # resolved by name, one row at a time
+            names = spans.symbols(unknown)
+            slots[unknown] = self.engine.slots(names)
+            text = spans.text
+            for row, name, slot in zip(unknown.tolist(), names, slots[unknown].tolist(),
+                                       strict=True):  # fmt: skip
+                start, length = int(spans.sym_start[row]), int(spans.sym_len[row])
+                self._symbol_table.add(text[start : start + length].tobytes(), slot)
+                if name not in self.partition_of:
+                    # keys pin a symbol to one partition: remember it for snapshots
+                    self.partition_of[name] = int(fetched.partition[spans.index[row]])
+        return slots
+
+    async def _send_signals(
+        self,
+        spans: TickSpans,
+        rows: np.ndarray,
+        partition: np.ndarray,
+        scores: np.ndarray,
+        model: LoadedModel,
+        received_ns: int,
+        stamps: tuple[int, int, int],
     ) -> list[asyncio.Future[Any]]:
-        """Send signals in one record batch per partition (far cheaper than send() per record).
+        """Send the signals of `rows` as prebuilt record batches, one or more per partition.
 
         A signal goes to the partition number of its tick (mod the signals topic's
-        partition count): symbols keep their order, since a symbol's ticks share a partition.
+        partition count): symbols keep their order, since a symbol's ticks share a
+        partition. Every signal carries header `t`: when its micro-batch was received,
+        decoded, featured, scored and encoded (ns since the epoch), the in-process
+        latency breakdown; "encoded" is stamped once the records are built.
         """
         producer = self.producer
         assert producer is not None
         topic = self.config.signals_topic
         if self._signal_partitions == 0:
             self._signal_partitions = len(await producer.partitions_for(topic))
-        n = self._signal_partitions
-        builders: dict[int, Any] = {}
-        acks = []
-        now_ms = time.time_ns() // 1_000_000
-        for partition, key, value in out:
-            p = partition % n
-            builder = builders.get(p)
-            if builder is None:
-                builder = builders[p] = producer.create_batch()
-            if builder.append(timestamp=now_ms, key=key, value=value, headers=headers) is None:
-                acks.append(await producer.send_batch(builder, topic, partition=p))
-                builder = builders[p] = producer.create_batch()
-                builder.append(timestamp=now_ms, key=key, value=value, headers=headers)
-        for p, builder in builders.items():
-            acks.append(await producer.send_batch(builder, topic, partition=p))
-        return acks
+        if not rows.size:
+            return []
+        batches = encode_signal_batches(
+            spans.text,
+            sym_start=spans.sym_start[rows], sym_len=spans.sym_len[rows],
+            key_start=spans.key_start[rows], key_len=spans.key_len[rows],
+            tid_start=spans.tid_start[rows], tid_len=spans.tid_len[rows],
+            event_ns=spans.event_ns[rows], recv_ns=spans.recv_ns[rows],
+            emit_ns=stamps[2], model=model.name, version=model.version, scores=scores,
+            threshold=self.config.threshold, partition=partition % self._signal_partitions,
+            timestamp_ms=time.time_ns() // 1_000_000,
+            headers=[("t", STAGES.pack(received_ns, *stamps, 0))], stamp_last=time.time_ns,
+        )  # fmt: skip
+        return [
+            await producer.send_batch(PrebuiltBatch(data, count), topic, partition=p)
+            for p, data, count in batches
+        ]
 
-    def _replayed(self, batches: Batches) -> set[int]:
-        """Positions (in the flattened batch) of records that already have signals."""
-        out: set[int] = set()
-        base = 0
-        for tp, msgs in batches.items():
+    def _replayed(self, fetched: Fetched) -> np.ndarray | None:
+        """Per record: True where it already has a signal (re-read after a restore)."""
+        if not self.replay_until:
+            return None
+        out = np.zeros(len(fetched), np.bool_)
+        for tp, next_offset in fetched.next_offsets.items():
             until = self.replay_until.get(tp)
-            if until is not None:
-                out.update(base + k for k, m in enumerate(msgs) if m.offset < until)
-                if msgs[-1].offset + 1 >= until:
-                    del self.replay_until[tp]
-                    logger.info("replay done", extra={"partition": tp.partition, "offset": until})
-            base += len(msgs)
-        REPLAYED.inc(len(out))
+            if until is None:
+                continue
+            out |= (fetched.partition == tp.partition) & (fetched.offset < until)
+            if next_offset >= until:
+                del self.replay_until[tp]
+                logger.info("replay done", extra={"partition": tp.partition, "offset": until})
+        REPLAYED.inc(int(out.sum()))
         return out
-
-    def _learn_partitions(
-        self, symbols: list[str], index: np.ndarray, records: list[ConsumerRecord[Any, Any]]
-    ) -> None:
-        """Remember each new symbol's partition (keys pin a symbol to one partition)."""
-        for i, symbol in enumerate(symbols):
-            if symbol not in self.partition_of:
-                self.partition_of[symbol] = records[index[i]].partition
 
     def _take_snapshots(
         self, partitions: list[TopicPartition] | None = None
@@ -418,12 +431,7 @@ class StreamWorker:
                 self.replay_until.pop(tp, None)
 
     def _publish_latest(
-        self,
-        symbols: list[str],
-        event_ns: np.ndarray,
-        values: np.ndarray,
-        ready: np.ndarray,
-        slots: np.ndarray,
+        self, event_ns: np.ndarray, values: np.ndarray, ready: np.ndarray, slots: np.ndarray
     ) -> None:
         """Hand the newest ready row per symbol to the online writer (coalesced, non-blocking)."""
         rows = np.flatnonzero(ready)
@@ -432,48 +440,50 @@ class StreamWorker:
         # last ready row of each slot: unique over the reversed order keeps the last one
         _, first_rev = np.unique(slots[rows][::-1], return_index=True)
         last = rows[::-1][first_rev]
-        latest_symbols = [symbols[i] for i in last]
-        for i, symbol in zip(last, latest_symbols, strict=True):
+        names = self.engine.symbols
+        latest_symbols = [names[s] for s in slots[last].tolist()]
+        for i, symbol in zip(last.tolist(), latest_symbols, strict=True):
             self.last_rows[symbol] = (int(event_ns[i]), values[i])
         if self.writer is not None:
             self.writer.offer(latest_symbols, event_ns[last], values[last])
 
     async def _shadow(
         self,
-        cols: Any,
-        records: list[ConsumerRecord[Any, Any]],
+        spans: TickSpans,
+        fetched: Fetched,
         ready: np.ndarray,
         scored: BatchScores,
         emit_ns: int,
     ) -> list[asyncio.Future[Any]]:
         """Challenger signals for the rows it scored, to the shadow topic only."""
         assert self.producer is not None and scored.challenger is not None
-        shadow = np.full(len(cols), np.nan)
+        shadow = np.full(len(spans), np.nan)
         shadow[ready] = scored.shadow
         cfg, challenger = self.config, scored.challenger
-        rows = np.flatnonzero(~np.isnan(shadow)).tolist()
+        rows = np.flatnonzero(~np.isnan(shadow))
         values = encode_signals(
-            [cols.symbols[i] for i in rows], [cols.trade_ids[i] for i in rows],
-            cols.event_ns[rows].tolist(), cols.recv_ns[rows].tolist(), emit_ns,
+            spans.symbols(rows), spans.trade_ids(rows),
+            spans.event_ns[rows].tolist(), spans.recv_ns[rows].tolist(), emit_ns,
             challenger.name, challenger.version, shadow[rows].tolist(), cfg.threshold,
         )  # fmt: skip
-        index = cols.index.tolist()
         send = self.producer.send
-        return [await send(cfg.shadow_topic, v, key=records[index[i]].key)
-                for i, v in zip(rows, values, strict=True)]  # fmt: skip
+        return [await send(cfg.shadow_topic, v, key=fetched.key(i))
+                for i, v in zip(spans.index[rows].tolist(), values, strict=True)]  # fmt: skip
 
     async def _dead_letter(
-        self, record: ConsumerRecord[Any, Any], reason: str, detail: str
+        self, fetched: Fetched, record: int, reason: str, detail: str
     ) -> asyncio.Future[Any]:
+        """The record as it arrived, to the dead-letter topic, with why and where from."""
         assert self.producer is not None
         DEAD_LETTERS.labels(reason).inc()
+        where = f"{fetched.topic}/{fetched.partition[record]}/{fetched.offset[record]}"
         headers = [
             ("reason", reason.encode()),
             ("detail", detail.encode()[:1000]),
-            ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            ("source", where.encode()),
         ]
         return await self.producer.send(
-            self.config.dlq_topic, record.value, key=record.key, headers=headers
+            self.config.dlq_topic, fetched.value(record), key=fetched.key(record), headers=headers
         )
 
 
