@@ -247,7 +247,37 @@ class Bench:
         data = np.load(out)
         result = self._figures(kind, rate, duration_s, start_ns, data, cpu, rss, max(lags))
         result["dead_letters"] = dead  # explains any 'lost' signal: a tick dead-lettered has none
+        if result["lost"]:
+            # read the whole topic again: tells a signal never produced from one the
+            # sink's consumer did not get (the local broker's fetch stalls, BROKER.md)
+            result["lost_on_reread"] = self._lost_on_reread(sink_topic, data["trade_id"], expected)
         return result
+
+    def _lost_on_reread(self, topic: str, seen: np.ndarray, expected: int) -> int:
+        """Trade ids in 0..expected that neither the sink nor a fresh read of `topic` saw."""
+        import asyncio
+
+        import orjson
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        async def read() -> set[int]:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap,
+                                        enable_auto_commit=False, fetch_max_wait_ms=20)  # fmt: skip
+            await consumer.start()
+            ids: set[int] = set()
+            try:
+                parts = [TopicPartition(topic, p) for p in range(self.config.partitions)]
+                consumer.assign(parts)
+                await consumer.seek_to_beginning(*parts)
+                while batches := await consumer.getmany(timeout_ms=3000, max_records=20_000):
+                    for msgs in batches.values():
+                        ids.update(int(orjson.loads(m.value)["trade_id"]) for m in msgs)
+            finally:
+                await consumer.stop()
+            return ids
+
+        found = asyncio.run(read()) | set(seen.tolist())
+        return len(set(range(expected)) - found)
 
     def _dead_letters(self) -> dict[str, int]:
         """Dead letters of the run by reason (the echo floor has none)."""
@@ -304,6 +334,10 @@ class Bench:
             ]) / 1e6  # fmt: skip
             result["stages_ms"] = {n: _pct(parts[:, k]) for k, n in enumerate(STAGE_COLUMNS)}
             result["service_ms"] = _pct((s[:, 4] - s[:, 0]) / 1e6)
+            # micro-batches: signals of one batch share its "received" stamp
+            batches = len(np.unique(s[:, 0]))
+            result["micro_batches_per_s"] = batches / (duration_s - cfg.warmup_s)
+            result["signals_per_micro_batch"] = len(s) / max(batches, 1)
             result["_latency"] = latency
             result["_stages"] = parts
         else:
@@ -410,6 +444,7 @@ def summary(path: Path) -> str:
         lines.append(
             f"  {name:<10} p50={lat['p50']:.1f} p90={lat['p90']:.1f} p99={lat['p99']:.1f} "
             f"p99.9={lat['p99.9']:.1f} max={lat['max']:.1f} ms  lost={res['lost']} "
+            f"(on re-read {res.get('lost_on_reread', 0)}) "
             f"dup={res['duplicates']} dlq={res.get('dead_letters', {})} "
             f"cpu={res['cpu_us_per_tick']:.1f} us/tick "
             f"({res['cpu_percent']:.0f}%) rss={res['rss_mb']:.0f} MB"
@@ -419,7 +454,8 @@ def summary(path: Path) -> str:
     if "service_ms" in t:
         s = t["service_ms"]
         lines.append(f"  in-process service time: p50={s['p50']:.3f} p99={s['p99']:.3f} "
-                     f"max={s['max']:.3f} ms")  # fmt: skip
+                     f"max={s['max']:.3f} ms; {t['micro_batches_per_s']:.0f} micro-batches/s, "
+                     f"{t['signals_per_micro_batch']:.0f} signals each")  # fmt: skip
         lines.append("  stages p50/p99 ms: " + ", ".join(
             f"{k}={v['p50']:.3f}/{v['p99']:.3f}" for k, v in t["stages_ms"].items()))  # fmt: skip
     for res in rep["sweep"]:
