@@ -124,7 +124,7 @@ def _signal_rows() -> SignalRows:
 
 @pytest.mark.benchmark(group="encode + batch 2000 signals, 4 partitions")
 def test_encode_produce_batch_builder(benchmark: pytest.FixtureRequest) -> None:
-    """What the worker does now: encode_signals, then one BatchBuilder.append per signal."""
+    """The natural way: encode_signals, then one BatchBuilder.append per signal."""
     from aiokafka.producer.message_accumulator import BatchBuilder
 
     r = _signal_rows()

@@ -266,6 +266,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         linger_ms=settings.linger_ms, max_batch=settings.max_batch,
         max_future_ns=settings.max_future_ms * 1_000_000,
         snapshot_interval_s=settings.snapshot_interval_s,
+        commit_interval_s=settings.commit_interval_ms / 1000,
         shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
     )  # fmt: skip
     warm_up(spec)

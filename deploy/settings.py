@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # symbols x flushes (~50 us per row inside Feast), not with ticks: 0.25 s keeps it
     # near 2% of a core at 100 symbols, and Redis at most ~0.3 s behind the stream
     online_flush_s: float = Field(0.25, gt=0)
+    # acknowledged offsets are committed at most this often, always on revoke and stop
+    commit_interval_ms: int = Field(100, ge=0)
 
     # Redis / Feast
     redis_url: str | None = Field(
