@@ -16,7 +16,7 @@ import signal
 import time
 from typing import Any
 
-from stream.fetch import drain, install
+from stream.fetch import GapRetries, drain, install
 from stream.kafka import make_consumer, make_producer, start_client
 
 
@@ -35,9 +35,10 @@ async def echo(args: argparse.Namespace) -> None:
     while not consumer.assignment():
         await asyncio.sleep(0.05)
     print("assigned", flush=True)
+    gaps = GapRetries()  # as the worker does
     try:
         while not stop.is_set():
-            fetched = await drain(consumer, args.source, timeout_ms=100)
+            fetched = await drain(consumer, args.source, 100, gaps)
             if not len(fetched):
                 continue
             acks = []

@@ -123,6 +123,7 @@ class StreamWorker:
         self._last_commit = time.monotonic()
         self._signal_partitions = 0
         self._symbol_table = SymbolTable()
+        self._gaps = fetch.GapRetries()  # the local broker's not-yet-readable batches
 
     @property
     def model(self) -> LoadedModel:
@@ -156,7 +157,7 @@ class StreamWorker:
                        "version": self.model.version},
             )  # fmt: skip
             while not stop.is_set():
-                fetched = await fetch.drain(consumer, cfg.ticks_topic, timeout_ms=100)
+                fetched = await fetch.drain(consumer, cfg.ticks_topic, 100, self._gaps)
                 if len(fetched):
                     async with self._batch_lock:
                         await self._handle(fetched)

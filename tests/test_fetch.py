@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
-from stream.fetch import Fetched, batch_bounds, drain, install, parse_batches
+from stream.fetch import Fetched, GapRetries, batch_bounds, drain, install, parse_batches
 from stream.kafka import ensure_topics, make_consumer
 from tests.conftest import unique
 from tests.kafka_helpers import run
@@ -118,7 +118,7 @@ def test_parse_skips_records_before_the_fetch_offset_and_partial_batches() -> No
     buf = np.frombuffer(cut, np.uint8)
     starts, ends, status = batch_bounds(buf)
     assert status == 0 and len(starts) == 2
-    offset, _, _, vs, vl, next_offset, status = parse_batches(buf, starts, ends, 12)
+    offset, _, _, vs, vl, next_offset, status = parse_batches(buf, starts, ends, 12, True)
     assert status == 0
     assert offset.tolist() == [12, 13, 14, 15, 16, 17, 18]
     assert next_offset == 19
@@ -160,3 +160,28 @@ def test_empty_drain_times_out(stack_settings: Settings) -> None:
 
     fetched = run(go())
     assert len(fetched) == 0 and fetched.next_offsets == {}
+
+
+def test_a_gap_stops_the_parse_at_the_missing_offset() -> None:
+    """Batches 10-14 and 20-23: with stop_at_gap the records after 14 wait for 15-19."""
+    buf = np.frombuffer(_batch(5, 10) + _batch(4, 20), np.uint8)
+    starts, ends, _ = batch_bounds(buf)
+    offset, _, _, _, _, next_offset, status = parse_batches(buf, starts, ends, 10, True)
+    assert (offset.tolist(), next_offset, status) == ([10, 11, 12, 13, 14], 15, 3)
+    offset, _, _, _, _, next_offset, status = parse_batches(buf, starts, ends, 10, False)
+    assert (offset.tolist(), next_offset, status) == ([10, 11, 12, 13, 14, 20, 21, 22, 23], 24, 0)
+    # a fetch that starts after its own offset is a gap too
+    offset, _, _, _, _, next_offset, status = parse_batches(buf, starts[1:], ends[1:], 15, True)
+    assert (offset.tolist(), next_offset, status) == ([], 15, 3)
+
+
+def test_gap_retries_are_bounded_per_gap() -> None:
+    gaps = GapRetries(limit=2)
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    assert gaps.retry(tp, 15) and gaps.retry(tp, 15)
+    assert gaps.retry(other, 3)  # counted per partition
+    assert not gaps.retry(tp, 15)  # the third fetch at the same gap accepts it
+    assert gaps.retry(tp, 15)  # a later gap at the same offset starts over
+    gaps.passed(tp)
+    assert gaps.retry(tp, 40) and gaps.retry(tp, 40) and not gaps.retry(tp, 40)
+    assert not GapRetries(limit=0).retry(tp, 1)
