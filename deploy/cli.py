@@ -232,7 +232,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from inference.validation import ValidationPolicy
     from inference.watcher import ModelWatcher, WatcherConfig
     from inference.webhook import WebhookConfig
-    from stream import fetch, records, tickcodec
     from stream.kafka import ensure_topics
     from stream.worker import StreamWorker, WorkerConfig
 
@@ -271,8 +270,6 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     )  # fmt: skip
     warm_up(spec)
     warm_up_trees()
-    for module in (fetch, tickcodec, records):  # the worker's Numba codecs
-        module.warm_up()
     # Everything imported and built so far (mlflow, feast, onnxruntime: ~200k objects)
     # lives as long as the process; frozen, the cyclic GC stops re-scanning it, and its
     # full collections stop showing up as latency spikes on the stream.

@@ -22,7 +22,7 @@ from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
 from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
 from inference.registry import LoadedModel
-from stream import fetch
+from stream import fetch, records, tickcodec
 from stream.fetch import Fetched
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
 from stream.records import PrebuiltBatch, encode_signal_batches
@@ -134,6 +134,10 @@ class StreamWorker:
         """Consume until `stop` is set, then commit, snapshot and close."""
         cfg = self.config
         fetch.install()  # record batches are parsed as columns (see stream.fetch)
+        for codec in (fetch, tickcodec, records):
+            # load (or compile: ~10 s with a cold Numba cache) before joining the group,
+            # not on the first micro-batch while ticks pile up
+            codec.warm_up()
         consumer = make_consumer(
             cfg.bootstrap, cfg.group_id, [cfg.ticks_topic], cfg.fetch_max_wait_ms, cfg.max_batch,
             listener=_Rebalance(self),
