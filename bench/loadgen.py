@@ -44,6 +44,9 @@ async def send(args: argparse.Namespace) -> tuple[int, float]:
     partitions = len(await producer.partitions_for(args.topic))
     worst_lag = 0.0
     pending = []
+    builders: dict[int, Any] = {}
+    opened: dict[int, int] = {}  # partition -> when its open batch got its first tick
+    linger_ns = args.linger_ms * 1_000_000
     try:
         k = 0
         while k < len(mine):
@@ -52,11 +55,11 @@ async def send(args: argparse.Namespace) -> tuple[int, float]:
                 await asyncio.sleep(min((due_ns[k] - now) / 1e9, 0.002))
                 continue
             worst_lag = max(worst_lag, (now - due_ns[k]) / 1e6)
-            # everything due by now goes out in this burst, one closed record batch per
-            # partition (producer.send per record cost ~20 us a tick: the senders, not
-            # the system under test, were then what saturated this machine)
+            # everything due by now is appended to one record batch per partition, sent
+            # closed once it is linger_ms old (producer.send per record cost ~20 us a
+            # tick: the senders, not the system under test, then saturated this machine;
+            # the linger keeps the broker's batches few, see BROKER.md)
             end = int(np.searchsorted(due_ns, now, side="right"))
-            builders: dict[int, Any] = {}
             for j in range(k, end):
                 s = int(sym_of[j])
                 value = orjson.dumps(
@@ -74,15 +77,20 @@ async def send(args: argparse.Namespace) -> tuple[int, float]:
                 builder = builders.get(p)
                 if builder is None:
                     builder = builders[p] = producer.create_batch()
+                    opened[p] = now
                 if builder.append(timestamp=None, key=symbols[s], value=value) is None:
                     builder.close()
                     pending.append(await producer.send_batch(builder, args.topic, partition=p))
                     builder = builders[p] = producer.create_batch()
+                    opened[p] = now
                     builder.append(timestamp=None, key=symbols[s], value=value)
-            for p, builder in builders.items():
-                builder.close()  # sent now, not after linger_ms
-                pending.append(await producer.send_batch(builder, args.topic, partition=p))
             k = end
+            last = k == len(mine)
+            for p in [p for p, at in opened.items() if last or now - at >= linger_ns]:
+                builder = builders.pop(p)
+                del opened[p]
+                builder.close()
+                pending.append(await producer.send_batch(builder, args.topic, partition=p))
             if len(pending) > 2_000:
                 await asyncio.gather(*pending)
                 pending.clear()
