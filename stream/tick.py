@@ -77,10 +77,15 @@ class Rejected:
     detail: str
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _int_field(doc: dict[str, object], name: str) -> int:
     value = doc.get(name)
     if type(value) is not int:
         raise InvalidTick("schema", f"{name} must be an integer, got {value!r}")
+    if not INT64_MIN <= value <= INT64_MAX:  # it is stored as int64 (ns until 2262)
+        raise InvalidTick("schema", f"{name} must fit in a signed 64-bit integer, got {value}")
     return value
 
 
@@ -178,6 +183,7 @@ def decode_batch(
             side, tid, recv = doc["side"], doc["trade_id"], doc["recv_ns"]
             fast = (
                 type(sym) is str and sym != "" and type(ev) is int and type(recv) is int
+                and INT64_MIN <= ev <= INT64_MAX and INT64_MIN <= recv <= INT64_MAX
                 and type(px) is float and 0.0 < px < inf and type(qty) is float
                 and 0.0 <= qty < inf and type(tid) is str and ev <= limit
                 and (side == "buy" or side == "sell")
