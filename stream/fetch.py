@@ -103,7 +103,7 @@ def install() -> None:
 
 
 @njit(cache=True, inline="always")
-def _varint(buf: np.ndarray, pos: int) -> tuple[int, int]:
+def read_varint(buf: np.ndarray, pos: int) -> tuple[int, int]:
     """A zigzag varint at `pos`: (value, next position); position -1 past the end."""
     shift = 0
     raw = 0
@@ -190,18 +190,18 @@ def parse_batches(
         count = _be(buf, start + 57, 4)
         pos = start + HEADER_BYTES
         for _ in range(count):
-            length, pos = _varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             if pos < 0 or pos + length > end:
                 return offset[:k], key_start[:k], key_len[:k], value_start[:k], value_len[:k], 0, 2
             record_end = pos + length
             pos += 1  # attributes
-            _, pos = _varint(buf, pos)  # timestamp delta
-            delta, pos = _varint(buf, pos)
-            klen, pos = _varint(buf, pos)
+            _, pos = read_varint(buf, pos)  # timestamp delta
+            delta, pos = read_varint(buf, pos)
+            klen, pos = read_varint(buf, pos)
             kpos = pos
             if klen > 0:
                 pos += klen
-            vlen, pos = _varint(buf, pos)
+            vlen, pos = read_varint(buf, pos)
             vpos = pos
             if pos < 0 or pos > record_end or vpos + max(vlen, 0) > record_end:
                 return offset[:k], key_start[:k], key_len[:k], value_start[:k], value_len[:k], 0, 2
@@ -306,9 +306,7 @@ class GapRetries:
         self._seen.pop(tp, None)
 
 
-def _take(
-    fetcher: Any, tp: TopicPartition, result: FetchResult, parts: _Parts, gaps: GapRetries
-) -> None:
+def _take(tp: TopicPartition, result: FetchResult, parts: _Parts, gaps: GapRetries) -> None:
     """Move one partition's buffered fetch into `parts` and advance its position."""
     records = result._partition_records
     raw = getattr(records._records, "raw", None)  # None: fetched before `install`
@@ -369,7 +367,7 @@ async def drain(
                     fetcher._notify(fetcher._wait_consume_future)
                     result.check_raise()
                 if result.check_assignment(tp) and result.has_more():
-                    _take(fetcher, tp, result, parts, gaps)
+                    _take(tp, result, parts, gaps)
                 del fetcher._records[tp]
                 fetcher._notify(fetcher._wait_consume_future)
             if parts.cols:

@@ -28,6 +28,7 @@ from numba import config as numba_config
 from numba import njit, types
 from numba.extending import intrinsic
 
+from stream.fetch import read_varint
 from stream.signal import DOWN, FLAT, UP
 
 # The record batch header, field for field as aiokafka's DefaultRecordBatchBuilder packs
@@ -616,16 +617,8 @@ def _stamp_tails(out: np.ndarray, b_at: np.ndarray, b_count: np.ndarray, value: 
     for b in range(b_at.shape[0]):
         pos = b_at[b] + HEADER_SIZE
         for _ in range(b_count[b]):
-            raw = np.int64(0)
-            shift = 0
-            while True:  # the record's length, a zigzag varint
-                byte = np.int64(out[pos])
-                pos += 1
-                raw |= (byte & 0x7F) << shift
-                shift += 7
-                if byte < 0x80:
-                    break
-            end = pos + ((raw >> 1) ^ -(raw & 1))
+            length, pos = read_varint(out, pos)  # the record's length
+            end = pos + length
             out[end - 8 : end] = stamp
             pos = end
 

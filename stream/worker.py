@@ -25,7 +25,7 @@ from inference.registry import LoadedModel
 from stream import fetch, records, tickcodec
 from stream.fetch import Fetched
 from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
-from stream.records import PrebuiltBatch, encode_signal_batches
+from stream.records import encode_signal_batches, send_batches
 from stream.signal import STAGES, encode_signals
 from stream.tickcodec import SymbolTable, TickSpans, decode_columns
 
@@ -375,10 +375,7 @@ class StreamWorker:
             timestamp_ms=time.time_ns() // 1_000_000,
             headers=[("t", STAGES.pack(received_ns, *stamps, 0))], stamp_last=time.time_ns,
         )  # fmt: skip
-        return [
-            await producer.send_batch(PrebuiltBatch(data, count), topic, partition=p)
-            for p, data, count in batches
-        ]
+        return await send_batches(producer, topic, batches)
 
     def _replayed(self, fetched: Fetched) -> np.ndarray | None:
         """Per record: True where it already has a signal (re-read after a restore)."""
