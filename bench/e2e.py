@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -45,7 +46,7 @@ class E2EConfig:
     warmup_s: float = 7.0  # excluded from the figures (features warm up in 25 bars)
     symbols: int = 100
     partitions: int = 4
-    senders: int = 2
+    senders: int = 0  # load generator processes; 0: one per 50,000 ticks/s
     bar_seconds: float = 0.2
     p99_bound_ms: float = 1000.0  # the sweep's definition of "sustainable"
     out_dir: Path = Path("bench/results")
@@ -197,6 +198,7 @@ class Bench:
             if sink.stdout.readline().strip() != "ready":
                 raise RuntimeError("the sink did not start")
             start_ns = time.time_ns() + 1_000_000_000
+            n_senders = cfg.senders or max(1, math.ceil(rate / 50_000))
             senders = [
                 subprocess.Popen(
                     [
@@ -218,14 +220,14 @@ class Bench:
                         "--sender",
                         str(k),
                         "--senders",
-                        str(cfg.senders),
+                        str(n_senders),
                     ],
                     env=self._env(),
                     cwd=ROOT,
                     stdout=subprocess.PIPE,
                     text=True,
                 )  # fmt: skip
-                for k in range(cfg.senders)
+                for k in range(n_senders)
             ]
             cpu: dict[str, float] = {}
 
