@@ -118,3 +118,35 @@ def test_redis_outage_is_retried_and_converges(tmp_path: Path) -> None:
         writer.close()
     finally:
         stack.down()
+
+
+def test_rows_are_written_in_feasts_own_redis_layout(stack_settings: Settings) -> None:
+    """Our Redis writer leaves exactly the hash that Feast's own online write leaves."""
+    import redis
+    from feast.infra.online_stores.helpers import _redis_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    store = open_store(stack_settings.redis, stack_settings.feast_registry)
+    writer = OnlineWriter(store, SPEC)
+    ours, feasts = unique("OURS"), unique("FEAST")
+    special = [0.1, -0.0, 1e-300, -123456.789, 3.0]  # a signed zero, a tiny and a large one
+    values = np.array([[special[i % len(special)] for i in range(SPEC.n_features)]])
+    event_ns = np.array([T0 + 987])  # Feast keeps microseconds: the 987 ns are dropped
+    writer.offer([ours], event_ns, values)
+    writer.flush()
+    assert writer._redis is not None, "the Redis layout writer was not chosen"
+    writer.offer([feasts], event_ns, values)
+    writer._write_through_feast(writer._take())
+
+    client = redis.Redis.from_url(stack_settings.redis)
+    hashes = []
+    for symbol in (ours, feasts):
+        entity = EntityKey(join_keys=["symbol"], entity_values=[Value(string_val=symbol)])
+        key = _redis_key(
+            store.config.project, entity, store.config.entity_key_serialization_version
+        )
+        hashes.append(client.hgetall(key))
+    assert hashes[0] and hashes[0] == hashes[1]
+    frame = read_online(store, [ours, feasts], SPEC)
+    assert frame[list(SPEC.names)].to_numpy().tolist() == [values[0].tolist()] * 2
