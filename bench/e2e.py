@@ -125,6 +125,18 @@ class Bench:
         train_and_register(build_dataset(ticks, spec), spec, self.settings.mlflow_uri,
                            self.settings.model_name)  # fmt: skip
 
+    def _fresh_broker(self) -> None:
+        """A new broker for each measured system, on a new port.
+
+        The local broker's memory engine keeps every record of the session
+        (BROKER.md, 6), so whichever system ran second met a broker already holding
+        the first one's records: the order of the runs must not favour one of them.
+        """
+        self.stack.down(("broker",))
+        self.settings = self.settings.model_copy(update={"broker_port": free_port()})
+        self.stack.settings = self.settings
+        self.stack.start_broker()
+
     def _env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TICKSERVE_")}
         env.update(PYTHONPATH=str(ROOT), **extra)
@@ -144,6 +156,7 @@ class Bench:
 
         from stream.kafka import ensure_topics
 
+        self._fresh_broker()
         tag = f"{kind}-{int(rate)}-{uuid.uuid4().hex[:6]}"
         source, sink = f"ticks-{tag}", f"out-{tag}"
         bootstrap = self.settings.bootstrap

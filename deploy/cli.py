@@ -444,8 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--duration", type=float, default=20.0, help="seconds per system")
     e2e.add_argument("--symbols", type=int, default=100)
     e2e.add_argument("--partitions", type=int, default=4)
-    e2e.add_argument("--senders", type=int, default=0,
-                     help="load generator processes (0: one per 50,000 ticks/s)")
+    e2e.add_argument(
+        "--senders",
+        type=int,
+        default=0,
+        help="load generator processes (0: one per 50,000 ticks/s)",
+    )
     e2e.add_argument("--sweep", default="", help="comma-separated rates for a rate sweep")
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     cmp_ = bench_sub.add_parser("compare", help="print the differences between two reports")

@@ -193,10 +193,10 @@ class LocalStack:
             logger.info("component ready", extra={"component": c.name, "url": c.url})
         return started
 
-    def down(self) -> list[str]:
-        """Stop every process this stack started; returns the names stopped."""
+    def down(self, names: tuple[str, ...] = ("broker", "redis")) -> list[str]:
+        """Stop these processes (all by default); returns the names stopped."""
         stopped = []
-        for name in ("broker", "redis"):
+        for name in names:
             pid = self._pid(name)
             if pid is None:
                 continue
