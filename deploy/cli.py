@@ -292,7 +292,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         _stop_on_signals(stop)
         others = [asyncio.create_task(watcher.run(batcher, stop))]
         if settings.metrics_port:
-            api = create_app(ApiContext(batcher, spec.names, worker.last_rows.get,
+            api = create_app(ApiContext(batcher, spec.names, worker.latest,
                                         worker.assigned.is_set, config.threshold,
                                         webhook))  # fmt: skip
             others.append(

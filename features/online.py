@@ -225,13 +225,13 @@ class OnlineWriter:
 
     def offer(self, symbols: list[str], event_ns: np.ndarray, values: np.ndarray) -> None:
         """Queue the newest row per symbol (rows are in event order within a symbol)."""
+        stamps, rows = event_ns.tolist(), values.tolist()
         with self._lock:
             pending = self._pending
-            for i, symbol in enumerate(symbols):
-                ts = int(event_ns[i])
+            for symbol, ts, row in zip(symbols, stamps, rows, strict=True):
                 old = pending.get(symbol)
                 if old is None or ts >= old.event_ns:
-                    pending[symbol] = _Row(ts, tuple(values[i].tolist()))
+                    pending[symbol] = _Row(ts, tuple(row))
         self._wake.set()
 
     def _take(self) -> dict[str, _Row]:

@@ -110,7 +110,9 @@ class StreamWorker:
         self.producer: AIOKafkaProducer | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.assigned = asyncio.Event()
-        self.last_rows: dict[str, tuple[int, np.ndarray]] = {}
+        # newest ready row and its event time per feature slot (-1: none yet), see `latest`
+        self._latest_ns = np.full(0, -1, np.int64)
+        self._latest_values = np.zeros((0, engine.spec.n_features))
         self.processed = 0
         self.partition_of: dict[str, int] = {}
         self.next_offsets: dict[TopicPartition, int] = {}  # committed
@@ -461,19 +463,33 @@ class StreamWorker:
     def _publish_latest(
         self, event_ns: np.ndarray, values: np.ndarray, ready: np.ndarray, slots: np.ndarray
     ) -> None:
-        """Hand the newest ready row per symbol to the online writer (coalesced, non-blocking)."""
+        """Keep the newest ready row per symbol, and offer it to the online writer."""
         rows = np.flatnonzero(ready)
         if not rows.size:
             return
         # last ready row of each slot: unique over the reversed order keeps the last one
         _, first_rev = np.unique(slots[rows][::-1], return_index=True)
         last = rows[::-1][first_rev]
-        names = self.engine.symbols
-        latest_symbols = [names[s] for s in slots[last].tolist()]
-        for i, symbol in zip(last.tolist(), latest_symbols, strict=True):
-            self.last_rows[symbol] = (int(event_ns[i]), values[i])
+        at = slots[last]
+        if self._latest_ns.shape[0] <= at[-1]:  # slots grew with the engine: grow alike
+            size = self.engine.fstate.shape[0]
+            grown_ns = np.full(size, -1, np.int64)
+            grown_ns[: self._latest_ns.shape[0]] = self._latest_ns
+            grown = np.zeros((size, values.shape[1]))
+            grown[: self._latest_values.shape[0]] = self._latest_values
+            self._latest_ns, self._latest_values = grown_ns, grown
+        self._latest_ns[at] = event_ns[last]
+        self._latest_values[at] = values[last]
         if self.writer is not None:
-            self.writer.offer(latest_symbols, event_ns[last], values[last])
+            names = self.engine.symbols
+            self.writer.offer([names[s] for s in at.tolist()], event_ns[last], values[last])
+
+    def latest(self, symbol: str) -> tuple[int, np.ndarray] | None:
+        """The newest ready feature row of `symbol` and its event time, None if none yet."""
+        slot = self.engine.slot_of.get(symbol)
+        if slot is None or slot >= self._latest_ns.shape[0] or self._latest_ns[slot] < 0:
+            return None
+        return int(self._latest_ns[slot]), self._latest_values[slot].copy()
 
     async def _shadow(
         self,

@@ -137,7 +137,9 @@ def test_every_tick_gets_one_signal_and_bad_ones_go_to_the_dlq(
         assert time.monotonic() < deadline, "online writer never flushed"
         time.sleep(0.05)
     worker.writer.close()  # type: ignore[union-attr]
-    event_ns, expected = worker.last_rows["XRP/ETH"]
+    latest = worker.latest("XRP/ETH")
+    assert latest is not None
+    event_ns, expected = latest
     store = open_store(settings.redis, settings.feast_registry)
     online = read_online(store, ["XRP/ETH"], settings.feature_spec)
     got_values = online[list(settings.feature_spec.names)].to_numpy()[0]
