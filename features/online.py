@@ -94,6 +94,9 @@ class _Row:
     values: tuple[float, ...]
 
 
+_DOUBLE = struct.Struct("<d")
+
+
 class _RedisRows:
     """Rows written in the layout of Feast's Redis online store, by our own code.
 
@@ -138,7 +141,7 @@ class _RedisRows:
         )
 
         config = store.config
-        online = store._get_provider().online_store
+        online = store.provider.online_store
         if not isinstance(online, RedisOnlineStore) or not isinstance(
             config.online_store, RedisOnlineStoreConfig
         ):
@@ -190,9 +193,6 @@ class _RedisRows:
             pipe.execute()
 
 
-_DOUBLE = struct.Struct("<d")
-
-
 class OnlineWriter:
     """Coalesces the latest row per symbol and flushes it to Feast from its own thread.
 
@@ -214,7 +214,7 @@ class OnlineWriter:
         self._thread = threading.Thread(target=self._run, name="online-writer", daemon=True)
         self.flushed_rows = 0
         self._view: FeatureView | None = None
-        self._redis: _RedisRows | None = None  # resolved on the first write
+        self._redis: _RedisRows | None = None  # set with _view on the first write
         # recent tick-event-time -> visible-in-Redis delays, for benchmarks and /metrics
         self.freshness_ns: deque[int] = deque(maxlen=100_000)
 
@@ -266,10 +266,10 @@ class OnlineWriter:
 
     def _write(self, rows: dict[str, _Row]) -> None:
         """Write the rows in Feast's Redis layout (or through Feast for another store)."""
-        if self._redis is None:
+        if self._view is None:  # resolved once: the view, and whether the store is Redis
             self._view = self._store.get_feature_view(definitions.FEATURE_VIEW)
             self._redis = _RedisRows.for_store(self._store, self._view, self._spec)
-        if self._redis:
+        if self._redis is not None:
             self._redis.write(rows)
         else:
             self._write_through_feast(rows)

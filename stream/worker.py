@@ -471,13 +471,11 @@ class StreamWorker:
         _, first_rev = np.unique(slots[rows][::-1], return_index=True)
         last = rows[::-1][first_rev]
         at = slots[last]
-        if self._latest_ns.shape[0] <= at[-1]:  # slots grew with the engine: grow alike
-            size = self.engine.fstate.shape[0]
-            grown_ns = np.full(size, -1, np.int64)
-            grown_ns[: self._latest_ns.shape[0]] = self._latest_ns
-            grown = np.zeros((size, values.shape[1]))
-            grown[: self._latest_values.shape[0]] = self._latest_values
-            self._latest_ns, self._latest_values = grown_ns, grown
+        pad = self.engine.fstate.shape[0] - self._latest_ns.shape[0]
+        if pad > 0:  # the engine grew its slots: grow alike
+            self._latest_ns = np.concatenate([self._latest_ns, np.full(pad, -1, np.int64)])
+            self._latest_values = np.concatenate([self._latest_values,
+                                                  np.zeros((pad, values.shape[1]))])  # fmt: skip
         self._latest_ns[at] = event_ns[last]
         self._latest_values[at] = values[last]
         if self.writer is not None:
