@@ -16,8 +16,11 @@ import signal
 import time
 from typing import Any
 
-from stream.fetch import GapRetries, drain, install
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from stream.fetch import Fetched, GapRetries, drain, install
 from stream.kafka import make_consumer, make_producer, start_client
+from stream.wire import WireFetcher, WireProducer
 
 
 async def echo(args: argparse.Namespace) -> None:
@@ -36,34 +39,67 @@ async def echo(args: argparse.Namespace) -> None:
         await asyncio.sleep(0.05)
     print("assigned", flush=True)
     gaps = GapRetries()  # as the worker does
+    fetcher = WireFetcher(consumer, args.source, args.fetch_max_wait_ms, gaps=gaps)
+    wire = WireProducer(producer)
     try:
         while not stop.is_set():
-            fetched = await drain(consumer, args.source, 100, gaps)
+            if args.wire:
+                fetched = await fetcher.poll(100)
+            else:
+                fetched = await drain(consumer, args.source, 100, gaps)
             if not len(fetched):
                 continue
-            acks = []
             now_ms = time.time_ns() // 1_000_000
-            builders: dict[int, Any] = {}
-            for i, partition in enumerate(fetched.partition.tolist()):
-                p = partition % partitions
-                key, value = fetched.key(i), fetched.value(i)
-                builder = builders.get(p)
-                if builder is None:
-                    builder = builders[p] = producer.create_batch()
-                if builder.append(timestamp=now_ms, key=key, value=value) is None:
-                    builder.close()
-                    acks.append(await producer.send_batch(builder, args.sink, partition=p))
-                    builder = builders[p] = producer.create_batch()
-                    builder.append(timestamp=now_ms, key=key, value=value)
-            for p, builder in builders.items():
-                # closed: sent at once, not held `linger_ms` for appends that never come
-                builder.close()
-                acks.append(await producer.send_batch(builder, args.sink, partition=p))
+            if args.wire:
+                acks = wire.send(args.sink, _record_batches(fetched, partitions, now_ms))
+            else:
+                acks = await _send_via_aiokafka(producer, args.sink, fetched, partitions, now_ms)
             await asyncio.gather(*acks)
             await consumer.commit(fetched.next_offsets)
     finally:
+        await fetcher.close()
+        await wire.close()
         await consumer.stop()
         await producer.stop()
+
+
+def _record_batches(fetched: Fetched, partitions: int, now_ms: int) -> list[tuple[int, bytes, int]]:
+    """The fetched records as one v2 record batch per output partition."""
+    builders: dict[int, DefaultRecordBatchBuilder] = {}
+    counts: dict[int, int] = {}
+    for i, partition in enumerate(fetched.partition.tolist()):
+        p = partition % partitions
+        builder = builders.get(p)
+        if builder is None:
+            builder = builders[p] = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 30)
+            counts[p] = 0
+        builder.append(counts[p], timestamp=now_ms, key=fetched.key(i), value=fetched.value(i),
+                       headers=[])  # fmt: skip
+        counts[p] += 1
+    return [(p, bytes(b.build()), counts[p]) for p, b in builders.items()]
+
+
+async def _send_via_aiokafka(
+    producer: Any, topic: str, fetched: Fetched, partitions: int, now_ms: int
+) -> list[Any]:
+    acks = []
+    builders: dict[int, Any] = {}
+    for i, partition in enumerate(fetched.partition.tolist()):
+        p = partition % partitions
+        key, value = fetched.key(i), fetched.value(i)
+        builder = builders.get(p)
+        if builder is None:
+            builder = builders[p] = producer.create_batch()
+        if builder.append(timestamp=now_ms, key=key, value=value) is None:
+            builder.close()
+            acks.append(await producer.send_batch(builder, topic, partition=p))
+            builder = builders[p] = producer.create_batch()
+            builder.append(timestamp=now_ms, key=key, value=value)
+    for p, builder in builders.items():
+        # closed: sent at once, not held `linger_ms` for appends that never come
+        builder.close()
+        acks.append(await producer.send_batch(builder, topic, partition=p))
+    return acks
 
 
 def main() -> None:
@@ -76,6 +112,10 @@ def main() -> None:
     parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=2000)
+    parser.add_argument(
+        "--wire", action=argparse.BooleanOptionalAction, default=True,
+        help="stream.wire's data plane, as the worker; --no-wire: aiokafka's",
+    )  # fmt: skip
     import uvloop
 
     uvloop.run(echo(parser.parse_args()))

@@ -306,6 +306,56 @@ class GapRetries:
         self._seen.pop(tp, None)
 
 
+def _plain(
+    tp: TopicPartition, raw: bytes, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+    fetch_offset: int, gaps: GapRetries,
+) -> tuple[tuple[np.ndarray, ...], int, int]:  # fmt: skip
+    """Columns, next offset and status (0, or 2 malformed) of plain v2 batches."""
+    _check_crcs(memoryview(raw), starts, ends, tp)
+    *cols, next_offset, status = parse_batches(buf, starts, ends, fetch_offset, True)
+    if status == 3 and not gaps.retry(tp, next_offset):
+        *cols, next_offset, status = parse_batches(buf, starts, ends, fetch_offset, False)
+    elif status == 3:
+        status = 0  # take what precedes the gap; the position stays at the gap
+    elif status == 0:
+        gaps.passed(tp)
+    return tuple(cols), next_offset, status
+
+
+def parse_records(
+    tp: TopicPartition, raw: bytes, fetch_offset: int, gaps: GapRetries
+) -> tuple[bytes, tuple[np.ndarray, ...], int]:
+    """One partition's fetched record set: (buffer, columns into it, next offset).
+
+    Plain v2 batches are parsed in place; anything else (compressed, legacy,
+    control, malformed) goes through aiokafka's own record reader, which
+    decompresses, checks and raises as it does for `getmany`.
+    """
+    buf = np.frombuffer(raw, np.uint8)
+    starts, ends, status = batch_bounds(buf)
+    if status == 0:
+        cols, next_offset, status = _plain(tp, raw, buf, starts, ends, fetch_offset, gaps)
+        if status == 0:
+            return raw, cols, next_offset
+    parts = _Parts()
+    records = _MEMORY_RECORDS(raw)
+    taken = []
+    next_offset = fetch_offset
+    while records.has_next():
+        batch = records.next_batch()
+        if batch is None:
+            break
+        if not batch.validate_crc():
+            raise CorruptRecordException(f"Invalid CRC - {tp}")
+        if not batch.is_control_batch:
+            taken += [r for r in batch if r.offset >= fetch_offset]
+        next_offset = max(next_offset, batch.next_offset)
+    parts.add_records(tp, taken)
+    built = parts.build(tp.topic)
+    cols = (built.offset, built.key_start, built.key_len, built.value_start, built.value_len)
+    return built.buf.tobytes(), cols, next_offset
+
+
 def _take(tp: TopicPartition, result: FetchResult, parts: _Parts, gaps: GapRetries) -> None:
     """Move one partition's buffered fetch into `parts` and advance its position."""
     records = result._partition_records
@@ -315,15 +365,8 @@ def _take(tp: TopicPartition, result: FetchResult, parts: _Parts, gaps: GapRetri
         buf = np.frombuffer(raw, np.uint8)
         starts, ends, status = batch_bounds(buf)
     if status == 0:
-        _check_crcs(memoryview(raw), starts, ends, tp)
         fetch_offset = records.next_fetch_offset
-        *cols, next_offset, status = parse_batches(buf, starts, ends, fetch_offset, True)
-        if status == 3 and not gaps.retry(tp, next_offset):
-            *cols, next_offset, status = parse_batches(buf, starts, ends, fetch_offset, False)
-        elif status == 3:
-            status = 0  # take what precedes the gap; the position stays at the gap
-        else:
-            gaps.passed(tp)
+        cols, next_offset, status = _plain(tp, raw, buf, starts, ends, fetch_offset, gaps)
     if status != 0:
         parts.add_records(tp, result.getall())  # aiokafka updates the position itself
     else:

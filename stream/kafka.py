@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from tickserve.errors import ConfigError, StackError
 
 logger = logging.getLogger(__name__)
+MAX_PARTITION_FETCH_BYTES = 4 * 1024 * 1024
 
 
 def make_producer(bootstrap: str, linger_ms: int = 5) -> AIOKafkaProducer:
@@ -45,7 +46,7 @@ def make_consumer(
         auto_offset_reset="earliest",
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_poll_records=max_batch,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
+        max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
     )
     consumer.subscribe(topics, listener=listener)
     return consumer

@@ -24,10 +24,17 @@ from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
 from inference.registry import LoadedModel
 from stream import fetch, records, tickcodec
 from stream.fetch import Fetched
-from stream.kafka import make_consumer, make_producer, start_client, wait_assigned
+from stream.kafka import (
+    MAX_PARTITION_FETCH_BYTES,
+    make_consumer,
+    make_producer,
+    start_client,
+    wait_assigned,
+)
 from stream.records import encode_signal_batches, send_batches
 from stream.signal import STAGES, encode_signals
 from stream.tickcodec import SymbolTable, TickSpans, decode_columns
+from stream.wire import WireFetcher, WireProducer
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +79,9 @@ class WorkerConfig:
     # most this much more, at-least-once either way
     commit_interval_s: float = 0.1
     shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
+    # ticks and signals over stream.wire's own Fetch/Produce connections (aiokafka keeps
+    # the group, commits and the rare sends); False: aiokafka's data path (TLS, SASL)
+    wire: bool = True
 
 
 class StreamWorker:
@@ -126,6 +136,7 @@ class StreamWorker:
         self._signal_partitions = 0
         self._symbol_table = SymbolTable()
         self._gaps = fetch.GapRetries()  # the local broker's not-yet-readable batches
+        self._wire: WireProducer | None = None
 
     @property
     def model(self) -> LoadedModel:
@@ -153,6 +164,13 @@ class StreamWorker:
         except Exception:
             await producer.stop()
             raise
+        fetcher = None
+        if cfg.wire:
+            fetcher = WireFetcher(
+                consumer, cfg.ticks_topic, cfg.fetch_max_wait_ms,
+                partition_max_bytes=MAX_PARTITION_FETCH_BYTES, gaps=self._gaps,
+            )  # fmt: skip
+            self._wire = WireProducer(producer)
         clean = False
         try:
             await wait_assigned(consumer)
@@ -163,7 +181,10 @@ class StreamWorker:
                        "version": self.model.version},
             )  # fmt: skip
             while not stop.is_set():
-                fetched = await fetch.drain(consumer, cfg.ticks_topic, 100, self._gaps)
+                if fetcher is not None:
+                    fetched = await fetcher.poll(100)
+                else:
+                    fetched = await fetch.drain(consumer, cfg.ticks_topic, 100, self._gaps)
                 if len(fetched):
                     async with self._batch_lock:
                         await self._handle(fetched)
@@ -180,6 +201,10 @@ class StreamWorker:
                     if await self._commit():
                         snaps = self._take_snapshots()
                         await asyncio.gather(*self._write_snapshots(snaps))
+            if fetcher is not None:
+                await fetcher.close()
+            if self._wire is not None:
+                await self._wire.close()
             await consumer.stop()
             await producer.stop()
             if self.writer is not None:
@@ -377,6 +402,8 @@ class StreamWorker:
             timestamp_ms=time.time_ns() // 1_000_000,
             headers=[("t", STAGES.pack(received_ns, *stamps, 0))], stamp_last=time.time_ns,
         )  # fmt: skip
+        if self._wire is not None:
+            return self._wire.send(topic, batches)
         return await send_batches(producer, topic, batches)
 
     def _replayed(self, fetched: Fetched) -> np.ndarray | None:

@@ -1,0 +1,493 @@
+"""The hot path's Kafka data plane: Fetch and Produce on connections of our own.
+
+aiokafka stays the control plane: group membership, assignment, rebalance callbacks,
+offset commits, metadata and the rare sends (dead letters, shadow scores). What it
+costs on the data path was measured: at 20,000 ticks/s the do-nothing echo worker
+spent ~1 ms of CPU per micro-batch (6-8 us per tick) in aiokafka's fetcher and
+sender (request structs built and decoded field by field in Python, a future and a
+timeout per request, a sender task woken per batch). That alone was more than the
+worker's whole budget of 5 us per tick. Here a fetch is one pre-laid request, its
+response is walked with `struct` over a handful of partitions and the record
+batches are parsed as columns by `stream.fetch`'s Numba kernels; a produce is the
+prebuilt record batches of `stream.records` behind a ~40-byte request header.
+
+Protocol: Fetch v4 and Produce v3 (message format v2), non-flexible versions that
+Kafka >= 0.11, Redpanda and the local broker all accept. Plaintext only: a
+deployment that needs TLS or SASL runs the worker with `wire=False` (aiokafka's
+own data path, `stream.fetch.drain` and `send_batch`).
+
+Responses on one connection come back in request order (the protocol guarantees
+it), so a deque of futures is the whole correlation table. Fetches and produces use
+separate connections: a broker answers a connection's requests in order, and a
+fetch may be parked there for `fetch_max_wait_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    NotLeaderForPartitionError,
+    OffsetOutOfRangeError,
+    for_code,
+)
+from prometheus_client import Counter
+
+from stream.fetch import Fetched, GapRetries, _Parts, parse_records
+
+logger = logging.getLogger(__name__)
+
+FETCH, PRODUCE = 1, 0  # api keys
+FETCH_VERSION, PRODUCE_VERSION = 4, 3
+CLIENT_ID = b"tickserve"
+PRODUCE_RETRIES = 5
+RETRY_BACKOFF_S = 0.1
+REQUEST_TIMEOUT_MS = 30_000
+
+WIRE_RETRIES = Counter("wire_retries_total", "Produce or fetch rounds retried", ["api", "error"])
+
+_I16, _I32, _I64 = struct.Struct(">h"), struct.Struct(">i"), struct.Struct(">q")
+_HEADER = struct.Struct(">ihhih")  # size, api_key, api_version, correlation_id, client_id length
+_FETCH_HEAD = struct.Struct(">iiiibi")  # replica, max_wait, min_bytes, max_bytes, isolation, topics
+_FETCH_PARTITION = struct.Struct(">iqi")  # partition, offset, partition max bytes
+# partition, error, high watermark, last stable offset, aborted transactions count
+_FETCHED_PARTITION = struct.Struct(">ihqqi")
+_PRODUCE_HEAD = struct.Struct(">hhii")  # transactional id (null), acks, timeout, topics
+_PRODUCE_PARTITION = struct.Struct(">ii")  # partition, record set size
+_PRODUCED_PARTITION = struct.Struct(">ihqq")  # partition, error, base offset, append time
+
+
+class Connection(asyncio.Protocol):
+    """One broker connection: framed requests out, responses matched in order."""
+
+    def __init__(self, address: str) -> None:
+        """Not connected yet: use `Connection.open`."""
+        self.address = address
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiting: deque[tuple[int, asyncio.Future[bytes]]] = deque()
+        self._next_id = 0
+        self._error: Exception | None = None
+        self._lost = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        """Connect (TCP_NODELAY is asyncio's default for TCP)."""
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
+        except OSError as exc:
+            raise KafkaConnectionError(f"cannot connect to {host}:{port}: {exc}") from exc
+        return conn
+
+    @property
+    def alive(self) -> bool:
+        """Connected and not failed."""
+        return self._transport is not None and self._error is None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        self._fail(KafkaConnectionError(f"connection to {self.address} lost: {exc}"))
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        buf = self._buf
+        buf += data
+        start = 0
+        while len(buf) - start >= 4:
+            size = int.from_bytes(buf[start : start + 4], "big")
+            end = start + 4 + size
+            if len(buf) < end:
+                break
+            correlation = int.from_bytes(buf[start + 4 : start + 8], "big")
+            if not self._waiting or self._waiting[0][0] != correlation:
+                self._fail(KafkaError(f"{self.address}: unexpected correlation id {correlation}"))
+                return
+            _, future = self._waiting.popleft()
+            if not future.done():  # a caller that gave up has cancelled it
+                future.set_result(bytes(buf[start + 8 : end]))
+            start = end
+        if start:
+            del buf[:start]
+
+    def request(self, api_key: int, version: int, parts: Sequence[bytes]) -> asyncio.Future[bytes]:
+        """Send one request (its body as `parts`); the future gets the response body."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if not self.alive:
+            future.set_exception(self._error or KafkaConnectionError(f"{self.address} closed"))
+            return future
+        assert self._transport is not None
+        self._next_id = correlation = (self._next_id + 1) & 0x7FFFFFFF
+        size = _HEADER.size - 4 + len(CLIENT_ID) + sum(len(p) for p in parts)
+        header = _HEADER.pack(size, api_key, version, correlation, len(CLIENT_ID)) + CLIENT_ID
+        self._waiting.append((correlation, future))
+        self._transport.writelines([header, *parts])
+        return future
+
+    async def close(self) -> None:
+        """Close and wait until the socket is released; requests still waiting fail."""
+        self._fail(KafkaConnectionError(f"connection to {self.address} closed"))
+        if self._transport is not None:
+            self._transport.close()
+            await self._lost
+
+    def _fail(self, exc: Exception) -> None:
+        self._error = self._error or exc
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(exc)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+
+class _Connections:
+    """One connection per broker node, opened on first use and again after a failure."""
+
+    def __init__(self, cluster: Any) -> None:
+        self._cluster = cluster  # aiokafka's ClusterMetadata (kept current by aiokafka)
+        self._conns: dict[int, Connection] = {}
+        self._opening: dict[int, asyncio.Task[Connection]] = {}  # one dial per node at a time
+        self._closed = False
+
+    async def get(self, node_id: int) -> Connection:
+        if self._closed:
+            raise KafkaConnectionError("the wire client is closed")
+        conn = self._conns.get(node_id)
+        if conn is not None and conn.alive:
+            return conn
+        opening = self._opening.get(node_id)
+        if opening is None:
+            broker = self._cluster.broker_metadata(node_id)
+            if broker is None:
+                raise KafkaConnectionError(f"no metadata for broker node {node_id}")
+            opening = asyncio.ensure_future(Connection.open(broker.host, broker.port))
+            self._opening[node_id] = opening
+            opening.add_done_callback(lambda _: self._opening.pop(node_id, None))
+        conn = await asyncio.shield(opening)
+        if self._conns.get(node_id) is not conn:
+            self._conns[node_id] = conn
+        return conn
+
+    async def close(self) -> None:
+        self._closed = True
+        conns = set(self._conns.values())
+        self._conns.clear()
+        for opening in list(self._opening.values()):  # a dial in progress: close it too
+            with contextlib.suppress(Exception):
+                conns.add(await opening)
+        await asyncio.gather(*(conn.close() for conn in conns))
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return _I16.pack(len(raw)) + raw
+
+
+def fetch_request(
+    topic: str, positions: Sequence[tuple[int, int]], max_wait_ms: int, min_bytes: int,
+    max_bytes: int, partition_max_bytes: int,
+) -> bytes:  # fmt: skip
+    """A Fetch v4 request body for one topic: `positions` are (partition, offset)."""
+    parts = [_FETCH_HEAD.pack(-1, max_wait_ms, min_bytes, max_bytes, 0, 1), _string(topic),
+             _I32.pack(len(positions))]  # fmt: skip
+    parts += [_FETCH_PARTITION.pack(p, offset, partition_max_bytes) for p, offset in positions]
+    return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionData:
+    """One partition of a Fetch response: its records are `body[start:end]`."""
+
+    partition: int
+    error: int
+    high_watermark: int
+    start: int
+    end: int
+
+
+def parse_fetch_response(body: bytes) -> list[tuple[str, PartitionData]]:
+    """Walk a Fetch v4 response body (after the correlation id)."""
+    out = []
+    pos = 4  # throttle time
+    (topics,) = _I32.unpack_from(body, pos)
+    pos += 4
+    for _ in range(topics):
+        (name_len,) = _I16.unpack_from(body, pos)
+        topic = body[pos + 2 : pos + 2 + name_len].decode()
+        pos += 2 + name_len
+        (partitions,) = _I32.unpack_from(body, pos)
+        pos += 4
+        for _ in range(partitions):
+            partition, error, high, _, aborted = _FETCHED_PARTITION.unpack_from(body, pos)
+            pos += _FETCHED_PARTITION.size + 16 * max(aborted, 0)
+            (size,) = _I32.unpack_from(body, pos)
+            pos += 4
+            size = max(size, 0)  # -1: null records
+            out.append((topic, PartitionData(partition, error, high, pos, pos + size)))
+            pos += size
+    return out
+
+
+def produce_request(topic: str, batches: Sequence[tuple[int, bytes]]) -> list[bytes]:
+    """A Produce v3 request body (acks=all) as parts: the record batches are not copied."""
+    by_partition: dict[int, list[bytes]] = {}
+    for partition, data in batches:
+        by_partition.setdefault(partition, []).append(data)
+    parts = [_PRODUCE_HEAD.pack(-1, -1, REQUEST_TIMEOUT_MS, 1), _string(topic),
+             _I32.pack(len(by_partition))]  # fmt: skip
+    for partition, datas in by_partition.items():
+        parts.append(_PRODUCE_PARTITION.pack(partition, sum(len(d) for d in datas)))
+        parts += datas  # several v2 batches of one partition concatenate into one record set
+    return parts
+
+
+def parse_produce_response(body: bytes) -> dict[tuple[str, int], int]:
+    """Error code per (topic, partition) of a Produce v3 response body."""
+    out = {}
+    (topics,) = _I32.unpack_from(body, 0)
+    pos = 4
+    for _ in range(topics):
+        (name_len,) = _I16.unpack_from(body, pos)
+        topic = body[pos + 2 : pos + 2 + name_len].decode()
+        pos += 2 + name_len
+        (partitions,) = _I32.unpack_from(body, pos)
+        pos += 4
+        for _ in range(partitions):
+            partition, error, _, _ = _PRODUCED_PARTITION.unpack_from(body, pos)
+            pos += _PRODUCED_PARTITION.size
+            out[(topic, partition)] = error
+    return out
+
+
+class WireProducer:
+    """Sends prebuilt record batches with one Produce request per leader per call.
+
+    Uses the metadata of an aiokafka producer (started, with the topic's partitions
+    known) to find leaders. A retriable error (leader moved, timeout, connection
+    lost) refreshes metadata and re-sends the failed partitions, up to
+    `PRODUCE_RETRIES` times; like any Kafka producer with more than one request in
+    flight and no idempotence, a retry may land after a later request (reordering
+    within a partition) and a lost ack may duplicate.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer):
+        """Borrow `producer`'s metadata; it must stay started while this is used."""
+        self._client = producer.client
+        self._conns = _Connections(producer.client.cluster)
+
+    def send(
+        self, topic: str, batches: Sequence[tuple[int, bytes, int]]
+    ) -> list[asyncio.Future[Any]]:
+        """Send (partition, record batch, record count) batches; futures resolve on the acks."""
+        by_node: dict[int, list[tuple[int, bytes]]] = {}
+        cluster = self._client.cluster
+        for partition, data, _ in batches:
+            leader = cluster.leader_for_partition(TopicPartition(topic, partition))
+            by_node.setdefault(-1 if leader is None else leader, []).append((partition, data))
+        return [asyncio.ensure_future(self._produce(topic, node, part))
+                for node, part in by_node.items()]  # fmt: skip
+
+    async def _produce(self, topic: str, node: int, batches: list[tuple[int, bytes]]) -> None:
+        for attempt in range(PRODUCE_RETRIES + 1):
+            try:
+                if node < 0:
+                    raise NotLeaderForPartitionError(f"no leader known for {topic}")
+                conn = await self._conns.get(node)
+                body = await conn.request(PRODUCE, PRODUCE_VERSION, produce_request(topic, batches))
+                errors = parse_produce_response(body)
+                failed = [(p, d) for p, d in batches if errors.get((topic, p), -1) != 0]
+                if not failed:
+                    return
+                code = next(errors.get((topic, p), -1) for p, _ in failed)
+                exc: KafkaError = for_code(code)() if code >= 0 else KafkaError("no ack")
+                batches = failed
+            except KafkaError as err:
+                exc = err
+            if not getattr(exc, "retriable", False) or attempt == PRODUCE_RETRIES:
+                raise exc
+            WIRE_RETRIES.labels("produce", type(exc).__name__).inc()
+            logger.warning("produce retried", extra={"topic": topic, "error": repr(exc)})
+            await asyncio.sleep(RETRY_BACKOFF_S)
+            await self._client.force_metadata_update()
+            cluster = self._client.cluster
+            leaders = {cluster.leader_for_partition(TopicPartition(topic, p)) for p, _ in batches}
+            if len(leaders) > 1:  # the partitions moved apart: one request per new leader
+                await asyncio.gather(*(self._produce(topic, -1 if lead is None else lead,
+                                                     [(p, d) for p, d in batches
+                                                      if cluster.leader_for_partition(
+                                                          TopicPartition(topic, p)) == lead])
+                                       for lead in leaders))  # fmt: skip
+                return
+            node = -1 if not leaders or None in leaders else leaders.pop()
+
+    async def close(self) -> None:
+        """Close the connections (requests in flight fail)."""
+        await self._conns.close()
+
+
+class WireFetcher:
+    """Fetches one subscribed topic's assigned partitions; aiokafka keeps the group.
+
+    aiokafka's consumer still joins the group, runs the rebalance callbacks, resolves
+    starting positions (committed offset or reset policy) and commits; its own
+    fetcher is kept idle by pausing every assigned partition. The positions stay
+    aiokafka's: a fetch starts at the consumer's position, and handing records out
+    moves that position on (as aiokafka's `getmany` does), so `consumer.seek` and
+    `consumer.position` work as usual. A response whose partition was moved (a seek,
+    a new assignment) while it was in flight is dropped. One fetch per leader is kept
+    in flight, so the next one is on its way while the caller works on the last.
+    """
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        topic: str,
+        max_wait_ms: int,
+        min_bytes: int = 1,
+        max_bytes: int = 50 * 1024 * 1024,
+        partition_max_bytes: int = 4 * 1024 * 1024,
+        gaps: GapRetries | None = None,
+    ):
+        """Fetch `topic` for `consumer` (started, subscribed to it)."""
+        self.consumer = consumer
+        self.topic = topic
+        self._limits = (max_wait_ms, min_bytes, max_bytes, partition_max_bytes)
+        self.gaps = gaps if gaps is not None else GapRetries(limit=0)
+        self._client = consumer._client
+        self._conns = _Connections(consumer._client.cluster)
+        self._assignment: Any = None  # the aiokafka Assignment whose partitions are paused
+        self._inflight: dict[int, tuple[asyncio.Future[bytes], dict[int, int]]] = {}
+        self._ready: deque[tuple[dict[int, int], bytes]] = deque()
+
+    async def poll(self, timeout_ms: int) -> Fetched:
+        """Records fetched since the last call (waiting up to `timeout_ms`), as columns."""
+        consumer = self.consumer
+        subscription = consumer._subscription
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        with subscription.fetch_context():  # aiokafka's max_poll_interval watchdog
+            while True:
+                consumer._coordinator.check_errors()
+                if subscription.reassignment_in_progress:
+                    await subscription.wait_for_assignment()
+                assignment = subscription.subscription.assignment
+                if assignment is not self._assignment:
+                    # new partitions: aiokafka's fetcher leaves them to us
+                    consumer.pause(*[tp for tp in assignment.tps if tp.topic == self.topic])
+                    self._assignment = assignment
+                parts = _Parts()
+                while self._ready:  # positions advance here, before the next fetch is sent
+                    self._take(assignment, *self._ready.popleft(), parts)
+                self._send_fetches(assignment)
+                if parts.cols or parts.next_offsets:
+                    return parts.build(self.topic)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return parts.build(self.topic)
+                if not self._inflight:  # no position yet (aiokafka resolves it), or no leader
+                    await asyncio.sleep(min(remaining, 0.01))
+                    continue
+                futures = [f for f, _ in self._inflight.values()]
+                await asyncio.wait(futures, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                self._collect()
+
+    def _send_fetches(self, assignment: Any) -> None:
+        """A fetch for every leader that has none in flight."""
+        cluster = self._client.cluster
+        by_node: dict[int, list[tuple[int, int]]] = {}
+        for tp in assignment.tps:
+            state = assignment.state_value(tp)
+            if tp.topic != self.topic or not state.has_valid_position:
+                continue
+            leader = cluster.leader_for_partition(tp)
+            if leader is None:
+                self._client.force_metadata_update()
+            elif leader not in self._inflight:
+                by_node.setdefault(leader, []).append((tp.partition, state.position))
+        for node, positions in by_node.items():
+            body = fetch_request(self.topic, positions, *self._limits)
+            future = asyncio.ensure_future(self._fetch(node, body))
+            future.add_done_callback(_retrieve)
+            self._inflight[node] = (future, dict(positions))
+
+    async def _fetch(self, node: int, body: bytes) -> bytes:
+        conn = await self._conns.get(node)
+        return await conn.request(FETCH, FETCH_VERSION, [body])
+
+    def _collect(self) -> None:
+        """Move finished fetches to the ready queue; failed ones are sent again next round."""
+        for node, (future, positions) in list(self._inflight.items()):
+            if not future.done():
+                continue
+            del self._inflight[node]
+            exc = future.exception()
+            if exc is None:
+                self._ready.append((positions, future.result()))
+            elif isinstance(exc, KafkaError):
+                WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
+                logger.warning("fetch failed", extra={"node": node, "error": repr(exc)})
+                self._client.force_metadata_update()
+            else:
+                raise exc
+
+    def _take(self, assignment: Any, positions: dict[int, int], body: bytes, parts: _Parts) -> None:
+        """Parse one response into `parts` and move the consumer's positions past it."""
+        for topic, data in parse_fetch_response(body):
+            tp = TopicPartition(topic, data.partition)
+            requested = positions.get(data.partition)
+            state = assignment.state_value(tp)
+            if (topic != self.topic or requested is None or state is None
+                    or not state.has_valid_position or state.position != requested):  # fmt: skip
+                continue  # moved while the fetch was in flight: fetched again from there
+            if data.error:
+                self._partition_error(state, tp, data.error)
+                continue
+            raw, cols, next_offset = parse_records(
+                tp, body[data.start : data.end], requested, self.gaps
+            )
+            if len(cols[0]):
+                parts.add(tp, raw, cols)
+            if next_offset != requested:
+                state.consumed_to(next_offset)
+                parts.next_offsets[tp] = next_offset
+
+    def _partition_error(self, state: Any, tp: TopicPartition, code: int) -> None:
+        exc = for_code(code)()
+        if isinstance(exc, OffsetOutOfRangeError):
+            # as aiokafka does: reset by the consumer's policy (its fetcher resolves it)
+            logger.warning("offset out of range", extra={"partition": tp.partition})
+            state.await_reset(self.consumer._fetcher._default_reset_strategy)
+            return
+        if not exc.retriable:
+            raise exc
+        WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
+        if getattr(exc, "invalid_metadata", False):
+            self._client.force_metadata_update()
+
+    async def close(self) -> None:
+        """Close the fetch connections."""
+        for future, _ in self._inflight.values():
+            future.cancel()
+        await self._conns.close()
+        self._inflight.clear()
+        self._ready.clear()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a dropped request's error as seen (it is handled, or moot, where it matters)."""
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,198 @@
+"""`stream.wire`: its requests and responses against aiokafka's protocol structs, and
+its fetcher and producer against aiokafka's own clients on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.fetch import FetchRequest_v4, FetchResponse_v4
+from aiokafka.protocol.produce import ProduceRequest_v3, ProduceResponse_v3
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from deploy.settings import Settings
+from stream.kafka import ensure_topics, make_consumer, make_producer
+from stream.wire import (
+    WireFetcher,
+    WireProducer,
+    fetch_request,
+    parse_fetch_response,
+    parse_produce_response,
+    produce_request,
+)
+from tests.conftest import unique
+from tests.kafka_helpers import read_topic, run
+from tests.test_fetch import PARTITIONS, _batch, _produce, _records
+
+
+def test_fetch_request_is_aiokafkas_v4() -> None:
+    positions = [(0, 5), (2, 1 << 40)]
+    ours = fetch_request("ticks", positions, 20, 1, 1 << 20, 4096)
+    theirs = FetchRequest_v4(
+        -1, 20, 1, 1 << 20, 0, [("ticks", [(p, o, 4096) for p, o in positions])]
+    )
+    assert ours == theirs.encode()
+
+
+def test_fetch_response_walk_matches_aiokafkas_decoder() -> None:
+    records = [_batch(3, 7), b"", None]
+    response = FetchResponse_v4(
+        0,
+        [("ticks", [(0, 0, 10, 10, [], records[0]), (1, 1, 4, 4, [(9, 2)], records[1]),
+                    (2, 0, 0, 0, None, records[2])])],
+    )  # fmt: skip
+    body = response.encode()
+    parsed = parse_fetch_response(body)
+    assert [(t, d.partition, d.error, d.high_watermark) for t, d in parsed] == [
+        ("ticks", 0, 0, 10), ("ticks", 1, 1, 4), ("ticks", 2, 0, 0)
+    ]  # fmt: skip
+    assert [body[d.start : d.end] for _, d in parsed] == [records[0], b"", b""]
+
+
+def test_produce_request_is_aiokafkas_v3_and_its_response_is_read() -> None:
+    a, b, c = _batch(2, 0), _batch(1, 0), _batch(4, 0)
+    ours = b"".join(produce_request("signals", [(1, a), (3, b), (1, c)]))
+    theirs = ProduceRequest_v3(None, -1, 30_000, [("signals", [(1, a + c), (3, b)])])
+    assert ours == theirs.encode()
+    response = ProduceResponse_v3([("signals", [(1, 0, 40, -1), (3, 6, -1, -1)])], 0)
+    assert parse_produce_response(response.encode()) == {("signals", 1): 0, ("signals", 3): 6}
+
+
+async def _read_wire(settings: Settings, topic: str, n: int) -> dict[int, list[tuple]]:
+    """(offset, key, value) per partition through WireFetcher, positions checked as we go."""
+    consumer = make_consumer(settings.bootstrap, unique("g"), [topic], max_batch=100)
+    await consumer.start()
+    fetcher = WireFetcher(consumer, topic, 20)
+    got: dict[int, list[tuple]] = {p: [] for p in range(PARTITIONS)}
+    try:
+        deadline = time.monotonic() + 60
+        while sum(map(len, got.values())) < n and time.monotonic() < deadline:
+            fetched = await fetcher.poll(200)
+            for i in range(len(fetched)):
+                got[int(fetched.partition[i])].append(
+                    (int(fetched.offset[i]), fetched.key(i), fetched.value(i))
+                )
+            for tp, offset in fetched.next_offsets.items():
+                assert await consumer.position(tp) == offset  # aiokafka's position moved
+        assert consumer.paused() == consumer.assignment()  # aiokafka's fetcher stays idle
+    finally:
+        await fetcher.close()
+        await consumer.stop()
+    return got
+
+
+async def _read_getmany(settings: Settings, topic: str, n: int) -> dict[int, list[tuple]]:
+    consumer = make_consumer(settings.bootstrap, unique("g"), [topic], max_batch=100)
+    await consumer.start()
+    got: dict[int, list[tuple]] = {p: [] for p in range(PARTITIONS)}
+    try:
+        deadline = time.monotonic() + 60
+        while sum(map(len, got.values())) < n and time.monotonic() < deadline:
+            for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
+                got[tp.partition].extend((m.offset, m.key, m.value) for m in msgs)
+    finally:
+        await consumer.stop()
+    return got
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_wire_fetch_equals_getmany(stack_settings: Settings, compression: str | None) -> None:
+    """Same records, offsets and order per partition; gzip goes through aiokafka's reader."""
+    topic = unique("wire")
+    records = _records(3000, seed=11)
+    run(ensure_topics(stack_settings.bootstrap, [topic], PARTITIONS))
+    run(_produce(stack_settings.bootstrap, topic, records, compression))
+    ours = run(_read_wire(stack_settings, topic, len(records)))
+    ref = run(_read_getmany(stack_settings, topic, len(records)))
+    assert sum(map(len, ours.values())) == len(records)
+    for p in range(PARTITIONS):
+        assert ours[p] == ref[p]
+        assert [o for o, _, _ in ours[p]] == list(range(len(ours[p])))
+
+
+def test_a_seek_moves_the_wire_fetch(stack_settings: Settings) -> None:
+    """consumer.seek (as the worker's restore does) is where the next records come from."""
+    topic = unique("wire-seek")
+    run(ensure_topics(stack_settings.bootstrap, [topic], 1))
+    run(_produce(stack_settings.bootstrap, topic, [(b"k", b"v%d" % i, 0) for i in range(50)],
+                 None))  # fmt: skip
+
+    async def go() -> tuple[list[int], list[int]]:
+        consumer: AIOKafkaConsumer = make_consumer(stack_settings.bootstrap, unique("g"), [topic])
+        await consumer.start()
+        fetcher = WireFetcher(consumer, topic, 20)
+        first: list[int] = []
+        again: list[int] = []
+        try:
+            while len(first) < 50:
+                first += (await fetcher.poll(500)).offset.tolist()
+            consumer.seek(TopicPartition(topic, 0), 30)
+            while len(again) < 20:
+                fetched = await fetcher.poll(500)
+                assert len(fetched), "nothing fetched after the seek"
+                again += fetched.offset.tolist()
+        finally:
+            await fetcher.close()
+            await consumer.stop()
+        return first, again
+
+    first, again = run(go())
+    assert first == list(range(50))
+    assert again == list(range(30, 50))
+
+
+def test_wire_producer_lands_batches_in_order(stack_settings: Settings) -> None:
+    topic = unique("wire-produce")
+    run(ensure_topics(stack_settings.bootstrap, [topic], 2))
+
+    async def go() -> None:
+        producer: AIOKafkaProducer = make_producer(stack_settings.bootstrap)
+        await producer.start()
+        wire = WireProducer(producer)
+        try:
+            await producer.partitions_for(topic)
+            for call in range(5):
+                batches = []
+                for p in (0, 1):
+                    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+                    for i in range(10):
+                        builder.append(i, timestamp=1, key=b"k", value=b"%d-%d" % (call, i),
+                                       headers=[])  # fmt: skip
+                    batches.append((p, bytes(builder.build()), 10))
+                futures = wire.send(topic, batches)
+                assert len(futures) == 1  # one broker: one request for both partitions
+            await asyncio.gather(*futures)
+        finally:
+            await wire.close()
+            await producer.stop()
+
+    run(go())
+    records = run(read_topic(stack_settings.bootstrap, topic, 2, 100))
+    assert len(records) == 100
+    for p in (0, 1):
+        values = [r.value for r in records if r.partition == p]
+        assert values == [b"%d-%d" % (c, i) for c in range(5) for i in range(10)]
+
+
+def test_wire_producer_raises_once_retries_are_spent(stack_settings: Settings) -> None:
+    """A partition that does not exist never gets a leader: the future fails, loudly."""
+    topic = unique("wire-missing")
+    run(ensure_topics(stack_settings.bootstrap, [topic], 1))
+
+    async def go() -> None:
+        producer: AIOKafkaProducer = make_producer(stack_settings.bootstrap)
+        await producer.start()
+        wire = WireProducer(producer)
+        try:
+            await producer.partitions_for(topic)
+            (future,) = wire.send(topic, [(7, _batch(1, 0), 1)])
+            await asyncio.wait_for(future, 30)
+        finally:
+            await wire.close()
+            await producer.stop()
+
+    with pytest.raises(KafkaError):
+        run(go())
