@@ -31,7 +31,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from aiokafka.consumer.fetcher import FetchResult
 from aiokafka.errors import ConsumerStoppedError, CorruptRecordException
-from aiokafka.record.util import calc_crc32c
 from numba import njit
 from prometheus_client import Counter
 
@@ -219,11 +218,16 @@ def parse_batches(
     return offset[:k], key_start[:k], key_len[:k], value_start[:k], value_len[:k], next_offset, 0
 
 
-def _check_crcs(raw: memoryview, starts: np.ndarray, ends: np.ndarray, tp: TopicPartition) -> None:
-    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
-        stored = int.from_bytes(raw[start + 17 : start + 21], "big")
-        if calc_crc32c(raw[start + 21 : end]) != stored:
-            raise CorruptRecordException(f"Invalid CRC - {tp}")
+def _check_crcs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, tp: TopicPartition) -> None:
+    """Raise as aiokafka's `check_crcs` does if any batch's CRC-32C is wrong.
+
+    In one Numba pass with the CPU's CRC-32C instruction where it has one: aiokafka's
+    per-batch call (table-driven) was ~2% of the worker's time at 20,000 ticks/s.
+    """
+    from stream.records import first_bad_crc  # stream.records imports this module
+
+    if first_bad_crc(buf, starts, ends) >= 0:
+        raise CorruptRecordException(f"Invalid CRC - {tp}")
 
 
 class _Parts:
@@ -311,7 +315,7 @@ def _plain(
     fetch_offset: int, gaps: GapRetries,
 ) -> tuple[tuple[np.ndarray, ...], int, int]:  # fmt: skip
     """Columns, next offset and status (0, or 2 malformed) of plain v2 batches."""
-    _check_crcs(memoryview(raw), starts, ends, tp)
+    _check_crcs(buf, starts, ends, tp)
     *cols, next_offset, status = parse_batches(buf, starts, ends, fetch_offset, True)
     if status == 3 and not gaps.retry(tp, next_offset):
         *cols, next_offset, status = parse_batches(buf, starts, ends, fetch_offset, False)
@@ -435,4 +439,5 @@ def warm_up() -> None:
     builder.append(0, timestamp=1, key=b"k", value=b"v", headers=[])
     buf = np.frombuffer(bytes(builder.build()), np.uint8)
     starts, ends, _ = batch_bounds(buf)
+    _check_crcs(buf, starts, ends, TopicPartition("warm-up", 0))
     parse_batches(buf, starts, ends, 0, True)

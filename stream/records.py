@@ -28,7 +28,7 @@ from numba import config as numba_config
 from numba import njit, types
 from numba.extending import intrinsic
 
-from stream.fetch import read_varint
+from stream.fetch import _be, read_varint
 from stream.signal import DOWN, FLAT, UP
 
 # The record batch header, field for field as aiokafka's DefaultRecordBatchBuilder packs
@@ -479,6 +479,32 @@ def _crc_batches_tables(out: np.ndarray, at: np.ndarray, size: np.ndarray) -> No
 
 
 _crc_batches = _crc_batches_sse42 if HARDWARE_CRC else _crc_batches_tables
+
+
+@njit(cache=True)
+def _first_bad_crc_sse42(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> int:
+    for b in range(len(starts)):
+        if _crc32c_sse42(buf, starts[b] + ATTRIBUTES_OFFSET, ends[b]) != _be(
+            buf, starts[b] + CRC_OFFSET, 4
+        ):
+            return b
+    return -1
+
+
+@njit(cache=True)
+def _first_bad_crc_tables(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> int:
+    for b in range(len(starts)):
+        if _crc32c_tables(buf, starts[b] + ATTRIBUTES_OFFSET, ends[b]) != _be(
+            buf, starts[b] + CRC_OFFSET, 4
+        ):
+            return b
+    return -1
+
+
+def first_bad_crc(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> int:
+    """Index of the first batch `buf[starts[b]:ends[b]]` whose CRC-32C is wrong; -1 if none."""
+    check = _first_bad_crc_sse42 if HARDWARE_CRC else _first_bad_crc_tables
+    return int(check(buf, starts, ends))
 
 
 def _template_pieces(emit_ns: int, model: str, version: str) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import struct
 from collections import deque
@@ -163,6 +164,11 @@ class _Connections:
         self._opening: dict[int, asyncio.Task[Connection]] = {}  # one dial per node at a time
         self._closed = False
 
+    def ready(self, node_id: int) -> Connection | None:
+        """The node's connection if it is up (None: `get` dials it)."""
+        conn = self._conns.get(node_id)
+        return conn if conn is not None and conn.alive else None
+
     async def get(self, node_id: int) -> Connection:
         if self._closed:
             raise KafkaConnectionError("the wire client is closed")
@@ -273,6 +279,37 @@ def parse_produce_response(body: bytes) -> dict[tuple[str, int], int]:
     return out
 
 
+def _outcome(
+    topic: str, batches: list[tuple[int, bytes]], response: asyncio.Future[bytes]
+) -> tuple[list[tuple[int, bytes]], KafkaError | None]:
+    """The batches whose partitions were not acknowledged, and why (None: all were)."""
+    if response.cancelled():
+        return batches, KafkaConnectionError("produce request cancelled")
+    exc = response.exception()
+    if exc is not None:
+        if not isinstance(exc, KafkaError):
+            raise exc
+        return batches, exc
+    errors = parse_produce_response(response.result())
+    failed = [(p, d) for p, d in batches if errors.get((topic, p), -1) != 0]
+    if not failed:
+        return [], None
+    code = errors.get((topic, failed[0][0]), -1)
+    return failed, for_code(code)() if code >= 0 else KafkaError(f"no ack for {topic}")
+
+
+def _settle(ack: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Pass `done`'s outcome on to `ack`."""
+    if ack.done():
+        _retrieve(done)
+    elif done.cancelled():
+        ack.cancel()
+    elif done.exception() is not None:
+        ack.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        ack.set_result(None)
+
+
 class WireProducer:
     """Sends prebuilt record batches with one Produce request per leader per call.
 
@@ -292,47 +329,78 @@ class WireProducer:
     def send(
         self, topic: str, batches: Sequence[tuple[int, bytes, int]]
     ) -> list[asyncio.Future[Any]]:
-        """Send (partition, record batch, record count) batches; futures resolve on the acks."""
+        """Send (partition, record batch, record count) batches; futures resolve on the acks.
+
+        On a connection that is up, a request and a callback per leader (no task);
+        dialling and retries run in a task.
+        """
         by_node: dict[int, list[tuple[int, bytes]]] = {}
         cluster = self._client.cluster
         for partition, data, _ in batches:
             leader = cluster.leader_for_partition(TopicPartition(topic, partition))
             by_node.setdefault(-1 if leader is None else leader, []).append((partition, data))
-        return [asyncio.ensure_future(self._produce(topic, node, part))
-                for node, part in by_node.items()]  # fmt: skip
+        acks = []
+        for node, part in by_node.items():
+            conn = self._conns.ready(node)
+            if conn is None:
+                acks.append(asyncio.ensure_future(self._produce(topic, node, part)))
+                continue
+            ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            response = conn.request(PRODUCE, PRODUCE_VERSION, produce_request(topic, part))
+            response.add_done_callback(functools.partial(self._acked, ack, topic, node, part))
+            acks.append(ack)
+        return acks
 
-    async def _produce(self, topic: str, node: int, batches: list[tuple[int, bytes]]) -> None:
+    def _acked(
+        self, ack: asyncio.Future[Any], topic: str, node: int, batches: list[tuple[int, bytes]],
+        response: asyncio.Future[bytes],
+    ) -> None:  # fmt: skip
+        if ack.done():
+            return  # the caller gave up on it
+        failed, exc = _outcome(topic, batches, response)
+        if exc is None:
+            ack.set_result(None)
+            return
+        retry = asyncio.ensure_future(self._produce(topic, node, failed, exc))
+        retry.add_done_callback(functools.partial(_settle, ack))
+
+    async def _produce(
+        self, topic: str, node: int, batches: list[tuple[int, bytes]],
+        error: KafkaError | None = None,
+    ) -> None:  # fmt: skip
+        """Send, and send again what failed retriably (`error`: the first try failed so)."""
+        exc = error
         for attempt in range(PRODUCE_RETRIES + 1):
+            if exc is not None:
+                if not getattr(exc, "retriable", False) or attempt == PRODUCE_RETRIES:
+                    raise exc
+                WIRE_RETRIES.labels("produce", type(exc).__name__).inc()
+                logger.warning("produce retried", extra={"topic": topic, "error": repr(exc)})
+                await asyncio.sleep(RETRY_BACKOFF_S)
+                await self._client.force_metadata_update()
+                cluster = self._client.cluster
+                leaders = {cluster.leader_for_partition(TopicPartition(topic, p))
+                           for p, _ in batches}  # fmt: skip
+                if len(leaders) > 1:  # the partitions moved apart: one request per leader
+                    await asyncio.gather(*(
+                        self._produce(topic, -1 if lead is None else lead,
+                                      [(p, d) for p, d in batches
+                                       if cluster.leader_for_partition(TopicPartition(topic, p))
+                                       == lead])
+                        for lead in leaders))  # fmt: skip
+                    return
+                node = -1 if not leaders or None in leaders else leaders.pop()
             try:
                 if node < 0:
                     raise NotLeaderForPartitionError(f"no leader known for {topic}")
                 conn = await self._conns.get(node)
-                body = await conn.request(PRODUCE, PRODUCE_VERSION, produce_request(topic, batches))
-                errors = parse_produce_response(body)
-                failed = [(p, d) for p, d in batches if errors.get((topic, p), -1) != 0]
-                if not failed:
-                    return
-                code = next(errors.get((topic, p), -1) for p, _ in failed)
-                exc: KafkaError = for_code(code)() if code >= 0 else KafkaError("no ack")
-                batches = failed
+                response = conn.request(PRODUCE, PRODUCE_VERSION, produce_request(topic, batches))
+                await asyncio.wait([response])
+                batches, exc = _outcome(topic, batches, response)
             except KafkaError as err:
                 exc = err
-            if not getattr(exc, "retriable", False) or attempt == PRODUCE_RETRIES:
-                raise exc
-            WIRE_RETRIES.labels("produce", type(exc).__name__).inc()
-            logger.warning("produce retried", extra={"topic": topic, "error": repr(exc)})
-            await asyncio.sleep(RETRY_BACKOFF_S)
-            await self._client.force_metadata_update()
-            cluster = self._client.cluster
-            leaders = {cluster.leader_for_partition(TopicPartition(topic, p)) for p, _ in batches}
-            if len(leaders) > 1:  # the partitions moved apart: one request per new leader
-                await asyncio.gather(*(self._produce(topic, -1 if lead is None else lead,
-                                                     [(p, d) for p, d in batches
-                                                      if cluster.leader_for_partition(
-                                                          TopicPartition(topic, p)) == lead])
-                                       for lead in leaders))  # fmt: skip
+            if exc is None:
                 return
-            node = -1 if not leaders or None in leaders else leaders.pop()
 
     async def close(self) -> None:
         """Close the connections (requests in flight fail)."""
@@ -401,8 +469,7 @@ class WireFetcher:
                 if not self._inflight:  # no position yet (aiokafka resolves it), or no leader
                     await asyncio.sleep(min(remaining, 0.01))
                     continue
-                futures = [f for f, _ in self._inflight.values()]
-                await asyncio.wait(futures, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                await self._first_response(loop, deadline)
                 self._collect()
 
     def _send_fetches(self, assignment: Any) -> None:
@@ -420,9 +487,32 @@ class WireFetcher:
                 by_node.setdefault(leader, []).append((tp.partition, state.position))
         for node, positions in by_node.items():
             body = fetch_request(self.topic, positions, *self._limits)
-            future = asyncio.ensure_future(self._fetch(node, body))
+            conn = self._conns.ready(node)
+            if conn is not None:
+                future = conn.request(FETCH, FETCH_VERSION, [body])
+            else:
+                future = asyncio.ensure_future(self._fetch(node, body))
             future.add_done_callback(_retrieve)
             self._inflight[node] = (future, dict(positions))
+
+    async def _first_response(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Until a fetch in flight completes or `deadline` (asyncio.wait, minus its tasks)."""
+        waiter = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        futures = [f for f, _ in self._inflight.values()]
+        for future in futures:
+            future.add_done_callback(wake)
+        timer = loop.call_at(deadline, wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            for future in futures:
+                future.remove_done_callback(wake)
 
     async def _fetch(self, node: int, body: bytes) -> bytes:
         conn = await self._conns.get(node)

@@ -143,7 +143,24 @@ def test_corrupt_batch_raises(stack_settings: Settings) -> None:
     buf = np.frombuffer(bytes(raw), np.uint8)
     starts, ends, _ = batch_bounds(buf)
     with pytest.raises(CorruptRecordException):
-        _check_crcs(memoryview(bytes(raw)), starts, ends, TopicPartition("t", 0))
+        _check_crcs(buf, starts, ends, TopicPartition("t", 0))
+
+
+def test_crc_check_finds_the_corrupt_batch_with_either_kernel() -> None:
+    from stream import records
+
+    raw = bytearray(_batch(3, 0) + _batch(4, 3) + _batch(2, 7))
+    buf = np.frombuffer(bytes(raw), np.uint8)
+    starts, ends, _ = batch_bounds(buf)
+    kernels = [records._first_bad_crc_tables]
+    if records.HARDWARE_CRC:
+        kernels.append(records._first_bad_crc_sse42)
+    for kernel in kernels:
+        assert kernel(buf, starts, ends) == -1
+        for b in range(3):
+            bad = bytearray(raw)
+            bad[int(ends[b]) - 1] ^= 0x01  # the last byte of batch b
+            assert kernel(np.frombuffer(bytes(bad), np.uint8), starts, ends) == b
 
 
 def test_empty_drain_times_out(stack_settings: Settings) -> None:
