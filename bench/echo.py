@@ -18,6 +18,7 @@ from typing import Any
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from stream import wire
 from stream.fetch import Fetched, GapRetries, drain, install
 from stream.kafka import make_consumer, make_producer, start_client
 from stream.wire import WireFetcher, WireProducer
@@ -28,6 +29,7 @@ async def echo(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    wire.warm_up()
     install()
     consumer = make_consumer(args.bootstrap, args.group, [args.source], args.fetch_max_wait_ms,
                              args.max_batch)  # fmt: skip
@@ -40,7 +42,7 @@ async def echo(args: argparse.Namespace) -> None:
     print("assigned", flush=True)
     gaps = GapRetries()  # as the worker does
     fetcher = WireFetcher(consumer, args.source, args.fetch_max_wait_ms, gaps=gaps)
-    wire = WireProducer(producer)
+    sender = WireProducer(producer)
     try:
         while not stop.is_set():
             if args.wire:
@@ -51,14 +53,14 @@ async def echo(args: argparse.Namespace) -> None:
                 continue
             now_ms = time.time_ns() // 1_000_000
             if args.wire:
-                acks = wire.send(args.sink, _record_batches(fetched, partitions, now_ms))
+                acks = sender.send(args.sink, _record_batches(fetched, partitions, now_ms))
             else:
                 acks = await _send_via_aiokafka(producer, args.sink, fetched, partitions, now_ms)
             await asyncio.gather(*acks)
             await consumer.commit(fetched.next_offsets)
     finally:
         await fetcher.close()
-        await wire.close()
+        await sender.close()
         await consumer.stop()
         await producer.stop()
 

@@ -3,7 +3,7 @@
 Writes an .npz with trade ids, intended send times (`recv_ns` of the tick), arrival
 times and, for tickserve signals, the stage timestamps of header `t`.
 
-It reads the way the worker does (`stream.fetch.drain`: record batches as columns)
+It reads the way the worker does (`stream.wire.WireFetcher`: record batches as columns)
 and picks its three fields out with one Numba pass: a ConsumerRecord and a JSON parse
 per record cost ~10 us, a fifth of a core at 20,000 records/s, which this 2-core
 machine's broker and worker then lacked (the harness must not load the system under
@@ -21,8 +21,10 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from numba import njit
 
-from stream.fetch import drain, install, read_varint
+from stream import wire
+from stream.fetch import read_varint
 from stream.signal import STAGES
+from stream.wire import WireFetcher
 
 TRADE_ID = np.frombuffer(b'"trade_id":', np.uint8)
 RECV_NS = np.frombuffer(b'"recv_ns":', np.uint8)
@@ -77,7 +79,7 @@ def fields(buf, value_start, value_len, trade_id, recv_ns, stages, has_stages): 
 
 async def collect(args: argparse.Namespace) -> None:
     """Read until `expect` records arrived or nothing came for `idle_s` after the deadline."""
-    install()
+    wire.warm_up()
     consumer = AIOKafkaConsumer(bootstrap_servers=args.bootstrap, enable_auto_commit=False,
                                 fetch_max_wait_ms=args.fetch_max_wait_ms,
                                 max_partition_fetch_bytes=4 * 1024 * 1024)  # fmt: skip
@@ -87,15 +89,17 @@ async def collect(args: argparse.Namespace) -> None:
     arrived: list[np.ndarray] = []
     stages: list[np.ndarray] = []
     received = 0
+    fetcher = None
     try:
         parts = [TopicPartition(args.topic, p) for p in range(args.partitions)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
+        fetcher = WireFetcher(consumer, args.topic, args.fetch_max_wait_ms)
         print("ready", flush=True)
         last = time.monotonic()
         deadline = time.monotonic() + args.timeout
         while received < args.expect and time.monotonic() < deadline:
-            fetched = await drain(consumer, args.topic, 100)
+            fetched = await fetcher.poll(100)
             now = time.time_ns()
             n = len(fetched)
             if not n:
@@ -112,6 +116,8 @@ async def collect(args: argparse.Namespace) -> None:
             stages.append(raw[has].view("<i8"))
             received += n
     finally:
+        if fetcher is not None:
+            await fetcher.close()
         await consumer.stop()
 
     def joined(chunks: list[np.ndarray]) -> np.ndarray:

@@ -166,32 +166,32 @@ def parse_batches(
     total = 0
     for b in range(starts.shape[0]):
         total += _be(buf, starts[b] + 57, 4)
-    offset = np.empty(total, np.int64)
-    key_start = np.empty(total, np.int64)
-    key_len = np.empty(total, np.int64)
-    value_start = np.empty(total, np.int64)
-    value_len = np.empty(total, np.int64)
-    k = 0
+    cols = np.empty((5, total), np.int64)  # offset, key start, key length, value start, length
+    k, next_offset, status = parse_into(buf, starts, ends, fetch_offset, stop_at_gap, cols, 0)
+    return cols[0, :k], cols[1, :k], cols[2, :k], cols[3, :k], cols[4, :k], next_offset, status
+
+
+@njit(cache=True)
+def parse_into(
+    buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, fetch_offset: int, stop_at_gap: bool,
+    cols: np.ndarray, k: int,
+) -> tuple[int, int, int]:  # fmt: skip
+    """`parse_batches` writing into `cols` (5 rows) from column `k`: (new k, next offset, status).
+
+    A malformed record returns next offset 0 and status 2.
+    """
     next_offset = fetch_offset
     for b in range(starts.shape[0]):
         start, end = starts[b], ends[b]
         base = _be(buf, start, 8)
         if stop_at_gap and base > next_offset:
-            return (
-                offset[:k],
-                key_start[:k],
-                key_len[:k],
-                value_start[:k],
-                value_len[:k],
-                next_offset,
-                3,
-            )
+            return k, next_offset, 3
         count = _be(buf, start + 57, 4)
         pos = start + HEADER_BYTES
         for _ in range(count):
             length, pos = read_varint(buf, pos)
             if pos < 0 or pos + length > end:
-                return offset[:k], key_start[:k], key_len[:k], value_start[:k], value_len[:k], 0, 2
+                return k, 0, 2
             record_end = pos + length
             pos += 1  # attributes
             _, pos = read_varint(buf, pos)  # timestamp delta
@@ -203,19 +203,19 @@ def parse_batches(
             vlen, pos = read_varint(buf, pos)
             vpos = pos
             if pos < 0 or pos > record_end or vpos + max(vlen, 0) > record_end:
-                return offset[:k], key_start[:k], key_len[:k], value_start[:k], value_len[:k], 0, 2
+                return k, 0, 2
             pos = record_end  # headers are not read: ticks carry none that we use
             if base + delta < fetch_offset:
                 continue  # before the position (a batch fetched from its middle)
-            offset[k] = base + delta
-            key_start[k] = kpos
-            key_len[k] = klen
-            value_start[k] = vpos
-            value_len[k] = vlen
+            cols[0, k] = base + delta
+            cols[1, k] = kpos
+            cols[2, k] = klen
+            cols[3, k] = vpos
+            cols[4, k] = vlen
             k += 1
         # v2 keeps the last offset even when compaction removed records
         next_offset = max(next_offset, base + _be(buf, start + 23, 4) + 1)
-    return offset[:k], key_start[:k], key_len[:k], value_start[:k], value_len[:k], next_offset, 0
+    return k, next_offset, 0
 
 
 def _check_crcs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, tp: TopicPartition) -> None:
@@ -245,6 +245,14 @@ class _Parts:
         offset, ks, kl, vs, vl = cols
         self.cols.append((offset, ks + self.size, kl, vs + self.size, vl))
         self.partitions.append(np.full(len(offset), tp.partition, np.int32))
+        self.raws.append(raw)
+        self.size += len(raw)
+
+    def add_columns(self, raw: bytes, partition: np.ndarray, cols: np.ndarray) -> None:
+        """Records of several partitions whose spans (`cols`, 5 rows) index `raw`."""
+        offset, ks, kl, vs, vl = cols
+        self.cols.append((offset, ks + self.size, kl, vs + self.size, vl))
+        self.partitions.append(partition)
         self.raws.append(raw)
         self.size += len(raw)
 

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     KafkaConnectionError,
@@ -42,9 +43,20 @@ from aiokafka.errors import (
     OffsetOutOfRangeError,
     for_code,
 )
+from numba import njit
 from prometheus_client import Counter
 
-from stream.fetch import Fetched, GapRetries, _Parts, parse_records
+from stream.fetch import (
+    HEADER_BYTES,
+    Fetched,
+    GapRetries,
+    _be,
+    _Parts,
+    batch_bounds,
+    parse_into,
+    parse_records,
+)
+from stream.records import first_bad_crc
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +258,54 @@ def parse_fetch_response(body: bytes) -> list[tuple[str, PartitionData]]:
             out.append((topic, PartitionData(partition, error, high, pos, pos + size)))
             pos += size
     return out
+
+
+@njit(cache=True)
+def parse_partitions(
+    buf: np.ndarray, part_start: np.ndarray, part_end: np.ndarray, fetch_offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every partition's record set of one Fetch response (`buf[part_start[p]:part_end[p]]`).
+
+    One pass over all of them, spans into `buf` itself (no copy, no concatenation).
+    Returns (cols: offset, key start/length, value start/length rows; the partition
+    index of each record; next offset and status per partition, as `parse_batches`
+    gives them plus 1 for a set that is not plain v2; the start and end of every
+    record batch, for the CRC check).
+    """
+    n_parts = part_start.shape[0]
+    status = np.zeros(n_parts, np.int64)
+    next_offsets = fetch_offsets.copy()
+    most = buf.shape[0] // HEADER_BYTES + 1
+    starts = np.empty(most, np.int64)
+    ends = np.empty(most, np.int64)
+    first = np.zeros(n_parts + 1, np.int64)  # partition p's batches: first[p]:first[p + 1]
+    n_batches = 0
+    total = 0
+    for p in range(n_parts):
+        lo = part_start[p]
+        s, e, plain = batch_bounds(buf[lo : part_end[p]])
+        if plain != 0:
+            status[p] = 1
+        else:
+            for j in range(s.shape[0]):
+                starts[n_batches] = s[j] + lo
+                ends[n_batches] = e[j] + lo
+                total += _be(buf, s[j] + lo + 57, 4)
+                n_batches += 1
+        first[p + 1] = n_batches
+    cols = np.empty((5, total), np.int64)
+    part = np.empty(total, np.int64)
+    k = 0
+    for p in range(n_parts):
+        if status[p] != 0:
+            continue
+        b0, b1 = first[p], first[p + 1]
+        before = k
+        k, next_offsets[p], status[p] = parse_into(
+            buf, starts[b0:b1], ends[b0:b1], fetch_offsets[p], True, cols, k
+        )
+        part[before:k] = p
+    return cols[:, :k], part[:k], next_offsets, status, starts[:n_batches], ends[:n_batches]
 
 
 def produce_request(topic: str, batches: Sequence[tuple[int, bytes]]) -> list[bytes]:
@@ -536,6 +596,7 @@ class WireFetcher:
 
     def _take(self, assignment: Any, positions: dict[int, int], body: bytes, parts: _Parts) -> None:
         """Parse one response into `parts` and move the consumer's positions past it."""
+        taken = []  # (tp, state, requested offset, records span) of partitions still wanted
         for topic, data in parse_fetch_response(body):
             tp = TopicPartition(topic, data.partition)
             requested = positions.get(data.partition)
@@ -545,7 +606,36 @@ class WireFetcher:
                 continue  # moved while the fetch was in flight: fetched again from there
             if data.error:
                 self._partition_error(state, tp, data.error)
-                continue
+            else:
+                taken.append((tp, state, requested, data))
+        if not taken:
+            return
+        buf = np.frombuffer(body, np.uint8)
+        cols, part, next_offsets, status, starts, ends = parse_partitions(
+            buf, np.array([t[3].start for t in taken], np.int64),
+            np.array([t[3].end for t in taken], np.int64),
+            np.array([t[2] for t in taken], np.int64),
+        )  # fmt: skip
+        if status.any() or first_bad_crc(buf, starts, ends) >= 0:
+            self._take_each(taken, body, parts)  # gaps, compression, damage: the careful path
+            return
+        if cols.shape[1]:
+            numbers = np.array([t[0].partition for t in taken], np.int32)
+            parts.add_columns(body, numbers[part], cols)
+        for (tp, state, requested, _), next_offset in zip(taken, next_offsets.tolist(),
+                                                          strict=True):  # fmt: skip
+            self.gaps.passed(tp)
+            if next_offset != requested:
+                state.consumed_to(next_offset)
+                parts.next_offsets[tp] = next_offset
+
+    def _take_each(self, taken: list[tuple[Any, ...]], body: bytes, parts: _Parts) -> None:
+        """Partition by partition, through `stream.fetch.parse_records`.
+
+        That path retries gaps, reads anything but plain v2 batches with aiokafka's
+        reader and raises on a CRC mismatch.
+        """
+        for tp, state, requested, data in taken:
             raw, cols, next_offset = parse_records(
                 tp, body[data.start : data.end], requested, self.gaps
             )
@@ -581,3 +671,15 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a dropped request's error as seen (it is handled, or moot, where it matters)."""
     if not future.cancelled():
         future.exception()
+
+
+def warm_up() -> None:
+    """Load (or compile) the response parser now, before the first fetch."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 16)
+    builder.append(0, timestamp=1, key=b"k", value=b"v", headers=[])
+    buf = np.frombuffer(bytes(builder.build()), np.uint8)
+    one = np.zeros(1, np.int64)
+    *_, starts, ends = parse_partitions(buf, one, one + len(buf), one)
+    first_bad_crc(buf, starts, ends)

@@ -22,7 +22,7 @@ from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
 from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
 from inference.registry import LoadedModel
-from stream import fetch, records, tickcodec
+from stream import fetch, records, tickcodec, wire
 from stream.fetch import Fetched
 from stream.kafka import (
     MAX_PARTITION_FETCH_BYTES,
@@ -147,7 +147,7 @@ class StreamWorker:
         """Consume until `stop` is set, then commit, snapshot and close."""
         cfg = self.config
         fetch.install()  # record batches are parsed as columns (see stream.fetch)
-        for codec in (fetch, tickcodec, records):
+        for codec in (fetch, tickcodec, records, wire):
             # load (or compile: ~10 s with a cold Numba cache) before joining the group,
             # not on the first micro-batch while ticks pile up
             codec.warm_up()

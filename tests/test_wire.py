@@ -61,6 +61,45 @@ def test_produce_request_is_aiokafkas_v3_and_its_response_is_read() -> None:
     assert parse_produce_response(response.encode()) == {("signals", 1): 0, ("signals", 3): 6}
 
 
+def test_one_pass_over_a_response_equals_the_per_partition_parse() -> None:
+    """parse_partitions on a whole response: same records as parse_records per partition."""
+    import numpy as np
+
+    from stream.fetch import GapRetries, parse_records
+    from stream.wire import parse_partitions
+
+    sets = [_batch(5, 10) + _batch(4, 15), b"", _batch(3, 0), _batch(2, 7) + _batch(6, 9)]
+    body = FetchResponse_v4(
+        0, [("t", [(p, 0, 99, 99, [], r) for p, r in enumerate(sets)])]
+    ).encode()
+    data = [d for _, d in parse_fetch_response(body)]
+    fetch_offsets = np.array([12, 0, 0, 8], np.int64)  # two of them start mid-batch
+    buf = np.frombuffer(body, np.uint8)
+    cols, part, next_offsets, status, starts, ends = parse_partitions(
+        buf, np.array([d.start for d in data]), np.array([d.end for d in data]), fetch_offsets
+    )
+    assert status.tolist() == [0, 0, 0, 0]
+    assert len(starts) == 5 and (ends > starts).all()
+    for p, d in enumerate(data):
+        tp = TopicPartition("t", p)
+        raw, ref, ref_next = parse_records(tp, body[d.start : d.end], int(fetch_offsets[p]),
+                                           GapRetries())  # fmt: skip
+        mine = cols[:, part == p]
+        assert mine[0].tolist() == ref[0].tolist()
+        values = [body[s : s + n] for s, n in zip(mine[3], mine[4], strict=True)]
+        assert values == [raw[s : s + n] for s, n in zip(ref[3], ref[4], strict=True)]
+        assert next_offsets[p] == ref_next
+    assert cols[0, part == 0].tolist() == [12, 13, 14, 15, 16, 17, 18]
+    # a gap (offsets 9 and up arrive before 7-8 are readable) is flagged, not skipped
+    gap = FetchResponse_v4(0, [("t", [(0, 0, 99, 99, [], _batch(2, 9))])]).encode()
+    gap_data = parse_fetch_response(gap)[0][1]
+    *_, gap_next, gap_status, _, _ = parse_partitions(
+        np.frombuffer(gap, np.uint8), np.array([gap_data.start]), np.array([gap_data.end]),
+        np.array([7]),
+    )  # fmt: skip
+    assert (gap_status.tolist(), gap_next.tolist()) == ([3], [7])
+
+
 async def _read_wire(settings: Settings, topic: str, n: int) -> dict[int, list[tuple]]:
     """(offset, key, value) per partition through WireFetcher, positions checked as we go."""
     consumer = make_consumer(settings.bootstrap, unique("g"), [topic], max_batch=100)
