@@ -54,6 +54,8 @@ BATCH_SIZE = Histogram(
 
 # micro-batches whose signals may be awaiting acks at once (backpressure beyond that)
 MAX_INFLIGHT_BATCHES = 4
+# how often the newest feature rows are handed to the online writer (it flushes every 50 ms)
+OFFER_INTERVAL_S = 0.025
 
 # (trade_ids, symbols, feature values, ready) of each micro-batch, for audits and tests
 FeatureTap = Callable[[list[str], list[str], np.ndarray, np.ndarray], None]
@@ -123,6 +125,8 @@ class StreamWorker:
         # newest ready row and its event time per feature slot (-1: none yet), see `latest`
         self._latest_ns = np.full(0, -1, np.int64)
         self._latest_values = np.zeros((0, engine.spec.n_features))
+        self._unoffered = np.zeros(0, np.bool_)  # slots updated since the last offer
+        self._last_offer = 0.0
         self.processed = 0
         self.partition_of: dict[str, int] = {}
         self.next_offsets: dict[TopicPartition, int] = {}  # committed
@@ -191,6 +195,8 @@ class StreamWorker:
                 elif fetched.next_offsets:  # only skipped offsets: move the commit along
                     self.processed_offsets.update(fetched.next_offsets)
                 await self._reap(block=False)
+                if not len(fetched):
+                    self._offer(force=False)  # a quiet stream still reaches the online store
                 if self._acked and not self._inflight and self._commit_due():
                     await self._commit()  # a quiet stream still commits what was acked
             clean = True
@@ -208,6 +214,7 @@ class StreamWorker:
             await consumer.stop()
             await producer.stop()
             if self.writer is not None:
+                self._offer(force=True)
                 self.writer.close()
             if self.snapshots is not None:
                 self.snapshots.close()
@@ -503,11 +510,30 @@ class StreamWorker:
             self._latest_ns = np.concatenate([self._latest_ns, np.full(pad, -1, np.int64)])
             self._latest_values = np.concatenate([self._latest_values,
                                                   np.zeros((pad, values.shape[1]))])  # fmt: skip
+            self._unoffered = np.concatenate([self._unoffered, np.zeros(pad, np.bool_)])
         self._latest_ns[at] = event_ns[last]
         self._latest_values[at] = values[last]
-        if self.writer is not None:
-            names = self.engine.symbols
-            self.writer.offer([names[s] for s in at.tolist()], event_ns[last], values[last])
+        self._unoffered[at] = True
+        self._offer(force=False)
+
+    def _offer(self, force: bool) -> None:
+        """Hand the rows updated since the last offer to the online writer.
+
+        At most every OFFER_INTERVAL_S (unless `force`): the writer keeps only the
+        newest row per symbol anyway, and a Python list per micro-batch cost more
+        than the rest of the bookkeeping together.
+        """
+        now = time.monotonic()
+        if self.writer is None or not (force or now - self._last_offer >= OFFER_INTERVAL_S):
+            return
+        self._last_offer = now
+        slots = np.flatnonzero(self._unoffered)
+        if not slots.size:
+            return
+        self._unoffered[slots] = False
+        names = self.engine.symbols
+        self.writer.offer([names[s] for s in slots.tolist()], self._latest_ns[slots],
+                          self._latest_values[slots])  # fmt: skip
 
     def latest(self, symbol: str) -> tuple[int, np.ndarray] | None:
         """The newest ready feature row of `symbol` and its event time, None if none yet."""
