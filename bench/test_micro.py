@@ -4,7 +4,8 @@ Groups: tick decode (json vs orjson vs tickserve's batch and columnar decode), s
 encode, signals -> Kafka record batches (encode_signals + BatchBuilder appends vs
 encode_signal_batches) and their CRC-32C, feature update (tickserve batch 1 and 1000
 vs talipp tick by tick), ONNX run per batch size, online-store write per batch (Feast
-DataFrame path vs tickserve's).
+DataFrame path vs tickserve's), a Fetch response parsed (aiokafka's struct decode and
+records vs stream.wire's one pass).
 """
 
 from __future__ import annotations
@@ -322,3 +323,68 @@ def test_online_write_tickserve(benchmark: pytest.FixtureRequest, feast_store: o
         writer.flush()
 
     benchmark(write)
+
+
+def _fetch_response() -> bytes:
+    """A Fetch v4 response: 4 partitions x 7 record batches x 25 ticks (the e2e's shape)."""
+    from aiokafka.protocol.fetch import FetchResponse_v4
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    partitions = []
+    for p in range(4):
+        sets = []
+        for b in range(7):
+            builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+            for i in range(25):
+                builder.append(i, timestamp=1, key=b"SYN%03d/USD" % (i % 100),
+                               value=RAW[(b * 25 + i) % N], headers=[])  # fmt: skip
+            raw = bytearray(builder.build())
+            raw[0:8] = (b * 25).to_bytes(8, "big")
+            sets.append(bytes(raw))
+        partitions.append((p, 0, 175, 175, [], b"".join(sets)))
+    return bytes(FetchResponse_v4(0, [("ticks", partitions)]).encode())
+
+
+@pytest.mark.benchmark(group="fetch response, 4 partitions x 175 ticks")
+def test_fetch_response_aiokafka(benchmark: pytest.FixtureRequest) -> None:
+    """aiokafka's path: the response struct decoded, then a ConsumerRecord-like per record."""
+    from io import BytesIO
+
+    from aiokafka.protocol.fetch import FetchResponse_v4
+    from aiokafka.record.memory_records import MemoryRecords
+
+    body = _fetch_response()
+
+    def parse() -> int:
+        n = 0
+        for _, parts in FetchResponse_v4.decode(BytesIO(body)).topics:
+            for *_, records in parts:
+                memory = MemoryRecords(records)
+                while (batch := memory.next_batch()) is not None:
+                    batch.validate_crc()
+                    n += sum(1 for r in batch if r.value is not None)
+        return n
+
+    assert benchmark(parse) == 700
+
+
+@pytest.mark.benchmark(group="fetch response, 4 partitions x 175 ticks")
+def test_fetch_response_tickserve(benchmark: pytest.FixtureRequest) -> None:
+    """stream.wire: the response walked, every partition parsed and CRC-checked in one pass."""
+    from stream.records import first_bad_crc
+    from stream.wire import parse_fetch_response, parse_partitions, warm_up
+
+    body = _fetch_response()
+    warm_up()
+
+    def parse() -> int:
+        data = [d for _, d in parse_fetch_response(body)]
+        buf = np.frombuffer(body, np.uint8)
+        cols, _, _, status, starts, ends = parse_partitions(
+            buf, np.array([d.start for d in data]), np.array([d.end for d in data]),
+            np.zeros(len(data), np.int64),
+        )  # fmt: skip
+        assert not status.any() and first_bad_crc(buf, starts, ends) < 0
+        return int(cols.shape[1])
+
+    assert benchmark(parse) == 700

@@ -267,6 +267,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         snapshot_interval_s=settings.snapshot_interval_s,
         commit_interval_s=settings.commit_interval_ms / 1000,
         shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
+        wire=settings.wire,
     )  # fmt: skip
     warm_up(spec)
     warm_up_trees()

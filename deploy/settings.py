@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     online_flush_s: float = Field(0.25, gt=0)
     # acknowledged offsets are committed at most this often, always on revoke and stop
     commit_interval_ms: int = Field(100, ge=0)
+    # ticks and signals over stream.wire's own Fetch/Produce connections (plaintext);
+    # false: aiokafka's data path
+    wire: bool = True
 
     # Redis / Feast
     redis_url: str | None = Field(

@@ -54,7 +54,8 @@ BATCH_SIZE = Histogram(
 
 # micro-batches whose signals may be awaiting acks at once (backpressure beyond that)
 MAX_INFLIGHT_BATCHES = 4
-# how often the newest feature rows are handed to the online writer (it flushes every 50 ms)
+# how often the newest feature rows are handed to the online writer (which flushes every
+# TICKSERVE_ONLINE_FLUSH_S, 0.25 s by default)
 OFFER_INTERVAL_S = 0.025
 
 # (trade_ids, symbols, feature values, ready) of each micro-batch, for audits and tests
