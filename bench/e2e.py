@@ -51,6 +51,8 @@ class E2EConfig:
     p99_bound_ms: float = 1000.0  # the sweep's definition of "sustainable"
     out_dir: Path = Path("bench/results")
     sweep: tuple[float, ...] = field(default_factory=tuple)
+    # SCHED_FIFO priority of both systems' stream thread (TICKSERVE_REALTIME_PRIORITY); 0: none
+    realtime_priority: int = 0
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -163,7 +165,8 @@ class Bench:
         asyncio.run(ensure_topics(bootstrap, [source, sink, f"dlq-{tag}"], self.config.partitions))
         if kind == "echo":
             argv = [sys.executable, "-m", "bench.echo", "--bootstrap", bootstrap, "--source",
-                    source, "--sink", sink, "--group", f"g-{tag}"]  # fmt: skip
+                    source, "--sink", sink, "--group", f"g-{tag}", "--realtime-priority",
+                    str(self.config.realtime_priority)]  # fmt: skip
             proc, log = self._spawn(tag, argv, self._env())
             ready_text = "assigned"
         else:
@@ -176,6 +179,7 @@ class Bench:
                 TICKSERVE_MODEL_NAME=self.settings.model_name, TICKSERVE_METRICS_PORT="0",
                 TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
                 TICKSERVE_PREFER_GPU="false",
+                TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
             )  # fmt: skip
             proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
             ready_text = "worker consuming"
@@ -454,6 +458,8 @@ def summary(path: Path) -> str:
     f, t = rep["floor"], rep["tickserve"]
     lines = [f"e2e at {t['rate']:,.0f} ticks/s for {t['duration_s']:g} s, {rep['machine']['cpus']} "
              f"CPUs, commit {rep['machine']['git_commit']}"]  # fmt: skip
+    if rep.get("config", {}).get("realtime_priority"):
+        lines[0] += f", stream threads SCHED_FIFO {rep['config']['realtime_priority']}"
     for name, res in (("echo floor", f), ("tickserve", t)):
         lat = res["latency_ms"]
         lines.append(

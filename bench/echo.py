@@ -22,6 +22,7 @@ from stream import wire
 from stream.fetch import Fetched, GapRetries, drain, install
 from stream.kafka import make_consumer, make_producer, start_client
 from stream.wire import WireFetcher, WireProducer
+from tickserve.sched import realtime_priority
 
 
 async def echo(args: argparse.Namespace) -> None:
@@ -29,6 +30,7 @@ async def echo(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    realtime_priority(args.realtime_priority)  # as the worker does with the same setting
     wire.warm_up()
     install()
     consumer = make_consumer(args.bootstrap, args.group, [args.source], args.fetch_max_wait_ms,
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=2000)
+    parser.add_argument("--realtime-priority", type=int, default=0)
     parser.add_argument(
         "--wire", action=argparse.BooleanOptionalAction, default=True,
         help="stream.wire's data plane, as the worker; --no-wire: aiokafka's",

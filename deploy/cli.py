@@ -14,6 +14,7 @@ from pathlib import Path
 from deploy.settings import Settings, load_settings
 from tickserve.errors import ConfigError, TickserveError
 from tickserve.logs import setup_logging
+from tickserve.sched import realtime_priority
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     spec = settings.feature_spec
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
+    realtime_priority(settings.realtime_priority)
     if settings.metrics_port and not port_free(settings.metrics_port):
         raise ConfigError(f"metrics port {settings.metrics_port} is already in use")
     watcher = ModelWatcher(
@@ -358,6 +360,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     config = E2EConfig(
         rate=args.rate, duration_s=args.duration, symbols=args.symbols,
         partitions=args.partitions, senders=args.senders, sweep=sweep, out_dir=Path(args.out),
+        realtime_priority=args.realtime_priority,
     )  # fmt: skip
     path = run_e2e(config)
     print(summary(path))
@@ -452,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="load generator processes (0: one per 50,000 ticks/s)",
     )
     e2e.add_argument("--sweep", default="", help="comma-separated rates for a rate sweep")
+    e2e.add_argument(
+        "--realtime-priority", type=int, default=0,
+        help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
+    )  # fmt: skip
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     cmp_ = bench_sub.add_parser("compare", help="print the differences between two reports")
     cmp_.add_argument("a")

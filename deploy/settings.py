@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     # the GIL before the event loop gets it back; Python's default is 5000 us, which
     # shows up as multi-ms stalls in the stream and in swap pauses
     gil_switch_interval_us: int = Field(500, ge=50, le=100_000)
+    # SCHED_FIFO priority of the thread that runs the stream (0: the normal scheduler).
+    # On a shared machine the kernel's fair scheduler preempts a micro-batch for the
+    # broker or other processes; a real-time priority keeps them from it. Needs
+    # CAP_SYS_NICE (root, or the capability in the pod's securityContext).
+    realtime_priority: int = Field(0, ge=0, le=99)
     # HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset or "" = refused (403)
     webhook_secret: SecretStr | None = None
     log_level: str = "INFO"
@@ -141,4 +146,6 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
+        if where in Settings.model_fields:  # name the variable the user sets
+            where = f"TICKSERVE_{where.upper()}"
         raise ConfigError(f"bad setting {where}: {first['msg']}") from None

@@ -49,6 +49,27 @@ def test_bad_setting_is_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_realtime_priority_out_of_range_is_one_line(tmp_path: Path) -> None:
+    done = tickserve("serve", env={"TICKSERVE_REALTIME_PRIORITY": "100"}, cwd=tmp_path)
+    assert done.returncode == 2
+    [line] = error_lines(done)
+    assert line.startswith("tickserve serve: error: bad setting TICKSERVE_REALTIME_PRIORITY:")
+
+
+def test_realtime_priority_sets_sched_fifo_or_says_why() -> None:
+    """In a child process (pytest's own threads stay as they are)."""
+    code = (
+        "import os; from tickserve.sched import realtime_priority; realtime_priority(3); "
+        "print(os.sched_getscheduler(0) == os.SCHED_FIFO, os.sched_getparam(0).sched_priority)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    if done.returncode == 0:
+        assert done.stdout.split() == ["True", "3"]
+    else:  # not permitted here: the error says what it needs
+        assert "needs CAP_SYS_NICE" in done.stderr
+
+
 def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
