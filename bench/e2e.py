@@ -51,6 +51,9 @@ class E2EConfig:
     p99_bound_ms: float = 1000.0  # the sweep's definition of "sustainable"
     out_dir: Path = Path("bench/results")
     sweep: tuple[float, ...] = field(default_factory=tuple)
+    # the system measured against the floor: "echo" measures the floor against itself,
+    # which shows how far the ratios move by chance on this machine
+    against: str = "tickserve"
     # SCHED_FIFO priority of both systems' stream thread (TICKSERVE_REALTIME_PRIORITY); 0: none
     realtime_priority: int = 0
 
@@ -377,14 +380,14 @@ def _machine() -> dict[str, Any]:
             "platform": platform.platform(), "git_commit": commit}  # fmt: skip
 
 
-def _plot(floor: dict[str, Any], svc: dict[str, Any], path: Path) -> None:
+def _plot(floor: dict[str, Any], svc: dict[str, Any], path: Path, name: str = "tickserve") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for res, label in ((floor, "echo floor"), (svc, "tickserve")):
+    for res, label in ((floor, "echo floor"), (svc, name)):
         lat = np.sort(res["_latency"])
         if len(lat):
             ax1.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=label)
@@ -422,7 +425,7 @@ def run_e2e(config: E2EConfig) -> Path:
         bench = Bench(config, Path(tmp))
         try:
             floor = bench.measure("echo", config.rate, config.duration_s)
-            svc = bench.measure("tickserve", config.rate, config.duration_s)
+            svc = bench.measure(config.against, config.rate, config.duration_s)
             sweep = []
             for rate in config.sweep:
                 for kind in ("echo", "tickserve"):
@@ -438,7 +441,8 @@ def run_e2e(config: E2EConfig) -> Path:
     }  # fmt: skip
     path = config.out_dir / f"e2e-{stamp}.json"
     path.write_text(json.dumps(report, indent=2))
-    _plot(floor, svc, path.with_suffix(".png"))
+    _plot(floor, svc, path.with_suffix(".png"),
+          "echo again" if config.against == "echo" else "tickserve")  # fmt: skip
     return path
 
 
@@ -458,9 +462,11 @@ def summary(path: Path) -> str:
     f, t = rep["floor"], rep["tickserve"]
     lines = [f"e2e at {t['rate']:,.0f} ticks/s for {t['duration_s']:g} s, {rep['machine']['cpus']} "
              f"CPUs, commit {rep['machine']['git_commit']}"]  # fmt: skip
-    if rep.get("config", {}).get("realtime_priority"):
-        lines[0] += f", stream threads SCHED_FIFO {rep['config']['realtime_priority']}"
-    for name, res in (("echo floor", f), ("tickserve", t)):
+    priority = int(rep.get("config", {}).get("realtime_priority", 0))  # stored as text
+    if priority:
+        lines[0] += f", stream threads SCHED_FIFO {priority}"
+    second = "echo again" if rep.get("config", {}).get("against") == "echo" else "tickserve"
+    for name, res in (("echo floor", f), (second, t)):
         lat = res["latency_ms"]
         lines.append(
             f"  {name:<10} p50={lat['p50']:.1f} p90={lat['p90']:.1f} p99={lat['p99']:.1f} "

@@ -360,7 +360,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     config = E2EConfig(
         rate=args.rate, duration_s=args.duration, symbols=args.symbols,
         partitions=args.partitions, senders=args.senders, sweep=sweep, out_dir=Path(args.out),
-        realtime_priority=args.realtime_priority,
+        realtime_priority=args.realtime_priority, against=args.against,
     )  # fmt: skip
     path = run_e2e(config)
     print(summary(path))
@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="load generator processes (0: one per 50,000 ticks/s)",
     )
     e2e.add_argument("--sweep", default="", help="comma-separated rates for a rate sweep")
+    e2e.add_argument(
+        "--against", choices=("tickserve", "echo"), default="tickserve",
+        help="echo: measure the floor against itself (how far the ratios move by chance)",
+    )  # fmt: skip
     e2e.add_argument(
         "--realtime-priority", type=int, default=0,
         help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
