@@ -194,11 +194,16 @@ class _Connections:
                 raise KafkaConnectionError(f"no metadata for broker node {node_id}")
             opening = asyncio.ensure_future(Connection.open(broker.host, broker.port))
             self._opening[node_id] = opening
-            opening.add_done_callback(lambda _: self._opening.pop(node_id, None))
-        conn = await asyncio.shield(opening)
-        if self._conns.get(node_id) is not conn:
-            self._conns[node_id] = conn
-        return conn
+            opening.add_done_callback(functools.partial(self._opened, node_id))
+        return await asyncio.shield(opening)  # a caller that gives up leaves the dial alone
+
+    def _opened(self, node_id: int, opening: asyncio.Future[Connection]) -> None:
+        """Keep a new connection (here, not in `get`: its caller may have been cancelled)."""
+        self._opening.pop(node_id, None)
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        if not self._closed:  # once closed, `close` itself awaits the dial and closes it
+            self._conns[node_id] = opening.result()
 
     async def close(self) -> None:
         self._closed = True
@@ -206,7 +211,7 @@ class _Connections:
         self._conns.clear()
         for opening in list(self._opening.values()):  # a dial in progress: close it too
             with contextlib.suppress(Exception):
-                conns.add(await opening)
+                conns.add(await asyncio.shield(opening))
         await asyncio.gather(*(conn.close() for conn in conns))
 
 

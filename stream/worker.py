@@ -202,18 +202,20 @@ class StreamWorker:
                     await self._commit()  # a quiet stream still commits what was acked
             clean = True
         finally:
-            if clean:
-                async with self._batch_lock:
-                    await self._reap(block=True)
-                    if await self._commit():
-                        snaps = self._take_snapshots()
-                        await asyncio.gather(*self._write_snapshots(snaps))
-            if fetcher is not None:
-                await fetcher.close()
-            if self._wire is not None:
-                await self._wire.close()
-            await consumer.stop()
-            await producer.stop()
+            try:
+                if clean:
+                    async with self._batch_lock:
+                        await self._reap(block=True)
+                        if await self._commit():
+                            snaps = self._take_snapshots()
+                            await asyncio.gather(*self._write_snapshots(snaps))
+            finally:
+                if fetcher is not None:
+                    await fetcher.close()
+                if self._wire is not None:
+                    await self._wire.close()
+                await consumer.stop()
+                await producer.stop()
             if self.writer is not None:
                 self._offer(force=True)
                 self.writer.close()
