@@ -242,13 +242,12 @@ class _Parts:
         self.via_aiokafka = 0
 
     def add(self, tp: TopicPartition, raw: bytes, cols: tuple[np.ndarray, ...]) -> None:
-        offset, ks, kl, vs, vl = cols
-        self.cols.append((offset, ks + self.size, kl, vs + self.size, vl))
-        self.partitions.append(np.full(len(offset), tp.partition, np.int32))
-        self.raws.append(raw)
-        self.size += len(raw)
+        """Records of one partition whose spans (`cols`) index `raw`."""
+        self.add_columns(raw, np.full(len(cols[0]), tp.partition, np.int32), cols)
 
-    def add_columns(self, raw: bytes, partition: np.ndarray, cols: np.ndarray) -> None:
+    def add_columns(
+        self, raw: bytes, partition: np.ndarray, cols: np.ndarray | tuple[np.ndarray, ...]
+    ) -> None:
         """Records of several partitions whose spans (`cols`, 5 rows) index `raw`."""
         offset, ks, kl, vs, vl = cols
         self.cols.append((offset, ks + self.size, kl, vs + self.size, vl))
