@@ -1,132 +1,208 @@
 """GPU check: the ONNX scorer on CUDA (and TensorRT if present) against the CPU provider.
 
-For batch sizes 1..8192 prints rows/s and p50/p99 per batch for each provider, for
-CUDA also through the scorer's I/O binding (`inference.session.DeviceBinding`, what
-the batcher uses there) and the host->device->host copy time of the inputs, and the
-tree kernel (`inference.trees`, CPU) on the same model. On a
-machine without a usable CUDA provider it says so and exits 0: the project never
-needs a GPU. Run: python -m bench.gpu [--rounds 200]
+Two models, both exported with skl2onnx from fixed-seed data: the project's own kind
+(a 200-tree gradient-boosted classifier, whose `ai.onnx.ml` tree operator has no CUDA
+kernel, so ONNX Runtime places it on the CPU whichever provider is asked for) and an
+MLP of standard operators (MatMul, Relu, ...) that does run on the GPU. For each model
+and batch sizes 1..8192 it prints rows/s and p50/p99 per batch for each provider, for
+CUDA also through the scorer's I/O binding (`inference.session.DeviceBinding`, what the
+batcher uses there) and the host->device->host copy time of the inputs, the tree
+kernel (`inference.trees`, CPU) where it covers the model, and where each provider
+placed the graph's nodes (from ONNX Runtime's own profile).
+
+On a machine without a usable CUDA provider it says so and prints the CPU rows: the
+project never needs a GPU.
+
+Run: python -m bench.gpu [--rounds 200] [--json out.json]
+     python -m bench.gpu --write-models DIR   (then --models DIR where skl2onnx is missing)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 BATCHES = (1, 8, 64, 256, 1024, 4096, 8192)
+MODELS = ("trees", "mlp")
 
 
-def model_bytes(n_features: int, trees: int = 200) -> bytes:
-    """A 200-tree gradient-boosted classifier exported with skl2onnx (fixed seed)."""
+def model_bytes(name: str, n_features: int) -> bytes:
+    """The benchmark model `name` ("trees" or "mlp"), exported with skl2onnx (fixed seed)."""
     from skl2onnx import to_onnx
     from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.neural_network import MLPClassifier
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(20_000, n_features)).astype(np.float32)
     y = (X[:, 0] + 0.5 * X[:, 1] + rng.normal(size=len(X)) > 0).astype(int)
-    clf = HistGradientBoostingClassifier(max_iter=trees, random_state=0).fit(X, y)
+    if name == "trees":
+        clf = HistGradientBoostingClassifier(max_iter=200, random_state=0)
+    else:
+        clf = MLPClassifier(hidden_layer_sizes=(512, 512, 512), max_iter=5, random_state=0)
+    clf.fit(X, y)
     onnx = to_onnx(clf, X[:1], options={id(clf): {"zipmap": False}},
                    target_opset={"": 17, "ai.onnx.ml": 3})  # fmt: skip
     return onnx.SerializeToString()  # type: ignore[no-any-return]
 
 
-def _timed(label: str, batch: int, rounds: int, call: object) -> str:
+def load_models(directory: Path | None, n_features: int) -> dict[str, bytes]:
+    """The models from `directory` where they were written, else built here."""
+    models = {}
+    for name in MODELS:
+        path = directory / f"{name}.onnx" if directory else None
+        models[name] = (
+            path.read_bytes() if path and path.exists() else model_bytes(name, n_features)
+        )
+    return models
+
+
+def _session(model: bytes, provider: str, profile_dir: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if profile_dir:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "placement")
+    return ort.InferenceSession(model, sess_options=options, providers=[provider])
+
+
+def placement(model: bytes, provider: str, n_features: int) -> str:
+    """How many of the graph's nodes ran on each provider, from one profiled run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session = _session(model, provider, tmp)
+        x = np.zeros((64, n_features), np.float32)
+        session.run(None, {session.get_inputs()[0].name: x})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = {e["name"]: e["args"].get("provider", "?") for e in events
+             if e.get("cat") == "Node" and "provider" in e.get("args", {})}  # fmt: skip
+    counts = Counter(nodes.values())
+    return ", ".join(f"{n} on {p.removesuffix('ExecutionProvider')}" for p, n in counts.items())
+
+
+def _timed(call: Callable[[], object], rounds: int) -> np.ndarray:
     for _ in range(10):
-        call()  # type: ignore[operator]
-    times = []
-    for _ in range(rounds):
+        call()
+    times = np.empty(rounds)
+    for i in range(rounds):
         t0 = time.perf_counter_ns()
-        call()  # type: ignore[operator]
-        times.append(time.perf_counter_ns() - t0)
-    arr = np.asarray(times) / 1e3
-    rate = batch / (np.median(arr) / 1e6)
-    p50, p99 = np.percentile(arr, [50, 99])
-    return (f"{label:<28} batch {batch:>5}: {rate:>12,.0f} rows/s  "
-            f"p50 {p50:9.1f} us  p99 {p99:9.1f} us")  # fmt: skip
+        call()
+        times[i] = time.perf_counter_ns() - t0
+    return times / 1e3
 
 
-def time_engines(model: bytes, rounds: int, n_features: int) -> list[str]:
-    """Table rows for the tree kernel (CPU) and, where CUDA works, the I/O-bound session."""
+def _row(model: str, engine: str, batch: int, us: np.ndarray, copy_us: float | None) -> dict:
+    p50, p99 = np.percentile(us, [50, 99])
+    return {"model": model, "engine": engine, "batch": batch,
+            "rows_per_s": batch / (p50 / 1e6), "p50_us": p50, "p99_us": p99,
+            "copy_us": copy_us}  # fmt: skip
+
+
+def time_provider(model: bytes, name: str, provider: str, rounds: int,
+                  n_features: int) -> list[dict]:  # fmt: skip
+    """Rows for `session.run` on one provider (all of the machine's cores for ORT's pool)."""
+    session = _session(model, provider)
+    input_name = session.get_inputs()[0].name
+    rng = np.random.default_rng(1)
+    rows = []
+    for batch in BATCHES:
+        x = rng.normal(size=(batch, n_features)).astype(np.float32)
+        us = _timed(partial(session.run, None, {input_name: x}), rounds)
+        copy_us = None
+        if provider != "CPUExecutionProvider":
+
+            def copy(x: np.ndarray = x) -> None:
+                ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0).numpy()
+
+            copy_us = float(np.median(_timed(copy, rounds)))
+        rows.append(_row(name, provider.removesuffix("ExecutionProvider"), batch, us, copy_us))
+    return rows
+
+
+def time_engines(model: bytes, name: str, rounds: int, n_features: int) -> list[dict]:
+    """Rows for the tree kernel (CPU) where it covers the model, and the CUDA I/O binding."""
     from inference.session import DeviceBinding, OnnxScorer, choose_providers
 
     scorer = OnnxScorer.from_bytes(model, n_features, prefer_gpu=False)
-    rows = []
-    rng = np.random.default_rng(1)
     binding = None
     providers, _ = choose_providers(prefer_gpu=True)  # quiet where CUDA is not loadable
     if providers[0] == "CUDAExecutionProvider":
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model, options, providers=list(providers))
+        session = _session(model, "CUDAExecutionProvider")
         binding = DeviceBinding(session, session.get_inputs()[0].name, scorer.prob_output,
                                 "cuda", n_features)  # fmt: skip
+    rng = np.random.default_rng(1)
+    rows = []
     for batch in BATCHES:
         x = rng.normal(size=(batch, n_features)).astype(np.float32)
         if scorer.trees is not None:
-            rows.append(_timed("tree kernel (CPU)", batch, rounds, lambda x=x: scorer.score(x)))
+            us = _timed(partial(scorer.score, x), rounds)
+            rows.append(_row(name, "tree kernel", batch, us, None))
         if binding is not None:
-            rows.append(_timed("CUDA + I/O binding", batch, rounds, lambda x=x: binding.run(x)))
+            us = _timed(partial(binding.run, x), rounds)
+            rows.append(_row(name, "CUDA + I/O binding", batch, us, None))
     return rows
 
 
-def time_provider(model: bytes, provider: str, rounds: int, n_features: int) -> list[str]:
-    """Table rows for one provider."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model, sess_options=options, providers=[provider])
-    if session.get_providers()[0] != provider:
-        return [f"{provider:<28} not usable here (fell back to {session.get_providers()[0]})"]
-    name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-    rows = []
-    rng = np.random.default_rng(1)
-    for batch in BATCHES:
-        x = rng.normal(size=(batch, n_features)).astype(np.float32)
-        for _ in range(10):
-            session.run(outputs, {name: x})
-        times = []
-        for _ in range(rounds):
-            t0 = time.perf_counter_ns()
-            session.run(outputs, {name: x})
-            times.append(time.perf_counter_ns() - t0)
-        arr = np.asarray(times) / 1e3
-        copy = ""
-        if provider != "CPUExecutionProvider":
-            t0 = time.perf_counter_ns()
-            for _ in range(rounds):
-                on_device = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-                on_device.numpy()
-            copy = f"  copy h->d->h {(time.perf_counter_ns() - t0) / rounds / 1e3:8.1f} us"
-        rows.append(
-            f"{provider:<28} batch {batch:>5}: {batch / (np.median(arr) / 1e6):>12,.0f} rows/s  "
-            f"p50 {np.percentile(arr, 50):9.1f} us  p99 {np.percentile(arr, 99):9.1f} us{copy}"
-        )
-    return rows
+def _print(row: dict) -> None:
+    copy = f"  copy h->d->h {row['copy_us']:8.1f} us" if row["copy_us"] is not None else ""
+    print(f"{row['model']:<6} {row['engine']:<20} batch {row['batch']:>5}: "
+          f"{row['rows_per_s']:>12,.0f} rows/s  p50 {row['p50_us']:9.1f} us  "
+          f"p99 {row['p99_us']:9.1f} us{copy}", flush=True)  # fmt: skip
 
 
 def main() -> None:
-    """Print the table."""
+    """Print the table (and write it as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--features", type=int, default=12)
+    parser.add_argument("--models", type=Path, help="read <name>.onnx from here if present")
+    parser.add_argument("--write-models", type=Path, help="write the models here and stop")
+    parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
+    if args.write_models:
+        args.write_models.mkdir(parents=True, exist_ok=True)
+        for name in MODELS:
+            (args.write_models / f"{name}.onnx").write_bytes(model_bytes(name, args.features))
+        return
     available = ort.get_available_providers()
-    print(f"onnxruntime {ort.__version__}, device {ort.get_device()}, providers {available}")
-    model = model_bytes(args.features)
+    print(f"onnxruntime {ort.__version__}, device {ort.get_device()}, providers {available}, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
     providers = ["CPUExecutionProvider"]
     for gpu in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
         if gpu in available:
             providers.append(gpu)
     if len(providers) == 1:
         print("no CUDA/TensorRT provider in this onnxruntime build: CPU figures only")
-    for provider in providers:
-        for row in time_provider(model, provider, args.rounds, args.features):
-            print(row, flush=True)
-    for row in time_engines(model, args.rounds, args.features):
-        print(row, flush=True)
+    models = load_models(args.models, args.features)
+    rows: list[dict] = []
+    for name, model in models.items():
+        for provider in providers:
+            try:
+                where = placement(model, provider, args.features)
+                session_provider = _session(model, provider).get_providers()[0]
+            except Exception as exc:  # noqa: BLE001 -- a provider that fails to load is a finding
+                print(f"{name:<6} {provider}: does not load here ({exc})".splitlines()[0])
+                continue
+            if session_provider != provider:
+                print(f"{name:<6} {provider}: not usable here (fell back to {session_provider})")
+                continue
+            print(f"{name:<6} {provider}: nodes {where}")
+            for row in time_provider(model, name, provider, args.rounds, args.features):
+                rows.append(row)
+                _print(row)
+        for row in time_engines(model, name, args.rounds, args.features):
+            rows.append(row)
+            _print(row)
+    if args.json:
+        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
