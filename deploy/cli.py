@@ -229,6 +229,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from features.snapshot import SnapshotStore
     from inference.api import ApiContext, create_app, serve_http
     from inference.batcher import BatcherConfig, MicroBatcher
+    from inference.linear import warm_up as warm_up_linear
     from inference.trees import warm_up as warm_up_trees
     from inference.validation import ValidationPolicy
     from inference.watcher import ModelWatcher, WatcherConfig
@@ -273,6 +274,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     )  # fmt: skip
     warm_up(spec)
     warm_up_trees()
+    warm_up_linear()
     # Everything imported and built so far (mlflow, feast, onnxruntime: ~200k objects)
     # lives as long as the process; frozen, the cyclic GC stops re-scanning it, and its
     # full collections stop showing up as latency spikes on the stream.

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     prefer_gpu: bool = True
     tensorrt: bool = False  # TensorRT before CUDA where its library loads (engine builds take s)
     onnx_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per session
-    tree_kernel: bool = True  # score tree ensembles with inference/trees.py where it covers them
+    tree_kernel: bool = True  # inference/trees.py and linear.py score the models they cover
 
     # ClickHouse
     clickhouse_dsn: str | None = None

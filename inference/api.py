@@ -80,7 +80,7 @@ class VersionInfo(BaseModel):
     alias: str
     feature_spec_hash: str
     provider: str
-    engine: str = Field(description="what scores rows: tree-kernel or onnxruntime")
+    engine: str = Field(description="what scores rows: tree-kernel, linear-kernel or onnxruntime")
     loaded_at: datetime
     loaded_at_ns: int
 

@@ -12,6 +12,9 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client import Gauge
 
+from inference.linear import LinearKernel
+from inference.linear import compile_from_bytes as compile_linear
+from inference.linear import probe_rows as linear_probe_rows
 from inference.trees import (
     PROBE_TOLERANCE,
     TreeKernel,
@@ -147,6 +150,8 @@ class OnnxScorer:
         trees: Set when a tree ensemble is scored by `inference.trees` instead of the
             session, after it reproduced the session on probe rows.
         binding: Set when the session runs on a GPU: device tensors reused per batch.
+        linear: Set when a logistic regression is scored by `inference.linear`
+            instead of the session, after it reproduced the session on probe rows.
     """
 
     session: ort.InferenceSession
@@ -155,11 +160,14 @@ class OnnxScorer:
     provider: str
     trees: TreeKernel | None = None
     binding: DeviceBinding | None = None
+    linear: LinearKernel | None = None
 
     @property
     def engine(self) -> str:
-        """What scores the rows: "tree-kernel" or "onnxruntime"."""
-        return "tree-kernel" if self.trees is not None else "onnxruntime"
+        """What scores the rows: "tree-kernel", "linear-kernel" or "onnxruntime"."""
+        if self.trees is not None:
+            return "tree-kernel"
+        return "linear-kernel" if self.linear is not None else "onnxruntime"
 
     @classmethod
     def from_bytes(
@@ -175,9 +183,10 @@ class OnnxScorer:
 
         `threads` is ONNX Runtime's intra-op pool; 1 by default (see below). With
         `tree_kernel`, a tree ensemble the kernel covers is scored by it (see
-        `inference.trees`); anything else, or a kernel that disagrees with the session
-        on the probe rows, is scored by the session. `tree_kernel` may also be the
-        function that compiles it (e.g. a `KernelCompiler`).
+        `inference.trees`), and a logistic regression by `inference.linear`; anything
+        else, or a kernel that disagrees with the session on the probe rows, is scored
+        by the session. `tree_kernel` may also be the function that compiles the tree
+        kernel (e.g. a `KernelCompiler`).
         """
         providers, reason = choose_providers(prefer_gpu, tensorrt)
         options = ort.SessionOptions()
@@ -215,6 +224,8 @@ class OnnxScorer:
         if tree_kernel:
             compile_kernel = compile_from_bytes if tree_kernel is True else tree_kernel
             scorer = scorer._with_tree_kernel(model, n_features, compile_kernel)
+            if scorer.trees is None:
+                scorer = scorer._with_linear_kernel(model, n_features)
         logger.info(
             "onnx session ready",
             extra={"provider": provider, "reason": reason, "engine": scorer.engine},
@@ -225,6 +236,8 @@ class OnnxScorer:
         """P(up) for each row of `rows` (n, n_features)."""
         if self.trees is not None:
             return self.trees.score(rows)
+        if self.linear is not None:
+            return self.linear.score(rows)
         return self.run_session(rows)
 
     def run_session(self, rows: np.ndarray) -> np.ndarray:
@@ -248,12 +261,33 @@ class OnnxScorer:
             logger.debug("tree kernel not used", extra={"reason": str(exc)})
             return self
         probe = probe_rows(kernel)
-        gap = float(np.max(np.abs(kernel.score(probe) - self.run_session(probe))))
-        if not gap <= PROBE_TOLERANCE:  # NaN-safe: a NaN gap keeps the session
-            logger.warning(
-                "tree kernel disagrees with onnxruntime on probe rows; onnxruntime scores",
-                extra={"gap": gap, "tolerance": PROBE_TOLERANCE},
-            )
+        if not self._agrees(kernel.score(probe), probe, "tree kernel"):
             return self
         return OnnxScorer(self.session, self.input_name, self.prob_output, self.provider, kernel,
                           self.binding)  # fmt: skip
+
+    def _with_linear_kernel(self, model: bytes, n_features: int) -> OnnxScorer:
+        """This scorer with the linear kernel, if it covers the model and agrees with ORT."""
+        try:
+            kernel = compile_linear(model, n_features)
+        except Unsupported as exc:
+            logger.debug("linear kernel not used", extra={"reason": str(exc)})
+            return self
+        probe = linear_probe_rows(kernel)
+        if not self._agrees(kernel.score(probe), probe, "linear kernel"):
+            return self
+        return OnnxScorer(self.session, self.input_name, self.prob_output, self.provider,
+                          None, self.binding, kernel)  # fmt: skip
+
+    def _agrees(self, scores: np.ndarray, probe: np.ndarray, kernel: str) -> bool:
+        """True if `scores` match the session's on `probe` (NaN where it gives NaN)."""
+        reference = self.run_session(probe)
+        both_nan = np.isnan(scores) & np.isnan(reference)
+        gap = float(np.max(np.abs(np.where(both_nan, 0.0, scores - reference))))
+        if not gap <= PROBE_TOLERANCE:  # NaN-safe: a NaN on one side only keeps the session
+            logger.warning(
+                "kernel disagrees with onnxruntime on probe rows; onnxruntime scores",
+                extra={"kernel": kernel, "gap": gap, "tolerance": PROBE_TOLERANCE},
+            )
+            return False
+        return True

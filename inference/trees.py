@@ -171,7 +171,7 @@ def compile_tree_kernel(model: Any, n_features: int) -> TreeKernel:
     if len(graph.node) != 1 or graph.node[0].op_type != "TreeEnsembleClassifier":
         ops = [n.op_type for n in graph.node]
         raise Unsupported(f"graph is {ops}, not one TreeEnsembleClassifier")
-    attrs = _attributes(graph.node[0])
+    attrs = node_attributes(graph.node[0])
     labels = attrs.get("classlabels_int64s") or attrs.get("classlabels_strings") or []
     if len(labels) != 2 or set(attrs["class_ids"]) != {0}:
         raise Unsupported("not a binary classifier with one score per row")
@@ -388,7 +388,7 @@ class _Nodes:
         return splits, leaves
 
 
-def _attributes(node: Any) -> dict[str, Any]:
+def node_attributes(node: Any) -> dict[str, Any]:
     """The node's attributes as Python values, strings decoded."""
     from onnx import helper
 
