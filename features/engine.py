@@ -113,7 +113,11 @@ def warm_up(spec: FeatureSpec) -> None:
     """
     engine = FeatureEngine(spec, max_symbols=1, initial_symbols=1)
     one = np.zeros(1, np.int64)
-    engine.update(engine.slots(["warm-up"]), one, np.ones(1), np.ones(1), np.ones(1, np.bool_))
+    slots = engine.slots(["warm-up"])
+    batch = engine.update(slots, one, np.ones(1), np.ones(1), np.ones(1, np.bool_))
+    latest = np.zeros((1, spec.n_features))
+    kernels.keep_latest(slots, one, batch.values, batch.ready, one.copy(), latest,
+                        np.zeros(1, np.bool_))  # fmt: skip
 
 
 def compute_features(

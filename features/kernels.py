@@ -325,3 +325,31 @@ def _features(
     if math.isnan(slow):
         ok = False
     return ok
+
+
+@njit(cache=True)
+def keep_latest(
+    slots: np.ndarray,
+    event_ns: np.ndarray,
+    values: np.ndarray,
+    ready: np.ndarray,
+    latest_ns: np.ndarray,
+    latest_values: np.ndarray,
+    updated: np.ndarray,
+) -> None:
+    """Copy each slot's last ready row of a batch into `latest_*` and flag it in `updated`.
+
+    A symbol's rows arrive in event order, so its last ready row is its newest.
+
+    >>> latest_ns, latest, updated = np.full(2, -1), np.zeros((2, 1)), np.zeros(2, np.bool_)
+    >>> keep_latest(np.array([1, 1, 0]), np.array([5, 6, 7]), np.array([[1.0], [2.0], [3.0]]),
+    ...             np.array([True, True, False]), latest_ns, latest, updated)
+    >>> latest_ns.tolist(), latest[:, 0].tolist(), updated.tolist()
+    ([-1, 6], [0.0, 2.0], [False, True])
+    """
+    for r in range(slots.shape[0]):
+        if ready[r]:
+            s = slots[r]
+            latest_ns[s] = event_ns[r]
+            latest_values[s, :] = values[r, :]
+            updated[s] = True

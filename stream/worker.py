@@ -17,7 +17,7 @@ from prometheus_client import Counter, Histogram
 
 from features import snapshot
 from features.engine import FeatureEngine
-from features.kernels import STATUS_LATE
+from features.kernels import STATUS_LATE, keep_latest
 from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
 from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
@@ -501,22 +501,14 @@ class StreamWorker:
         self, event_ns: np.ndarray, values: np.ndarray, ready: np.ndarray, slots: np.ndarray
     ) -> None:
         """Keep the newest ready row per symbol, and offer it to the online writer."""
-        rows = np.flatnonzero(ready)
-        if not rows.size:
-            return
-        # last ready row of each slot: unique over the reversed order keeps the last one
-        _, first_rev = np.unique(slots[rows][::-1], return_index=True)
-        last = rows[::-1][first_rev]
-        at = slots[last]
         pad = self.engine.fstate.shape[0] - self._latest_ns.shape[0]
         if pad > 0:  # the engine grew its slots: grow alike
             self._latest_ns = np.concatenate([self._latest_ns, np.full(pad, -1, np.int64)])
             self._latest_values = np.concatenate([self._latest_values,
                                                   np.zeros((pad, values.shape[1]))])  # fmt: skip
             self._unoffered = np.concatenate([self._unoffered, np.zeros(pad, np.bool_)])
-        self._latest_ns[at] = event_ns[last]
-        self._latest_values[at] = values[last]
-        self._unoffered[at] = True
+        keep_latest(slots, event_ns, values, ready, self._latest_ns, self._latest_values,
+                    self._unoffered)  # fmt: skip
         self._offer(force=False)
 
     def _offer(self, force: bool) -> None:
