@@ -262,13 +262,19 @@ def onnx_model() -> bytes:
     return to_onnx(clf, X[:1], options={id(clf): {"zipmap": False}}).SerializeToString()  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "linear-kernel"])
 @pytest.mark.parametrize("batch", [1, 64, 1024, 4096])
-@pytest.mark.benchmark(group="onnx run per batch")
-def test_onnx_run(benchmark: pytest.FixtureRequest, onnx_model: bytes, batch: int) -> None:
+@pytest.mark.benchmark(group="logistic model per batch: onnx run vs inference.linear")
+def test_onnx_run(
+    benchmark: pytest.FixtureRequest, onnx_model: bytes, batch: int, engine: str
+) -> None:
     from inference.session import OnnxScorer
 
-    scorer = OnnxScorer.from_bytes(onnx_model, FeatureSpec().n_features, prefer_gpu=False)
-    rows = np.random.default_rng(2).normal(size=(batch, FeatureSpec().n_features))
+    n_features = FeatureSpec().n_features
+    scorer = OnnxScorer.from_bytes(onnx_model, n_features, prefer_gpu=False,
+                                   tree_kernel=engine != "onnxruntime")  # fmt: skip
+    assert scorer.engine == engine
+    rows = np.random.default_rng(2).normal(size=(batch, n_features))
     benchmark(scorer.score, rows)
 
 
