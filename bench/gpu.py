@@ -8,7 +8,9 @@ and batch sizes 1..8192 it prints rows/s and p50/p99 per batch for each provider
 CUDA also through the scorer's I/O binding (`inference.session.DeviceBinding`, what the
 batcher uses there) and the host->device->host copy time of the inputs, the tree
 kernel (`inference.trees`, CPU) where it covers the model, and where each provider
-placed the graph's nodes (from ONNX Runtime's own profile).
+placed the graph's nodes (from ONNX Runtime's own profile). Then a serving check: for
+those two and a logistic regression, what `OnnxScorer` serves with when a GPU is asked
+for, and how far the MicroBatcher's scores on it are from the CPU session's.
 
 On a machine without a usable CUDA provider it says so and prints the CPU rows: the
 project never needs a GPU.
@@ -33,20 +35,26 @@ import numpy as np
 import onnxruntime as ort
 
 BATCHES = (1, 8, 64, 256, 1024, 4096, 8192)
-MODELS = ("trees", "mlp")
+MODELS = ("trees", "mlp", "logistic")
+TIMED = ("trees", "mlp")  # the logistic only joins the serving check
 
 
 def model_bytes(name: str, n_features: int) -> bytes:
     """The benchmark model `name` ("trees" or "mlp"), exported with skl2onnx (fixed seed)."""
     from skl2onnx import to_onnx
     from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(20_000, n_features)).astype(np.float32)
     y = (X[:, 0] + 0.5 * X[:, 1] + rng.normal(size=len(X)) > 0).astype(int)
     if name == "trees":
         clf = HistGradientBoostingClassifier(max_iter=200, random_state=0)
+    elif name == "logistic":
+        clf = make_pipeline(StandardScaler(), LogisticRegression())
     else:
         clf = MLPClassifier(hidden_layer_sizes=(512, 512, 512), max_iter=5, random_state=0)
     clf.fit(X, y)
@@ -151,6 +159,33 @@ def time_engines(model: bytes, name: str, rounds: int, n_features: int) -> list[
     return rows
 
 
+def serving_check(models: dict[str, bytes], n_features: int) -> list[str]:
+    """What serving does with each model where a GPU is asked for, against the CPU session.
+
+    Per model: the provider and engine `OnnxScorer` picks with `prefer_gpu=True`, and
+    the largest P(up) gap over 4,096 rows between the MicroBatcher on that scorer and
+    the CPU session, and between the GPU session itself and the CPU session.
+    """
+    from inference.batcher import MicroBatcher
+    from inference.registry import LoadedModel
+    from inference.session import OnnxScorer
+
+    rows = np.random.default_rng(3).normal(size=(4096, n_features)).astype(np.float32)
+    lines = []
+    for name, model in models.items():
+        served = OnnxScorer.from_bytes(model, n_features, prefer_gpu=True)
+        cpu = OnnxScorer.from_bytes(model, n_features, prefer_gpu=False, tree_kernel=False)
+        batcher = MicroBatcher(LoadedModel(name, "1", "champion", "", served, 0), n_features)
+        reference = cpu.score(rows)
+        scores = batcher.score_batch(rows, np.full(len(rows), time.time_ns())).scores
+        batcher_gap = float(np.max(np.abs(scores - reference)))
+        session_gap = float(np.max(np.abs(served.run_session(rows) - reference)))
+        lines.append(f"{name:<8} served on {served.provider}, engine {served.engine}: "
+                     f"batcher vs CPU session max gap {batcher_gap:.1e}, "
+                     f"its session vs CPU session {session_gap:.1e}")  # fmt: skip
+    return lines
+
+
 def _print(row: dict) -> None:
     copy = f"  copy h->d->h {row['copy_us']:8.1f} us" if row["copy_us"] is not None else ""
     print(f"{row['model']:<6} {row['engine']:<20} batch {row['batch']:>5}: "
@@ -184,6 +219,8 @@ def main() -> None:
     models = load_models(args.models, args.features)
     rows: list[dict] = []
     for name, model in models.items():
+        if name not in TIMED:
+            continue
         for provider in providers:
             try:
                 where = placement(model, provider, args.features)
@@ -201,8 +238,11 @@ def main() -> None:
         for row in time_engines(model, name, args.rounds, args.features):
             rows.append(row)
             _print(row)
+    checks = serving_check(models, args.features)
+    print("\n".join(checks))
     if args.json:
-        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "rows": rows,
+                                         "serving": checks}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
