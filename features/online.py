@@ -7,7 +7,6 @@ import struct
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,10 +87,15 @@ def read_online(store: FeatureStore, symbols: list[str], spec: FeatureSpec) -> p
     return store.get_online_features(features=refs, entity_rows=rows).to_df()
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    event_ns: int
-    values: tuple[float, ...]
+# A pending row: (event_ns, the block of feature rows it came in, its index there). A
+# plain tuple that keeps the caller's block, since `offer` makes one per symbol on the
+# event loop: a frozen dataclass of the row as a list cost 48 us per 100 symbols there,
+# this 9 us; the writer thread reads the values out (`_values`).
+_Row = tuple[int, np.ndarray, int]
+
+
+def _values(row: _Row) -> list[float]:
+    return row[1][row[2]].tolist()  # type: ignore[no-any-return]
 
 
 _DOUBLE = struct.Struct("<d")
@@ -180,10 +184,10 @@ class _RedisRows:
         tag, pack, fields = self._double_tag, _DOUBLE.pack, self._fields
         with self._client.pipeline(transaction=False) as pipe:
             for key, before, row in zip(keys, previous, rows.values(), strict=True):
-                seconds, micros = divmod(row.event_ns // 1000, 1_000_000)
+                seconds, micros = divmod(row[0] // 1000, 1_000_000)
                 if seconds * 1_000_000_000 + micros * 1000 <= before:
                     continue  # the store holds this instant or a newer one
-                mapping = {f: tag + pack(v) for f, v in zip(fields, row.values, strict=True)}
+                mapping = {f: tag + pack(v) for f, v in zip(fields, _values(row), strict=True)}
                 mapping[self._ts_key] = Timestamp(
                     seconds=seconds, nanos=micros * 1000
                 ).SerializeToString()
@@ -225,13 +229,16 @@ class OnlineWriter:
 
     def offer(self, symbols: list[str], event_ns: np.ndarray, values: np.ndarray) -> None:
         """Queue the newest row per symbol (rows are in event order within a symbol)."""
-        stamps, rows = event_ns.tolist(), values.tolist()
+        if len(values) != len(symbols):
+            raise ValueError(f"{len(symbols)} symbols but {len(values)} rows of values")
+        block = np.array(values, np.float64)  # ours: read when the row is written
+        stamps = event_ns.tolist()
         with self._lock:
             pending = self._pending
-            for symbol, ts, row in zip(symbols, stamps, rows, strict=True):
+            for i, (symbol, ts) in enumerate(zip(symbols, stamps, strict=True)):
                 old = pending.get(symbol)
-                if old is None or ts >= old.event_ns:
-                    pending[symbol] = _Row(ts, tuple(row))
+                if old is None or ts >= old[0]:
+                    pending[symbol] = (ts, block, i)
         self._wake.set()
 
     def _take(self) -> dict[str, _Row]:
@@ -243,7 +250,7 @@ class OnlineWriter:
         with self._lock:
             for symbol, row in rows.items():
                 newer = self._pending.get(symbol)
-                if newer is None or newer.event_ns < row.event_ns:
+                if newer is None or newer[0] < row[0]:
                     self._pending[symbol] = row
 
     def flush(self) -> None:
@@ -258,7 +265,7 @@ class OnlineWriter:
             raise
         now_ns = time.time_ns()
         for row in rows.values():
-            delay = max(now_ns - row.event_ns, 0)
+            delay = max(now_ns - row[0], 0)
             self.freshness_ns.append(delay)
             ONLINE_FRESHNESS.observe(delay / 1e9)
         ONLINE_WRITES.inc(len(rows))
@@ -288,9 +295,9 @@ class OnlineWriter:
         data = []
         for symbol, row in rows.items():
             key = EntityKey(join_keys=["symbol"], entity_values=[Value(string_val=symbol)])
-            values = {n: Value(double_val=v) for n, v in zip(names, row.values, strict=True)}
+            values = {n: Value(double_val=v) for n, v in zip(names, _values(row), strict=True)}
             # protobuf Timestamps carry ns, but Feast converts through a datetime (us)
-            when = EPOCH + timedelta(microseconds=row.event_ns // 1000)
+            when = EPOCH + timedelta(microseconds=row[0] // 1000)
             data.append((key, values, when, None))
         self._store.provider.online_write_batch(self._store.config, self._view, data, None)
 
