@@ -26,6 +26,8 @@ from numba import njit
 
 from inference.trees import Unsupported, node_attributes
 
+MAX_MODEL_BYTES = 256 * 1024  # 12 features take about 1 KB; 256 KB is ~30,000 of them
+
 
 @dataclass(frozen=True, slots=True)
 class LinearKernel:
@@ -122,9 +124,15 @@ def compile_linear_kernel(model: Any, n_features: int) -> LinearKernel:
 def compile_from_bytes(model: bytes, n_features: int) -> LinearKernel:
     """`compile_linear_kernel` on a serialized ONNX model.
 
+    A model past MAX_MODEL_BYTES is refused unparsed: this runs on the model loader's
+    thread while the stream is served, and parsing a large tree ensemble's protobuf
+    holds the GIL for milliseconds (the tree kernel compiles those in a child process).
+
     Raises:
         Unsupported: With the reason the kernel does not cover this model.
     """
+    if len(model) > MAX_MODEL_BYTES:
+        raise Unsupported(f"{len(model)} bytes: larger than any linear model it covers")
     import onnx
 
     return compile_linear_kernel(onnx.load_from_string(model), n_features)

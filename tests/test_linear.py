@@ -7,7 +7,12 @@ import onnx
 import pytest
 
 from features.spec import FeatureSpec
-from inference.linear import compile_linear_kernel, probe_rows
+from inference.linear import (
+    MAX_MODEL_BYTES,
+    compile_from_bytes,
+    compile_linear_kernel,
+    probe_rows,
+)
 from inference.session import OnnxScorer
 from inference.testing import make_onnx_classifier, synthetic_rows
 from inference.trees import PROBE_TOLERANCE, Unsupported
@@ -62,6 +67,8 @@ def test_models_it_does_not_cover_are_left_to_their_engine() -> None:
     hgb = make_onnx_classifier(N_FEATURES, "hgb", seed=1, max_iter=20)
     with pytest.raises(Unsupported, match="not \\[Scaler ->\\] LinearClassifier"):
         compile_linear_kernel(onnx.load_from_string(hgb), N_FEATURES)
+    with pytest.raises(Unsupported, match="larger than any linear model"):
+        compile_from_bytes(b"\0" * (MAX_MODEL_BYTES + 1), N_FEATURES)  # not even parsed
     raw = make_onnx_classifier(N_FEATURES, "logistic", seed=1)
     model = onnx.load_from_string(raw)
     classifier = model.graph.node[-1]
