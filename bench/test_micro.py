@@ -3,7 +3,8 @@
 Groups: tick decode (json vs orjson vs tickserve's batch and columnar decode), signal
 encode, signals -> Kafka record batches (encode_signals + BatchBuilder appends vs
 encode_signal_batches) and their CRC-32C, feature update (tickserve batch 1 and 1000
-vs talipp tick by tick), ONNX run per batch size, online-store write per batch (Feast
+vs talipp tick by tick), the logistic model per batch size (ONNX Runtime vs
+inference.linear), the micro-batcher over a bare `session.run`, online-store write per batch (Feast
 DataFrame path vs tickserve's), a Fetch response parsed (aiokafka's struct decode and
 records vs stream.wire's one pass).
 """
@@ -276,6 +277,28 @@ def test_onnx_run(
     assert scorer.engine == engine
     rows = np.random.default_rng(2).normal(size=(batch, n_features))
     benchmark(scorer.score, rows)
+
+
+@pytest.mark.parametrize("batch", [1, 190, 1000])
+@pytest.mark.parametrize("path", ["bare session.run", "MicroBatcher.score_batch"])
+@pytest.mark.benchmark(group="batcher overhead over the bare session.run")
+def test_batcher_overhead(
+    benchmark: pytest.FixtureRequest, onnx_model: bytes, batch: int, path: str
+) -> None:
+    from inference.batcher import MicroBatcher
+    from inference.registry import LoadedModel
+    from inference.session import OnnxScorer
+
+    n_features = FeatureSpec().n_features
+    scorer = OnnxScorer.from_bytes(onnx_model, n_features, prefer_gpu=False, tree_kernel=False)
+    rows = np.random.default_rng(2).normal(size=(batch, n_features))
+    if path == "bare session.run":
+        feed = {scorer.input_name: rows.astype(np.float32)}
+        benchmark(scorer.session.run, [scorer.prob_output], feed)
+        return
+    batcher = MicroBatcher(LoadedModel("m", "1", "champion", "", scorer, 0), n_features)
+    origin = np.full(batch, NOW)
+    benchmark(batcher.score_batch, rows, origin)
 
 
 @pytest.fixture(scope="module")
