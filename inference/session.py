@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +26,7 @@ from inference.trees import (
 from tickserve.errors import ModelRejected
 
 logger = logging.getLogger(__name__)
+_Kernel = TypeVar("_Kernel", TreeKernel, LinearKernel)
 
 # Libraries the CUDA provider of onnxruntime-gpu 1.2x/1.3x loads; if one is missing,
 # asking for CUDA prints an error and falls back, so we check first and stay quiet.
@@ -255,29 +257,31 @@ class OnnxScorer:
         compile_kernel: Callable[[bytes, int], TreeKernel] = compile_from_bytes,
     ) -> OnnxScorer:
         """This scorer with the tree kernel, if it covers the model and agrees with ORT."""
-        try:
-            kernel = compile_kernel(model, n_features)
-        except Unsupported as exc:
-            logger.debug("tree kernel not used", extra={"reason": str(exc)})
-            return self
-        probe = probe_rows(kernel)
-        if not self._agrees(kernel.score(probe), probe, "tree kernel"):
-            return self
-        return OnnxScorer(self.session, self.input_name, self.prob_output, self.provider, kernel,
-                          self.binding)  # fmt: skip
+        kernel = self._checked(compile_kernel, probe_rows, "tree kernel", model, n_features)
+        return self if kernel is None else replace(self, trees=kernel)
 
     def _with_linear_kernel(self, model: bytes, n_features: int) -> OnnxScorer:
         """This scorer with the linear kernel, if it covers the model and agrees with ORT."""
+        kernel = self._checked(compile_linear, linear_probe_rows, "linear kernel", model,
+                               n_features)  # fmt: skip
+        return self if kernel is None else replace(self, linear=kernel)
+
+    def _checked(
+        self,
+        compile_kernel: Callable[[bytes, int], _Kernel],
+        probe_rows_of: Callable[[_Kernel], np.ndarray],
+        name: str,
+        model: bytes,
+        n_features: int,
+    ) -> _Kernel | None:
+        """The kernel compiled for `model`, or None if it does not cover it or disagrees."""
         try:
-            kernel = compile_linear(model, n_features)
+            kernel = compile_kernel(model, n_features)
         except Unsupported as exc:
-            logger.debug("linear kernel not used", extra={"reason": str(exc)})
-            return self
-        probe = linear_probe_rows(kernel)
-        if not self._agrees(kernel.score(probe), probe, "linear kernel"):
-            return self
-        return OnnxScorer(self.session, self.input_name, self.prob_output, self.provider,
-                          None, self.binding, kernel)  # fmt: skip
+            logger.debug(f"{name} not used", extra={"reason": str(exc)})
+            return None
+        probe = probe_rows_of(kernel)
+        return kernel if self._agrees(kernel.score(probe), probe, name) else None
 
     def _agrees(self, scores: np.ndarray, probe: np.ndarray, kernel: str) -> bool:
         """True if `scores` match the session's on `probe` (NaN where it gives NaN)."""
