@@ -250,7 +250,9 @@ class _Parts:
     ) -> None:
         """Records of several partitions whose spans (`cols`, 5 rows) index `raw`."""
         offset, ks, kl, vs, vl = cols
-        self.cols.append((offset, ks + self.size, kl, vs + self.size, vl))
+        if self.size:  # spans index `raw`: shift them past the pieces before it
+            ks, vs = ks + self.size, vs + self.size
+        self.cols.append((offset, ks, kl, vs, vl))
         self.partitions.append(partition)
         self.raws.append(raw)
         self.size += len(raw)
@@ -277,6 +279,10 @@ class _Parts:
             empty = np.empty(0, np.int64)
             return Fetched(topic, np.empty(0, np.uint8), np.empty(0, np.int32), empty, empty,
                            empty, empty, empty, {}, self.via_aiokafka)  # fmt: skip
+        if len(self.cols) == 1:  # the usual micro-batch (one fetch response): no copies
+            buf = np.frombuffer(self.raws[0], np.uint8)
+            return Fetched(topic, buf, self.partitions[0], *self.cols[0], self.next_offsets,
+                           self.via_aiokafka)  # fmt: skip
         cols = [np.concatenate(c) for c in zip(*self.cols, strict=True)]
         buf = np.frombuffer(b"".join(self.raws), np.uint8)
         return Fetched(topic, buf, np.concatenate(self.partitions), *cols, self.next_offsets,
