@@ -56,6 +56,8 @@ class E2EConfig:
     against: str = "tickserve"
     # SCHED_FIFO priority of both systems' stream thread (TICKSERVE_REALTIME_PRIORITY); 0: none
     realtime_priority: int = 0
+    # both systems send the next Fetch with the Produce (TICKSERVE_ONE_WRITE)
+    one_write: bool = False
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -170,6 +172,8 @@ class Bench:
             argv = [sys.executable, "-m", "bench.echo", "--bootstrap", bootstrap, "--source",
                     source, "--sink", sink, "--group", f"g-{tag}", "--realtime-priority",
                     str(self.config.realtime_priority)]  # fmt: skip
+            if self.config.one_write:
+                argv.append("--one-write")
             proc, log = self._spawn(tag, argv, self._env())
             ready_text = "assigned"
         else:
@@ -183,6 +187,7 @@ class Bench:
                 TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
                 TICKSERVE_PREFER_GPU="false",
                 TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
+                TICKSERVE_ONE_WRITE=str(self.config.one_write).lower(),
             )  # fmt: skip
             proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
             ready_text = "worker consuming"
@@ -465,6 +470,8 @@ def summary(path: Path) -> str:
     priority = int(rep.get("config", {}).get("realtime_priority", 0))  # stored as text
     if priority:
         lines[0] += f", stream threads SCHED_FIFO {priority}"
+    if rep.get("config", {}).get("one_write") == "True":
+        lines[0] += ", one write per micro-batch"
     second = "echo again" if rep.get("config", {}).get("against") == "echo" else "tickserve"
     for name, res in (("echo floor", f), (second, t)):
         lat = res["latency_ms"]

@@ -43,8 +43,9 @@ async def echo(args: argparse.Namespace) -> None:
         await asyncio.sleep(0.05)
     print("assigned", flush=True)
     gaps = GapRetries()  # as the worker does
-    fetcher = WireFetcher(consumer, args.source, args.fetch_max_wait_ms, gaps=gaps)
-    sender = WireProducer(producer)
+    fetcher = WireFetcher(consumer, args.source, args.fetch_max_wait_ms, gaps=gaps,
+                          one_write=args.one_write)  # fmt: skip
+    sender = WireProducer(producer, share=fetcher if args.one_write else None)
     try:
         while not stop.is_set():
             if args.wire:
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=2000)
     parser.add_argument("--realtime-priority", type=int, default=0)
+    parser.add_argument("--one-write", action="store_true", help="as TICKSERVE_ONE_WRITE")
     parser.add_argument(
         "--wire", action=argparse.BooleanOptionalAction, default=True,
         help="stream.wire's data plane, as the worker; --no-wire: aiokafka's",

@@ -270,7 +270,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         snapshot_interval_s=settings.snapshot_interval_s,
         commit_interval_s=settings.commit_interval_ms / 1000,
         shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
-        wire=settings.wire,
+        wire=settings.wire, one_write=settings.one_write,
     )  # fmt: skip
     warm_up(spec)
     warm_up_trees()
@@ -363,6 +363,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         rate=args.rate, duration_s=args.duration, symbols=args.symbols,
         partitions=args.partitions, senders=args.senders, sweep=sweep, out_dir=Path(args.out),
         realtime_priority=args.realtime_priority, against=args.against,
+        one_write=args.one_write,
     )  # fmt: skip
     path = run_e2e(config)
     print(summary(path))
@@ -464,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument(
         "--realtime-priority", type=int, default=0,
         help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
+    )  # fmt: skip
+    e2e.add_argument(
+        "--one-write", action="store_true",
+        help="both systems send the next Fetch with the Produce (TICKSERVE_ONE_WRITE)",
     )  # fmt: skip
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     cmp_ = bench_sub.add_parser("compare", help="print the differences between two reports")

@@ -70,6 +70,7 @@ REQUEST_TIMEOUT_MS = 30_000
 WIRE_RETRIES = Counter("wire_retries_total", "Produce or fetch rounds retried", ["api", "error"])
 
 _I16, _I32, _I64 = struct.Struct(">h"), struct.Struct(">i"), struct.Struct(">q")
+_FRAME = struct.Struct(">ii")  # response size, correlation id
 _HEADER = struct.Struct(">ihhih")  # size, api_key, api_version, correlation_id, client_id length
 _FETCH_HEAD = struct.Struct(">iiiibi")  # replica, max_wait, min_bytes, max_bytes, isolation, topics
 _FETCH_PARTITION = struct.Struct(">iqi")  # partition, offset, partition max bytes
@@ -81,24 +82,39 @@ _PRODUCED_PARTITION = struct.Struct(">ihqq")  # partition, error, base offset, a
 
 
 class Connection(asyncio.Protocol):
-    """One broker connection: framed requests out, responses matched in order."""
+    """One broker connection: framed requests out, responses matched in order.
 
-    def __init__(self, address: str) -> None:
+    With `coalesce`, requests made in one turn of the event loop leave in one write,
+    at the end of the turn: a loopback TCP write costs ~60-100 us of CPU on the
+    2-core VM (the receiving side of the stack runs in the writer's syscall), so a
+    worker's Produce and its next Fetch can share one (see `WireFetcher`'s
+    `one_write`). A broker answers a connection's requests in order, one at a time,
+    so a request that may wait there (`parks`: a Fetch) is written after the others
+    of its turn: a Produce never queues behind a Fetch of the same write.
+    """
+
+    def __init__(self, address: str, coalesce: bool = False) -> None:
         """Not connected yet: use `Connection.open`."""
         self.address = address
+        self.coalesce = coalesce
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._waiting: deque[tuple[int, asyncio.Future[bytes]]] = deque()
+        self._waiting: deque[tuple[int, asyncio.Future[bytes], bool]] = deque()
+        self._pending: list[tuple[bool, int, asyncio.Future[bytes], list[bytes]]] = []
+        self._parked = 0  # requests written that may wait at the broker, not yet answered
         self._next_id = 0
         self._error: Exception | None = None
-        self._lost = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._lost = self._loop.create_future()
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
+    async def open(cls, host: str, port: int, coalesce: bool = False) -> Connection:
         """Connect (TCP_NODELAY is asyncio's default for TCP)."""
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
+            _, conn = await loop.create_connection(
+                lambda: cls(f"{host}:{port}", coalesce), host, port
+            )
         except OSError as exc:
             raise KafkaConnectionError(f"cannot connect to {host}:{port}: {exc}") from exc
         return conn
@@ -107,6 +123,15 @@ class Connection(asyncio.Protocol):
     def alive(self) -> bool:
         """Connected and not failed."""
         return self._transport is not None and self._error is None
+
+    @property
+    def parked(self) -> bool:
+        """A request that may wait at the broker (a Fetch) is written and unanswered.
+
+        A new request would be answered only after it: send it on another connection
+        if it must not wait.
+        """
+        return self._parked > 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
         self._transport = transport  # type: ignore[assignment]
@@ -117,38 +142,69 @@ class Connection(asyncio.Protocol):
             self._lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:  # noqa: D102
+        # usually `data` holds whole responses: they are sliced out of it (one copy);
+        # a partial one waits in `_buf` for the rest
         buf = self._buf
-        buf += data
-        start = 0
-        while len(buf) - start >= 4:
-            size = int.from_bytes(buf[start : start + 4], "big")
+        if buf:
+            buf += data
+        frames: bytes | bytearray = buf if buf else data
+        start, have = 0, len(frames)
+        while have - start >= 8:
+            size, correlation = _FRAME.unpack_from(frames, start)
             end = start + 4 + size
-            if len(buf) < end:
+            if have < end:
                 break
-            correlation = int.from_bytes(buf[start + 4 : start + 8], "big")
-            if not self._waiting or self._waiting[0][0] != correlation:
-                self._fail(KafkaError(f"{self.address}: unexpected correlation id {correlation}"))
+            if size < 4 or not self._waiting or self._waiting[0][0] != correlation:
+                what = f"size {size}, correlation id {correlation}"
+                self._fail(KafkaError(f"{self.address}: unexpected response ({what})"))
                 return
-            _, future = self._waiting.popleft()
+            _, future, parks = self._waiting.popleft()
+            self._parked -= parks
             if not future.done():  # a caller that gave up has cancelled it
-                future.set_result(bytes(buf[start + 8 : end]))
+                future.set_result(bytes(frames[start + 8 : end]))
             start = end
-        if start:
+        if frames is buf:
             del buf[:start]
+        elif start < have:
+            buf += memoryview(data)[start:]
 
-    def request(self, api_key: int, version: int, parts: Sequence[bytes]) -> asyncio.Future[bytes]:
-        """Send one request (its body as `parts`); the future gets the response body."""
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    def request(
+        self, api_key: int, version: int, parts: Sequence[bytes], parks: bool = False
+    ) -> asyncio.Future[bytes]:
+        """Send one request (its body as `parts`); the future gets the response body.
+
+        `parks`: the broker may hold it (a Fetch waiting for records). On a
+        `coalesce` connection it is written at the end of this turn of the event loop,
+        after the others made in it that do not park; otherwise now.
+        """
+        future: asyncio.Future[bytes] = self._loop.create_future()
         if not self.alive:
             future.set_exception(self._error or KafkaConnectionError(f"{self.address} closed"))
             return future
-        assert self._transport is not None
         self._next_id = correlation = (self._next_id + 1) & 0x7FFFFFFF
         size = _HEADER.size - 4 + len(CLIENT_ID) + sum(len(p) for p in parts)
         header = _HEADER.pack(size, api_key, version, correlation, len(CLIENT_ID)) + CLIENT_ID
-        self._waiting.append((correlation, future))
-        self._transport.writelines([header, *parts])
+        if not self._pending and self.coalesce:
+            self._loop.call_soon(self._write)
+        self._pending.append((parks, correlation, future, [header, *parts]))
+        if not self.coalesce:
+            self._write()
         return future
+
+    def _write(self) -> None:
+        """Write this turn's requests, those that may wait at the broker last."""
+        pending, self._pending = self._pending, []
+        if not self.alive:
+            return  # `_fail` has failed them
+        assert self._transport is not None
+        if len(pending) > 1:
+            pending.sort(key=lambda request: request[0])  # stable: in order otherwise
+        frames = []
+        for parks, correlation, future, parts in pending:
+            self._waiting.append((correlation, future, parks))
+            self._parked += parks
+            frames += parts
+        self._transport.writelines(frames)
 
     async def close(self) -> None:
         """Close and wait until the socket is released; requests still waiting fail."""
@@ -159,8 +215,12 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, exc: Exception) -> None:
         self._error = self._error or exc
-        while self._waiting:
-            _, future = self._waiting.popleft()
+        failed = [future for _, future, _ in self._waiting]
+        failed += [future for _, _, future, _ in self._pending]
+        self._waiting.clear()
+        self._pending.clear()
+        self._parked = 0
+        for future in failed:
             if not future.done():
                 future.set_exception(exc)
         if self._transport is not None and not self._transport.is_closing():
@@ -170,8 +230,9 @@ class Connection(asyncio.Protocol):
 class _Connections:
     """One connection per broker node, opened on first use and again after a failure."""
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: Any, coalesce: bool = False) -> None:
         self._cluster = cluster  # aiokafka's ClusterMetadata (kept current by aiokafka)
+        self._coalesce = coalesce
         self._conns: dict[int, Connection] = {}
         self._opening: dict[int, asyncio.Task[Connection]] = {}  # one dial per node at a time
         self._closed = False
@@ -192,7 +253,9 @@ class _Connections:
             broker = self._cluster.broker_metadata(node_id)
             if broker is None:
                 raise KafkaConnectionError(f"no metadata for broker node {node_id}")
-            opening = asyncio.ensure_future(Connection.open(broker.host, broker.port))
+            opening = asyncio.ensure_future(
+                Connection.open(broker.host, broker.port, self._coalesce)
+            )
             self._opening[node_id] = opening
             opening.add_done_callback(functools.partial(self._opened, node_id))
         return await asyncio.shield(opening)  # a caller that gives up leaves the dial alone
@@ -384,12 +447,20 @@ class WireProducer:
     `PRODUCE_RETRIES` times; like any Kafka producer with more than one request in
     flight and no idempotence, a retry may land after a later request (reordering
     within a partition) and a lost ack may duplicate.
+
+    With `share` (a fetcher made with `one_write`), a Produce goes on that fetcher's
+    connection to the leader when no Fetch is waiting there (the worker's case: its
+    next Fetch is not written yet, and both leave in one write); otherwise on its own
+    connection.
     """
 
-    def __init__(self, producer: AIOKafkaProducer):
+    def __init__(self, producer: AIOKafkaProducer, share: WireFetcher | None = None):
         """Borrow `producer`'s metadata; it must stay started while this is used."""
+        if share is not None and not share.one_write:
+            raise ValueError("share a WireFetcher made with one_write=True")
         self._client = producer.client
         self._conns = _Connections(producer.client.cluster)
+        self._shared = share._conns if share is not None else None
 
     def send(
         self, topic: str, batches: Sequence[tuple[int, bytes, int]]
@@ -406,7 +477,7 @@ class WireProducer:
             by_node.setdefault(-1 if leader is None else leader, []).append((partition, data))
         acks = []
         for node, part in by_node.items():
-            conn = self._conns.ready(node)
+            conn = self._ready(node)
             if conn is None:
                 acks.append(asyncio.ensure_future(self._produce(topic, node, part)))
                 continue
@@ -415,6 +486,14 @@ class WireProducer:
             response.add_done_callback(functools.partial(self._acked, ack, topic, node, part))
             acks.append(ack)
         return acks
+
+    def _ready(self, node: int) -> Connection | None:
+        """A connection to `node` that is up and has no Fetch waiting (None: dial one)."""
+        if self._shared is not None:
+            conn = self._shared.ready(node)
+            if conn is not None and not conn.parked:
+                return conn
+        return self._conns.ready(node)
 
     def _acked(
         self, ack: asyncio.Future[Any], topic: str, node: int, batches: list[tuple[int, bytes]],
@@ -468,7 +547,7 @@ class WireProducer:
                 return
 
     async def close(self) -> None:
-        """Close the connections (requests in flight fail)."""
+        """Close its own connections (requests in flight fail; shared ones stay open)."""
         await self._conns.close()
 
 
@@ -483,6 +562,13 @@ class WireFetcher:
     `consumer.position` work as usual. A response whose partition was moved (a seek,
     a new assignment) while it was in flight is dropped. One fetch per leader is kept
     in flight, so the next one is on its way while the caller works on the last.
+
+    `one_write`: the next Fetch leaves at the end of the event loop's turn instead,
+    in one write with the Produce of a `WireProducer(share=this)` made in that turn
+    (one loopback write per micro-batch instead of two). It trades latency for CPU:
+    at 20,000 ticks/s through the local broker, worker CPU fell ~10% (5.7 -> 5.2
+    us/tick) and tick-to-signal p50 rose ~1-2 ms, the Fetch leaving after the
+    micro-batch's work and waiting at the broker behind the Produce.
     """
 
     def __init__(
@@ -494,14 +580,16 @@ class WireFetcher:
         max_bytes: int = 50 * 1024 * 1024,
         partition_max_bytes: int = 4 * 1024 * 1024,
         gaps: GapRetries | None = None,
+        one_write: bool = False,
     ):
         """Fetch `topic` for `consumer` (started, subscribed to it)."""
         self.consumer = consumer
         self.topic = topic
+        self.one_write = one_write
         self._limits = (max_wait_ms, min_bytes, max_bytes, partition_max_bytes)
         self.gaps = gaps if gaps is not None else GapRetries(limit=0)
         self._client = consumer._client
-        self._conns = _Connections(consumer._client.cluster)
+        self._conns = _Connections(consumer._client.cluster, coalesce=one_write)
         self._assignment: Any = None  # the aiokafka Assignment whose partitions are paused
         self._inflight: dict[int, tuple[asyncio.Future[bytes], dict[int, int]]] = {}
         self._ready: deque[tuple[dict[int, int], bytes]] = deque()
@@ -554,7 +642,7 @@ class WireFetcher:
             body = fetch_request(self.topic, positions, *self._limits)
             conn = self._conns.ready(node)
             if conn is not None:
-                future = conn.request(FETCH, FETCH_VERSION, [body])
+                future = conn.request(FETCH, FETCH_VERSION, [body], parks=True)
             else:
                 future = asyncio.ensure_future(self._fetch(node, body))
             future.add_done_callback(_retrieve)
@@ -581,7 +669,7 @@ class WireFetcher:
 
     async def _fetch(self, node: int, body: bytes) -> bytes:
         conn = await self._conns.get(node)
-        return await conn.request(FETCH, FETCH_VERSION, [body])
+        return await conn.request(FETCH, FETCH_VERSION, [body], parks=True)
 
     def _collect(self) -> None:
         """Move finished fetches to the ready queue; failed ones are sent again next round."""

@@ -85,6 +85,9 @@ class WorkerConfig:
     # ticks and signals over stream.wire's own Fetch/Produce connections (aiokafka keeps
     # the group, commits and the rare sends); False: aiokafka's data path (TLS, SASL)
     wire: bool = True
+    # one write per micro-batch: the next Fetch leaves with the signals' Produce
+    # (less CPU, a later Fetch; see stream.wire.WireFetcher)
+    one_write: bool = False
 
 
 class StreamWorker:
@@ -142,6 +145,7 @@ class StreamWorker:
         self._symbol_table = SymbolTable()
         self._gaps = fetch.GapRetries()  # the local broker's not-yet-readable batches
         self._wire: WireProducer | None = None
+        self._predictions: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     @property
     def model(self) -> LoadedModel:
@@ -174,8 +178,9 @@ class StreamWorker:
             fetcher = WireFetcher(
                 consumer, cfg.ticks_topic, cfg.fetch_max_wait_ms,
                 partition_max_bytes=MAX_PARTITION_FETCH_BYTES, gaps=self._gaps,
+                one_write=cfg.one_write,
             )  # fmt: skip
-            self._wire = WireProducer(producer)
+            self._wire = WireProducer(producer, share=fetcher if cfg.one_write else None)
         clean = False
         try:
             await wait_assigned(consumer)
@@ -351,11 +356,22 @@ class StreamWorker:
         n_stale = int(stale.sum())
         TICKS.inc(len(fetched))
         BATCH_SIZE.observe(len(fetched))
-        PREDICTIONS.labels(model.name, model.version, "true").inc(n_ready - n_stale)
-        PREDICTIONS.labels(model.name, "", "false").inc(len(spans) - n_ready - int(late.sum()))
+        served, not_ready = self._prediction_counters(model)
+        served.inc(n_ready - n_stale)
+        not_ready.inc(len(spans) - n_ready - int(late.sum()))
         self.processed += len(fetched)
         self._publish_latest(spans.event_ns, feats.values, ready, slots)
         return acks
+
+    def _prediction_counters(self, model: LoadedModel) -> tuple[Any, Any]:
+        """PREDICTIONS children of this model: scored, and not ready (looked up once)."""
+        key = (model.name, model.version)
+        counters = self._predictions.get(key)
+        if counters is None:
+            counters = (PREDICTIONS.labels(model.name, model.version, "true"),
+                        PREDICTIONS.labels(model.name, "", "false"))  # fmt: skip
+            self._predictions[key] = counters
+        return counters
 
     def _slots(self, spans: TickSpans, fetched: Fetched) -> np.ndarray:
         """Feature slot of each row; symbols seen for the first time get one here."""

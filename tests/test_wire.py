@@ -16,6 +16,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from deploy.settings import Settings
 from stream.kafka import ensure_topics, make_consumer, make_producer
 from stream.wire import (
+    Connection,
     WireFetcher,
     WireProducer,
     fetch_request,
@@ -59,6 +60,83 @@ def test_produce_request_is_aiokafkas_v3_and_its_response_is_read() -> None:
     assert ours == theirs.encode()
     response = ProduceResponse_v3([("signals", [(1, 0, 40, -1), (3, 6, -1, -1)])], 0)
     assert parse_produce_response(response.encode()) == {("signals", 1): 0, ("signals", 3): 6}
+
+
+class _Transport:
+    """Records what a Connection writes; it is never closed in these tests."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.written.append(b"".join(parts))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        raise AssertionError("the connection failed")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 8, 50, 10_000])
+def test_responses_are_matched_however_the_bytes_are_split(chunk: int) -> None:
+    async def main() -> list[bytes]:
+        conn = Connection("test:0")
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        futures = [conn.request(1, 4, [b"x"]) for _ in range(4)]
+        await asyncio.sleep(0)  # written at the end of the turn
+        bodies = [b"", b"a", b"b" * 40, bytes(range(256)) * 30]
+        stream = b"".join(
+            (len(body) + 4).to_bytes(4, "big") + (i + 1).to_bytes(4, "big") + body
+            for i, body in enumerate(bodies)
+        )
+        for start in range(0, len(stream), chunk):
+            conn.data_received(stream[start : start + chunk])
+        assert not conn._buf  # nothing left over
+        return [f.result() for f in futures]
+
+    assert asyncio.run(main()) == [b"", b"a", b"b" * 40, bytes(range(256)) * 30]
+
+
+def test_one_turns_requests_leave_in_one_write_waiting_ones_last() -> None:
+    async def main() -> None:
+        plain, transport = Connection("test:0"), _Transport()
+        plain.connection_made(transport)  # type: ignore[arg-type]
+        plain.request(1, 4, [b"fetch"], parks=True)
+        assert len(transport.written) == 1 and plain.parked  # written at once
+
+        conn = Connection("test:0", coalesce=True)
+        transport = _Transport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        fetch = conn.request(1, 4, [b"fetch"], parks=True)
+        produce = conn.request(0, 3, [b"produce"])
+        assert transport.written == [] and not conn.parked
+        await asyncio.sleep(0)
+        [written] = transport.written
+        assert written.index(b"produce") < written.index(b"fetch")
+        assert conn.parked  # the Fetch is out: a new request would wait behind it
+        # answered in the order written: the Produce (correlation 2), then the Fetch
+        conn.data_received(b"".join(n.to_bytes(4, "big") for n in (5, 2)) + b"p")
+        assert produce.result() == b"p" and not fetch.done() and conn.parked
+        conn.data_received(b"".join(n.to_bytes(4, "big") for n in (5, 1)) + b"f")
+        assert fetch.result() == b"f" and not conn.parked
+
+    asyncio.run(main())
+
+
+def test_a_response_out_of_turn_fails_the_connection() -> None:
+    async def main() -> None:
+        conn = Connection("test:0")
+        transport = _Transport()
+        transport.close = lambda: None  # type: ignore[method-assign]
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        waiting = conn.request(1, 4, [b"x"])
+        await asyncio.sleep(0)
+        conn.data_received((4).to_bytes(4, "big") + (7).to_bytes(4, "big"))
+        with pytest.raises(KafkaError, match="correlation id 7"):
+            waiting.result()
+
+    asyncio.run(main())
 
 
 def test_one_pass_over_a_response_equals_the_per_partition_parse() -> None:
@@ -214,6 +292,52 @@ def test_wire_producer_lands_batches_in_order(stack_settings: Settings) -> None:
     for p in (0, 1):
         values = [r.value for r in records if r.partition == p]
         assert values == [b"%d-%d" % (c, i) for c in range(5) for i in range(10)]
+
+
+def test_one_write_echo_lands_every_record_in_order(stack_settings: Settings) -> None:
+    """Fetch and Produce in one write (one_write): the broker answers both, in order."""
+    source, sink = unique("one-write-in"), unique("one-write-out")
+    run(ensure_topics(stack_settings.bootstrap, [source, sink], 1))
+    sent = [(b"k", b"v%d" % i, 0) for i in range(60)]
+    run(_produce(stack_settings.bootstrap, source, sent, None))
+
+    async def go() -> int:
+        consumer: AIOKafkaConsumer = make_consumer(stack_settings.bootstrap, unique("g"), [source])
+        producer: AIOKafkaProducer = make_producer(stack_settings.bootstrap)
+        await consumer.start()
+        await producer.start()
+        fetcher = WireFetcher(consumer, source, 20, one_write=True)
+        wire = WireProducer(producer, share=fetcher)
+        echoed, acks = 0, []
+        try:
+            await producer.partitions_for(sink)
+            while echoed < len(sent):
+                fetched = await fetcher.poll(500)
+                assert len(fetched), "nothing fetched"
+                builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+                for i in range(len(fetched)):
+                    builder.append(i, timestamp=1, key=None, value=fetched.value(i), headers=[])
+                acks += wire.send(sink, [(0, bytes(builder.build()), len(fetched))])
+                echoed += len(fetched)
+            await asyncio.gather(*acks)
+            return len(wire._conns._conns)  # connections of its own
+        finally:
+            await wire.close()
+            await fetcher.close()
+            await consumer.stop()
+            await producer.stop()
+
+    own = run(go())
+    assert own == 0  # every Produce went out with the next Fetch
+    records = run(read_topic(stack_settings.bootstrap, sink, 1, len(sent)))
+    assert [r.value for r in records] == [value for _, value, _ in sent]
+
+
+def test_a_producer_shares_only_a_one_write_fetcher() -> None:
+    fetcher = WireFetcher.__new__(WireFetcher)
+    fetcher.one_write = False
+    with pytest.raises(ValueError, match="one_write"):
+        WireProducer(None, fetcher)  # type: ignore[arg-type]  # refused before it is used
 
 
 def test_wire_producer_raises_once_retries_are_spent(stack_settings: Settings) -> None:
