@@ -57,7 +57,7 @@ class E2EConfig:
     # SCHED_FIFO priority of both systems' stream thread (TICKSERVE_REALTIME_PRIORITY); 0: none
     realtime_priority: int = 0
     # both systems send the next Fetch with the Produce (TICKSERVE_ONE_WRITE)
-    one_write: bool = False
+    one_write: bool = True
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -172,8 +172,7 @@ class Bench:
             argv = [sys.executable, "-m", "bench.echo", "--bootstrap", bootstrap, "--source",
                     source, "--sink", sink, "--group", f"g-{tag}", "--realtime-priority",
                     str(self.config.realtime_priority)]  # fmt: skip
-            if self.config.one_write:
-                argv.append("--one-write")
+            argv.append("--one-write" if self.config.one_write else "--no-one-write")
             proc, log = self._spawn(tag, argv, self._env())
             ready_text = "assigned"
         else:
@@ -470,8 +469,8 @@ def summary(path: Path) -> str:
     priority = int(rep.get("config", {}).get("realtime_priority", 0))  # stored as text
     if priority:
         lines[0] += f", stream threads SCHED_FIFO {priority}"
-    if rep.get("config", {}).get("one_write") == "True":
-        lines[0] += ", one write per micro-batch"
+    if rep.get("config", {}).get("one_write") == "False":
+        lines[0] += ", Fetch and Produce in separate writes"
     second = "echo again" if rep.get("config", {}).get("against") == "echo" else "tickserve"
     for name, res in (("echo floor", f), (second, t)):
         lat = res["latency_ms"]

@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=2000)
     parser.add_argument("--realtime-priority", type=int, default=0)
-    parser.add_argument("--one-write", action="store_true", help="as TICKSERVE_ONE_WRITE")
+    parser.add_argument("--one-write", action=argparse.BooleanOptionalAction, default=True,
+                        help="as TICKSERVE_ONE_WRITE")  # fmt: skip
     parser.add_argument(
         "--wire", action=argparse.BooleanOptionalAction, default=True,
         help="stream.wire's data plane, as the worker; --no-wire: aiokafka's",

@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
     )  # fmt: skip
     e2e.add_argument(
-        "--one-write", action="store_true",
+        "--one-write", action=argparse.BooleanOptionalAction, default=True,
         help="both systems send the next Fetch with the Produce (TICKSERVE_ONE_WRITE)",
     )  # fmt: skip
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")

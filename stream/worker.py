@@ -87,7 +87,7 @@ class WorkerConfig:
     wire: bool = True
     # one write per micro-batch: the next Fetch leaves with the signals' Produce
     # (less CPU, a later Fetch; see stream.wire.WireFetcher)
-    one_write: bool = False
+    one_write: bool = True
 
 
 class StreamWorker:
