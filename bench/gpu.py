@@ -40,7 +40,7 @@ TIMED = ("trees", "mlp")  # the logistic only joins the serving check
 
 
 def model_bytes(name: str, n_features: int) -> bytes:
-    """The benchmark model `name` ("trees" or "mlp"), exported with skl2onnx (fixed seed)."""
+    """The benchmark model `name` (one of MODELS), exported with skl2onnx (fixed seed)."""
     from skl2onnx import to_onnx
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
