@@ -150,3 +150,47 @@ def test_rows_are_written_in_feasts_own_redis_layout(stack_settings: Settings) -
     assert hashes[0] and hashes[0] == hashes[1]
     frame = read_online(store, [ours, feasts], SPEC)
     assert frame[list(SPEC.names)].to_numpy().tolist() == [values[0].tolist()] * 2
+
+
+def test_newer_wins_against_rows_feast_itself_wrote(stack_settings: Settings) -> None:
+    """The check on the server reads the Timestamp that Feast's own write leaves."""
+    store = open_store(stack_settings.redis, stack_settings.feast_registry)
+    writer = OnlineWriter(store, SPEC)
+    symbol = unique("MIXED")
+    writer.offer([unique("OTHER")], np.array([T0]), _rows(0.0))
+    writer.flush()  # resolves the view that `_write_through_feast` writes to
+    writer.offer([symbol], np.array([T0 + 1_000_000_000]), _rows(5.0))
+    writer._write_through_feast(writer._take())  # Feast's write, one second later than T0
+    for event_ns, value, expect in ((T0, 1.0, 5.0),  # older: refused
+                                    (T0 + 1_000_000_000, 2.0, 5.0),  # the same instant
+                                    (T0 + 1_000_001_000, 3.0, 3.0),  # 1 us newer
+                                    (T0 + 2_000_000_000 - 1_000, 4.0, 4.0)):  # fmt: skip
+        writer.offer([symbol], np.array([event_ns]), _rows(value))
+        writer.flush()
+        got = read_online(store, [symbol], SPEC)[list(SPEC.names)].to_numpy()[0]
+        assert got.tolist() == [expect] * SPEC.n_features, (event_ns, value)
+
+
+def test_ttl_and_skip_dedup_follow_the_store_config(stack_settings: Settings) -> None:
+    import redis
+    from feast.infra.online_stores.helpers import _redis_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from features.feature_repo.definitions import FEATURE_VIEW
+    from features.online import _RedisRows
+
+    store = open_store(stack_settings.redis, stack_settings.feast_registry)
+    config = store.config
+    client = store.provider.online_store._get_client(config.online_store)
+    rows = _RedisRows(client, config.project, FEATURE_VIEW, SPEC.names,
+                      config.entity_key_serialization_version, ttl_s=600, dedup=False)  # fmt: skip
+    symbol = unique("TTL")
+    block = np.vstack([_rows(1.0), _rows(2.0)])
+    assert rows.write({symbol: (T0 + 5_000, block, 0)}) == 1
+    assert rows.write({symbol: (T0, block, 1)}) == 1  # older, but nothing is checked
+    got = read_online(store, [symbol], SPEC)[list(SPEC.names)].to_numpy()[0]
+    assert got.tolist() == [2.0] * SPEC.n_features
+    entity = EntityKey(join_keys=["symbol"], entity_values=[Value(string_val=symbol)])
+    key = _redis_key(config.project, entity, config.entity_key_serialization_version)
+    assert 0 < redis.Redis.from_url(stack_settings.redis).ttl(key) <= 600
