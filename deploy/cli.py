@@ -363,7 +363,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         rate=args.rate, duration_s=args.duration, symbols=args.symbols,
         partitions=args.partitions, senders=args.senders, sweep=sweep, out_dir=Path(args.out),
         realtime_priority=args.realtime_priority, against=args.against,
-        one_write=args.one_write,
+        one_write=args.one_write, rounds=args.rounds,
     )  # fmt: skip
     path = run_e2e(config)
     print(summary(path))
@@ -469,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument(
         "--one-write", action=argparse.BooleanOptionalAction, default=True,
         help="both systems send the next Fetch with the Produce (TICKSERVE_ONE_WRITE)",
+    )  # fmt: skip
+    e2e.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure floor and system this many times, alternating; figures pool the rounds",
     )  # fmt: skip
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     cmp_ = bench_sub.add_parser("compare", help="print the differences between two reports")
