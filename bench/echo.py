@@ -22,7 +22,7 @@ from stream import wire
 from stream.fetch import Fetched, GapRetries, drain, install
 from stream.kafka import make_consumer, make_producer, start_client
 from stream.wire import WireFetcher, WireProducer
-from tickserve.sched import realtime_priority
+from tickserve.sched import realtime_priority, time_slice
 
 
 async def echo(args: argparse.Namespace) -> None:
@@ -30,7 +30,8 @@ async def echo(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    realtime_priority(args.realtime_priority)  # as the worker does with the same setting
+    realtime_priority(args.realtime_priority)  # as the worker does with the same settings
+    time_slice(args.sched_slice_us)
     wire.warm_up()
     install()
     consumer = make_consumer(args.bootstrap, args.group, [args.source], args.fetch_max_wait_ms,
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=2000)
     parser.add_argument("--realtime-priority", type=int, default=0)
+    parser.add_argument("--sched-slice-us", type=int, default=0, help="as TICKSERVE_SCHED_SLICE_US")
     parser.add_argument("--one-write", action=argparse.BooleanOptionalAction, default=True,
                         help="as TICKSERVE_ONE_WRITE")  # fmt: skip
     parser.add_argument(

@@ -14,7 +14,7 @@ from pathlib import Path
 from deploy.settings import Settings, load_settings
 from tickserve.errors import ConfigError, TickserveError
 from tickserve.logs import setup_logging
-from tickserve.sched import realtime_priority
+from tickserve.sched import realtime_priority, time_slice
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     spec = settings.feature_spec
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     realtime_priority(settings.realtime_priority)
+    time_slice(settings.sched_slice_us)
     if settings.metrics_port and not port_free(settings.metrics_port):
         raise ConfigError(f"metrics port {settings.metrics_port} is already in use")
     watcher = ModelWatcher(
@@ -363,7 +364,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         rate=args.rate, duration_s=args.duration, symbols=args.symbols,
         partitions=args.partitions, senders=args.senders, sweep=sweep, out_dir=Path(args.out),
         realtime_priority=args.realtime_priority, against=args.against,
-        one_write=args.one_write, rounds=args.rounds,
+        one_write=args.one_write, rounds=args.rounds, sched_slice_us=args.sched_slice_us,
     )  # fmt: skip
     path = run_e2e(config)
     print(summary(path))
@@ -465,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument(
         "--realtime-priority", type=int, default=0,
         help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
+    )  # fmt: skip
+    e2e.add_argument(
+        "--sched-slice-us", type=int, default=0,
+        help="fair-scheduler slice of both systems' stream thread (TICKSERVE_SCHED_SLICE_US)",
     )  # fmt: skip
     e2e.add_argument(
         "--one-write", action=argparse.BooleanOptionalAction, default=True,

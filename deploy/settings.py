@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # broker or other processes; a real-time priority keeps them from it. Needs
     # CAP_SYS_NICE (root, or the capability in the pod's securityContext).
     realtime_priority: int = Field(0, ge=0, le=99)
+    # Time slice asked of the fair scheduler for the stream thread, in us (0: the
+    # kernel's default). On Linux 6.12+ a short slice lets the thread preempt a busy
+    # neighbour as soon as its fetch arrives, without privileges (see tickserve.sched).
+    sched_slice_us: int = Field(0, ge=0, le=100_000)
     # HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset or "" = refused (403)
     webhook_secret: SecretStr | None = None
     log_level: str = "INFO"

@@ -56,18 +56,57 @@ def test_realtime_priority_out_of_range_is_one_line(tmp_path: Path) -> None:
     assert line.startswith("tickserve serve: error: bad setting TICKSERVE_REALTIME_PRIORITY:")
 
 
+def in_child(code: str, expect: list[str], refusal: str) -> None:
+    """Run `code` in a child process (pytest's own threads stay as they are): it prints
+    `expect`, or, where this machine does not allow it, fails saying `refusal`."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    if done.returncode == 0:
+        assert done.stdout.split() == expect
+    else:
+        assert refusal in done.stderr
+
+
 def test_realtime_priority_sets_sched_fifo_or_says_why() -> None:
-    """In a child process (pytest's own threads stay as they are)."""
     code = (
         "import os; from tickserve.sched import realtime_priority; realtime_priority(3); "
         "print(os.sched_getscheduler(0) == os.SCHED_FIFO, os.sched_getparam(0).sched_priority)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)  # fmt: skip
-    if done.returncode == 0:
-        assert done.stdout.split() == ["True", "3"]
-    else:  # not permitted here: the error says what it needs
-        assert "needs CAP_SYS_NICE" in done.stderr
+    in_child(code, ["True", "3"], refusal="needs CAP_SYS_NICE")
+
+
+def test_sched_slice_is_set_or_says_why() -> None:
+    """The slice reads back from the kernel; threads started afterwards inherit it."""
+    code = (
+        "import threading; from tickserve.sched import _SYSCALLS, _SchedAttr, _sched_attr, "
+        "time_slice; import platform, ctypes\n"
+        "time_slice(250)\n"
+        "def read(out):\n"
+        "    attr = _SchedAttr(); _sched_attr(_SYSCALLS[platform.machine()][1], attr, "
+        "ctypes.sizeof(attr), 0); out.append(attr.runtime)\n"
+        "seen = []; read(seen); t = threading.Thread(target=read, args=(seen,)); t.start(); "
+        "t.join(); print(*seen)"
+    )
+    in_child(code, ["250000", "250000"], refusal="needs Linux 6.12 or later")
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"TICKSERVE_SCHED_SLICE_US": "50"}, "TICKSERVE_SCHED_SLICE_US=50 is outside 100-100000"),
+        ({"TICKSERVE_SCHED_SLICE_US": "-1"}, "bad setting TICKSERVE_SCHED_SLICE_US:"),
+        ({"TICKSERVE_SCHED_SLICE_US": "500", "TICKSERVE_REALTIME_PRIORITY": "5"},
+         "applies to the fair scheduler"),
+    ],
+)  # fmt: skip
+def test_bad_sched_slice_is_one_line(env: dict[str, str], says: str, tmp_path: Path) -> None:
+    done = tickserve("serve", env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    [line] = error_lines(done)
+    assert line.startswith("tickserve serve: error: ")
+    if "REALTIME" in str(env) and "needs CAP_SYS_NICE" in line:
+        return  # not permitted to take SCHED_FIFO here: refused before the slice
+    assert says in line
 
 
 def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
