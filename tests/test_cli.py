@@ -78,14 +78,10 @@ def test_realtime_priority_sets_sched_fifo_or_says_why() -> None:
 def test_sched_slice_is_set_or_says_why() -> None:
     """The slice reads back from the kernel; threads started afterwards inherit it."""
     code = (
-        "import threading; from tickserve.sched import _SYSCALLS, _SchedAttr, _sched_attr, "
-        "time_slice; import platform, ctypes\n"
+        "import threading; from tickserve.sched import slice_ns, time_slice\n"
         "time_slice(250)\n"
-        "def read(out):\n"
-        "    attr = _SchedAttr(); _sched_attr(_SYSCALLS[platform.machine()][1], attr, "
-        "ctypes.sizeof(attr), 0); out.append(attr.runtime)\n"
-        "seen = []; read(seen); t = threading.Thread(target=read, args=(seen,)); t.start(); "
-        "t.join(); print(*seen)"
+        "seen = [slice_ns()]; t = threading.Thread(target=lambda: seen.append(slice_ns()))\n"
+        "t.start(); t.join(); print(*seen)"
     )
     in_child(code, ["250000", "250000"], refusal="needs Linux 6.12 or later")
 
