@@ -14,9 +14,9 @@ from pathlib import Path
 
 from deploy.settings import Settings
 from deploy.stack import LocalStack, free_port
-from stream.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
-from stream.feed import SyntheticMarket, publish
-from stream.kafka import ensure_topics
+from stream.ingest.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
+from stream.ingest.feed import SyntheticMarket, publish
+from stream.kafka.clients import ensure_topics
 
 
 def main() -> None:

@@ -166,7 +166,7 @@ class Bench:
         """Start the echo floor or the tickserve worker; yields (output topic, process)."""
         import asyncio
 
-        from stream.kafka import ensure_topics
+        from stream.kafka.clients import ensure_topics
 
         self._fresh_broker()
         tag = f"{kind}-{int(rate)}-{uuid.uuid4().hex[:6]}"

@@ -1,7 +1,7 @@
 """The broker floor: consume ticks and produce the same bytes, nothing else.
 
 Same consumer and producer settings as the worker, the same consume path
-(`stream.fetch.drain`: record batches parsed as columns) and the same produce
+(`stream.kafka.aiokafka_adapter.drain`: record batches parsed as columns) and the same produce
 shape (one record batch per partition, commit after the acks), so the difference
 between this and `tickserve serve` is tickserve's own work.
 
@@ -18,10 +18,11 @@ from typing import Any
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from stream import wire
-from stream.fetch import Fetched, GapRetries, drain, install
-from stream.kafka import make_consumer, make_producer, start_client
-from stream.wire import WireFetcher, WireProducer
+from stream.kafka import wire
+from stream.kafka.aiokafka_adapter import drain, install
+from stream.kafka.clients import make_consumer, make_producer, start_client
+from stream.kafka.fetched import Fetched, GapRetries
+from stream.kafka.wire import WireFetcher, WireProducer
 from tickserve.sched import realtime_priority, time_slice
 
 
@@ -124,7 +125,7 @@ def main() -> None:
                         help="as TICKSERVE_ONE_WRITE")  # fmt: skip
     parser.add_argument(
         "--wire", action=argparse.BooleanOptionalAction, default=True,
-        help="stream.wire's data plane, as the worker; --no-wire: aiokafka's",
+        help="stream.kafka.wire's data plane, as the worker; --no-wire: aiokafka's",
     )  # fmt: skip
     import uvloop
 

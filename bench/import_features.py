@@ -59,8 +59,8 @@ def synthetic_trades(path: Path, n: int, symbols: int = 10, seed: int = 7) -> No
 
 def bench_import_features(n: int) -> None:
     from features.spec import FeatureSpec
-    from stream.archive import ClickHouseArchive
-    from stream.backfill import import_file
+    from stream.ingest.archive import ClickHouseArchive
+    from stream.ingest.backfill import import_file
     from training.dataset import build_dataset
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stream.kafka import make_producer, start_client
+from stream.kafka.clients import make_producer, start_client
 
 SIDES = ("sell", "buy")
 

@@ -3,7 +3,7 @@
 Writes an .npz with trade ids, intended send times (`recv_ns` of the tick), arrival
 times and, for tickserve signals, the stage timestamps of header `t`.
 
-It reads the way the worker does (`stream.wire.WireFetcher`: record batches as columns)
+It reads the way the worker does (`stream.kafka.wire.WireFetcher`: record batches as columns)
 and picks its three fields out with one Numba pass: a ConsumerRecord and a JSON parse
 per record cost ~10 us, a fifth of a core at 20,000 records/s, which this 2-core
 machine's broker and worker then lacked (the harness must not load the system under
@@ -21,10 +21,10 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from numba import njit
 
-from stream import wire
-from stream.fetch import read_varint
-from stream.signal import STAGES
-from stream.wire import WireFetcher
+from stream.contracts.signal import STAGES
+from stream.kafka import wire
+from stream.kafka.recordbatch import read_varint
+from stream.kafka.wire import WireFetcher
 
 TRADE_ID = np.frombuffer(b'"trade_id":', np.uint8)
 RECV_NS = np.frombuffer(b'"recv_ns":', np.uint8)

@@ -6,7 +6,7 @@ encode_signal_batches) and their CRC-32C, feature update (tickserve batch 1 and 
 vs talipp tick by tick), the logistic model per batch size (ONNX Runtime vs
 inference.linear), the micro-batcher over a bare `session.run`, online-store write per batch (Feast
 DataFrame path vs tickserve's), a Fetch response parsed (aiokafka's struct decode and
-records vs stream.wire's one pass).
+records vs stream.kafka.wire's one pass).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 
 from features.engine import FeatureEngine
 from features.spec import NS_PER_SECOND, FeatureSpec
-from stream.signal import encode_signals
-from stream.tick import decode_batch
-from stream.tickcodec import decode_columns, pack, warm_up
+from stream.contracts.signal import encode_signals
+from stream.contracts.tick import decode_batch
+from stream.contracts.tickcodec import decode_columns, pack, warm_up
 
 N = 1000
 NOW = 1_700_000_000_000_000_000
@@ -97,7 +97,7 @@ class SignalRows:
     lens: np.ndarray
 
     def encode_signal_batches(self) -> list[tuple[int, bytes, int]]:
-        from stream.records import encode_signal_batches
+        from stream.kafka.signalbatch import encode_signal_batches
 
         n = SIGNALS
         return encode_signal_batches(
@@ -152,7 +152,8 @@ def test_encode_produce_batch_builder(benchmark: pytest.FixtureRequest) -> None:
 @pytest.mark.benchmark(group="encode + batch 2000 signals, 4 partitions")
 def test_encode_produce_tickserve_records(benchmark: pytest.FixtureRequest) -> None:
     """Numba writes the values into record batches; PrebuiltBatch carries each to send_batch."""
-    from stream.records import PrebuiltBatch, warm_up
+    from stream.kafka.aiokafka_adapter import PrebuiltBatch
+    from stream.kafka.signalbatch import warm_up
 
     warm_up()
     r = _signal_rows()
@@ -183,7 +184,7 @@ def test_crc32c_aiokafka(benchmark: pytest.FixtureRequest) -> None:
 @pytest.mark.parametrize("kernel", ["sse42", "tables"])
 @pytest.mark.benchmark(group="crc32c of 2000 signals' record batches")
 def test_crc32c_tickserve(benchmark: pytest.FixtureRequest, kernel: str) -> None:
-    from stream import records
+    from stream.kafka import recordbatch as records
 
     if kernel == "sse42" and not records.HARDWARE_CRC:
         pytest.fail("this CPU has no SSE4.2")
@@ -399,9 +400,9 @@ def test_fetch_response_aiokafka(benchmark: pytest.FixtureRequest) -> None:
 
 @pytest.mark.benchmark(group="fetch response, 4 partitions x 175 ticks")
 def test_fetch_response_tickserve(benchmark: pytest.FixtureRequest) -> None:
-    """stream.wire: the response walked, every partition parsed and CRC-checked in one pass."""
-    from stream.records import first_bad_crc
-    from stream.wire import parse_fetch_response, parse_partitions, warm_up
+    """stream.kafka.wire: the response walked, every partition parsed and CRC-checked at once."""
+    from stream.kafka.recordbatch import first_bad_crc
+    from stream.kafka.wire import parse_fetch_response, parse_partitions, warm_up
 
     body = _fetch_response()
     warm_up()

@@ -14,7 +14,7 @@ def check_mlflow(uri: str) -> None:
 
 def check_clickhouse(dsn: str) -> None:
     """Open the DSN, create the archive tables, run a query."""
-    from stream.archive import ClickHouseArchive
+    from stream.ingest.archive import ClickHouseArchive
 
     archive = ClickHouseArchive.open(dsn)
     archive.count_ticks()

@@ -52,8 +52,8 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
     """Publish ticks from a file or the synthetic market."""
-    from stream.feed import Pacing, SyntheticMarket, publish, read_trades
-    from stream.kafka import ensure_topics
+    from stream.ingest.feed import Pacing, SyntheticMarket, publish, read_trades
+    from stream.kafka.clients import ensure_topics
 
     if args.file:
         ticks = read_trades(Path(args.file), args.symbol)[args.skip :]
@@ -78,7 +78,7 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
     """Consume `ticks` and `signals` into the ClickHouse archive."""
-    from stream.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
+    from stream.ingest.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
 
     archive = ClickHouseArchive.open(settings.clickhouse)
     config = ArchiverConfig(
@@ -108,8 +108,8 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     """Load a historical trade file straight into the archive."""
-    from stream.archive import ClickHouseArchive
-    from stream.backfill import import_file
+    from stream.ingest.archive import ClickHouseArchive
+    from stream.ingest.backfill import import_file
 
     archive = ClickHouseArchive.open(settings.clickhouse)
     report = import_file(
@@ -163,7 +163,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     """Train on the archive and register a new version (the gate decides about the alias)."""
     from dataclasses import replace
 
-    from stream.archive import ClickHouseArchive
+    from stream.ingest.archive import ClickHouseArchive
     from training.cost import CostMeter, check_budget
     from training.dataset import build_dataset
     from training.params import TrainParams
@@ -234,7 +234,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from inference.validation import ValidationPolicy
     from inference.watcher import ModelWatcher, WatcherConfig
     from inference.webhook import WebhookConfig
-    from stream.kafka import ensure_topics
+    from stream.kafka.clients import ensure_topics
     from stream.worker import StreamWorker, WorkerConfig
 
     spec = settings.feature_spec
@@ -321,8 +321,8 @@ def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
     import pandas as pd
 
     from features.offline import features_frame
-    from stream.feed import read_trades
-    from stream.tick import SIDES, validate
+    from stream.contracts.tick import SIDES, validate
+    from stream.ingest.feed import read_trades
     from tickserve.errors import InvalidTick
     from tickserve.progress import progress_bar
 

@@ -14,10 +14,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from deploy.settings import Settings
 from deploy.stack import LocalStack
-from stream.archive import ArchiverConfig, ClickHouseArchive, run_archiver
-from stream.feed import Pacing, publish, read_trades
-from stream.kafka import ensure_topics
-from stream.signal import Signal
+from stream.contracts.signal import Signal
+from stream.ingest.archive import ArchiverConfig, ClickHouseArchive, run_archiver
+from stream.ingest.feed import Pacing, publish, read_trades
+from stream.kafka.clients import ensure_topics
 from tickserve.errors import StackError
 from training.dataset import build_dataset
 from training.train import train_and_register

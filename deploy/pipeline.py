@@ -41,8 +41,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 def stage_import(settings: Settings, params: TrainParams, doc: dict[str, Any]) -> None:
     """Trade file -> validated archive -> data/ticks.parquet (what the features stage reads)."""
-    from stream.archive import ClickHouseArchive
-    from stream.backfill import import_file
+    from stream.ingest.archive import ClickHouseArchive
+    from stream.ingest.backfill import import_file
 
     archive = ClickHouseArchive.open(settings.clickhouse)
     report = import_file(archive, Path(doc["data"]["input"]), doc["data"].get("symbol"),

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     online_flush_s: float = Field(0.25, gt=0)
     # acknowledged offsets are committed at most this often, always on revoke and stop
     commit_interval_ms: int = Field(100, ge=0)
-    # ticks and signals over stream.wire's own Fetch/Produce connections (plaintext);
+    # ticks and signals over stream.kafka.wire's own Fetch/Produce connections (plaintext);
     # false: aiokafka's data path
     wire: bool = True
     # one TCP write per micro-batch: the next Fetch leaves with the signals' Produce

@@ -22,19 +22,21 @@ from features.online import OnlineWriter
 from features.snapshot import SnapshotStore
 from inference.batcher import BatcherConfig, BatchScores, MicroBatcher
 from inference.registry import LoadedModel
-from stream import fetch, records, tickcodec, wire
-from stream.fetch import Fetched
-from stream.kafka import (
+from stream.contracts import tickcodec
+from stream.contracts.signal import STAGES, encode_signals
+from stream.contracts.tickcodec import SymbolTable, TickSpans, decode_columns
+from stream.kafka import aiokafka_adapter, signalbatch, wire
+from stream.kafka.aiokafka_adapter import send_batches
+from stream.kafka.clients import (
     MAX_PARTITION_FETCH_BYTES,
     make_consumer,
     make_producer,
     start_client,
     wait_assigned,
 )
-from stream.records import encode_signal_batches, send_batches
-from stream.signal import STAGES, encode_signals
-from stream.tickcodec import SymbolTable, TickSpans, decode_columns
-from stream.wire import WireFetcher, WireProducer
+from stream.kafka.fetched import Fetched, GapRetries
+from stream.kafka.signalbatch import encode_signal_batches
+from stream.kafka.wire import WireFetcher, WireProducer
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +84,11 @@ class WorkerConfig:
     # most this much more, at-least-once either way
     commit_interval_s: float = 0.1
     shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
-    # ticks and signals over stream.wire's own Fetch/Produce connections (aiokafka keeps
+    # ticks and signals over stream.kafka.wire's own Fetch/Produce connections (aiokafka keeps
     # the group, commits and the rare sends); False: aiokafka's data path (TLS, SASL)
     wire: bool = True
     # one write per micro-batch: the next Fetch leaves with the signals' Produce
-    # (less CPU, a later Fetch; see stream.wire.WireFetcher)
+    # (less CPU, a later Fetch; see stream.kafka.wire.WireFetcher)
     one_write: bool = True
 
 
@@ -143,7 +145,7 @@ class StreamWorker:
         self._last_commit = time.monotonic()
         self._signal_partitions = 0
         self._symbol_table = SymbolTable()
-        self._gaps = fetch.GapRetries()  # the local broker's not-yet-readable batches
+        self._gaps = GapRetries()  # the local broker's not-yet-readable batches
         self._wire: WireProducer | None = None
         self._predictions: dict[tuple[str, str], tuple[Any, Any]] = {}
 
@@ -155,8 +157,8 @@ class StreamWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then commit, snapshot and close."""
         cfg = self.config
-        fetch.install()  # record batches are parsed as columns (see stream.fetch)
-        for codec in (fetch, tickcodec, records, wire):
+        aiokafka_adapter.install()  # record batches parsed as columns
+        for codec in (aiokafka_adapter, tickcodec, signalbatch, wire):
             # load (or compile: ~10 s with a cold Numba cache) before joining the group,
             # not on the first micro-batch while ticks pile up
             codec.warm_up()
@@ -194,7 +196,9 @@ class StreamWorker:
                 if fetcher is not None:
                     fetched = await fetcher.poll(100)
                 else:
-                    fetched = await fetch.drain(consumer, cfg.ticks_topic, 100, self._gaps)
+                    fetched = await aiokafka_adapter.drain(
+                        consumer, cfg.ticks_topic, 100, self._gaps
+                    )
                 if len(fetched):
                     async with self._batch_lock:
                         await self._handle(fetched)
@@ -302,7 +306,7 @@ class StreamWorker:
 
         Columns all the way: record values are decoded from the fetch buffer in bulk,
         symbols map to feature slots through a hash table, and the signals are
-        written into Kafka record batches by one Numba pass (`stream.records`). Python
+        written into Kafka record batches by one Numba pass (`stream.kafka.signalbatch`). Python
         runs per record only for dead letters, new symbols and shadow scores.
 
         Returns the futures of their acknowledgements.

@@ -13,9 +13,9 @@ import pytest
 
 from deploy.settings import Settings, load_settings
 from deploy.stack import LocalStack, free_port
-from stream.archive import ArchiverConfig, ClickHouseArchive, run_archiver
-from stream.feed import publish, read_trades
-from stream.kafka import ensure_topics
+from stream.ingest.archive import ArchiverConfig, ClickHouseArchive, run_archiver
+from stream.ingest.feed import publish, read_trades
+from stream.kafka.clients import ensure_topics
 from tests.kafka_helpers import run
 from training.dataset import build_dataset
 from training.train import TrainResult, train_and_register

@@ -22,11 +22,11 @@ from deploy.settings import Settings
 from features.engine import FeatureEngine
 from features.kernels import F_BUY, F_CLOSE, F_HIGH, F_LOW, F_OPEN, F_VOLUME, I_NTRADES
 from features.spec import FeatureSpec
-from stream.archive import ClickHouseArchive
-from stream.backfill import import_file, validate_frame, validate_rows
-from stream.feed import Pacing, SyntheticMarket, publish, read_trades
-from stream.kafka import ensure_topics, make_producer, start_client
-from stream.signal import encode_signals
+from stream.contracts.signal import encode_signals
+from stream.ingest.archive import ClickHouseArchive
+from stream.ingest.backfill import import_file, validate_frame, validate_rows
+from stream.ingest.feed import Pacing, SyntheticMarket, publish, read_trades
+from stream.kafka.clients import ensure_topics, make_producer, start_client
 from tests.conftest import TRADES, unique
 from tests.kafka_helpers import run
 from tests.test_cli import ROOT, error_lines, tickserve

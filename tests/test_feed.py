@@ -9,7 +9,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from stream.feed import SyntheticMarket, read_trades, symbol_from_filename
+from stream.ingest.feed import SyntheticMarket, read_trades, symbol_from_filename
 from tests.conftest import DATA, TRADES
 from tickserve.errors import DataError
 

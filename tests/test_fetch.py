@@ -1,4 +1,4 @@
-"""`stream.fetch.drain` against aiokafka's own `getmany`, on the real broker."""
+"""`stream.kafka.aiokafka_adapter.drain` against aiokafka's own `getmany`, on the real broker."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
-from stream.fetch import Fetched, GapRetries, batch_bounds, drain, install, parse_batches
-from stream.kafka import ensure_topics, make_consumer
+from stream.kafka.aiokafka_adapter import drain, install
+from stream.kafka.clients import ensure_topics, make_consumer
+from stream.kafka.fetched import Fetched, GapRetries
+from stream.kafka.recordbatch import batch_bounds, parse_batches
 from tests.conftest import unique
 from tests.kafka_helpers import run
 
@@ -136,18 +138,18 @@ def test_corrupt_batch_raises(stack_settings: Settings) -> None:
     """A CRC mismatch raises like aiokafka's check_crcs, never yields records."""
     from aiokafka.errors import CorruptRecordException
 
-    from stream.fetch import _check_crcs
+    from stream.kafka.fetched import check_crcs
 
     raw = bytearray(_batch(3, 0))
     raw[-1] ^= 0xFF
     buf = np.frombuffer(bytes(raw), np.uint8)
     starts, ends, _ = batch_bounds(buf)
     with pytest.raises(CorruptRecordException):
-        _check_crcs(buf, starts, ends, TopicPartition("t", 0))
+        check_crcs(buf, starts, ends, TopicPartition("t", 0))
 
 
 def test_crc_check_finds_the_corrupt_batch_with_either_kernel() -> None:
-    from stream import records
+    from stream.kafka import recordbatch as records
 
     raw = bytearray(_batch(3, 0) + _batch(4, 3) + _batch(2, 7))
     buf = np.frombuffer(bytes(raw), np.uint8)

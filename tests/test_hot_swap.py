@@ -27,9 +27,9 @@ from inference.testing import (
     register_version,
 )
 from inference.watcher import REJECTIONS, ModelWatcher, WatcherConfig
-from stream.feed import Pacing, publish, read_trades
-from stream.kafka import ensure_topics
-from stream.signal import Signal
+from stream.contracts.signal import Signal
+from stream.ingest.feed import Pacing, publish, read_trades
+from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
 from tests.conftest import TRADES, LoopThread, unique
 from tests.kafka_helpers import read_topic, run
@@ -255,7 +255,7 @@ def test_bad_versions_never_serve_and_a_challenger_only_shadows(
 
 async def _publish_old(settings: Settings, ticks: list[dict[str, object]], age_s: float) -> None:
     """Ticks whose feed receive time is `age_s` in the past (as after a long stall)."""
-    from stream.kafka import make_producer
+    from stream.kafka.clients import make_producer
 
     producer = make_producer(settings.bootstrap)
     await producer.start()

@@ -15,8 +15,8 @@ from features.engine import FeatureEngine
 from features.online import OnlineWriter, open_store, read_online
 from features.spec import FeatureSpec
 from inference.registry import load_model
-from stream.feed import publish
-from stream.signal import FLAT, Signal
+from stream.contracts.signal import FLAT, Signal
+from stream.ingest.feed import publish
 from stream.worker import StreamWorker, WorkerConfig
 from tests.conftest import HISTORY, LoopThread, Pipeline
 from tests.kafka_helpers import read_topic, run
@@ -91,7 +91,7 @@ async def _make_event() -> asyncio.Event:
 
 
 async def _publish_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    from stream.kafka import make_producer
+    from stream.kafka.clients import make_producer
 
     producer = make_producer(bootstrap)
     await producer.start()

@@ -17,14 +17,11 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
-from stream.kafka import ensure_topics, make_producer, start_client
-from stream.records import (
-    DEFAULT_MAX_BATCH_BYTES,
-    PrebuiltBatch,
-    encode_signal_batches,
-    send_batches,
-)
-from stream.signal import STAGES, Signal, encode_signals
+from stream.contracts.signal import STAGES, Signal, encode_signals
+from stream.kafka.aiokafka_adapter import PrebuiltBatch, send_batches
+from stream.kafka.clients import ensure_topics, make_producer, start_client
+from stream.kafka.recordbatch import DEFAULT_MAX_BATCH_BYTES
+from stream.kafka.signalbatch import encode_signal_batches
 from tests.kafka_helpers import read_topic, run
 
 NOW_NS = 1_700_000_000_123_456_789
@@ -229,7 +226,7 @@ def test_producer_state_patch_equals_builder() -> None:
 def test_crc32c_kernels_equal_aiokafka() -> None:
     from aiokafka.record.util import calc_crc32c
 
-    from stream import records
+    from stream.kafka import recordbatch as records
 
     data = np.random.default_rng(6).integers(0, 256, 5000).astype(np.uint8)
     kernels = [records._crc32c_tables] + [records._crc32c_sse42] * records.HARDWARE_CRC

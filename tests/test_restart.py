@@ -17,9 +17,9 @@ from deploy.settings import Settings
 from features.engine import FeatureEngine
 from features.snapshot import SnapshotStore
 from inference.registry import load_model
-from stream.feed import Pacing, publish
-from stream.kafka import ensure_topics
-from stream.signal import Signal
+from stream.contracts.signal import Signal
+from stream.ingest.feed import Pacing, publish
+from stream.kafka.clients import ensure_topics
 from tests.conftest import Pipeline, unique
 from tests.kafka_helpers import read_topic, run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from stream.tick import Tick, decode_batch, decode_tick
+from stream.contracts.tick import Tick, decode_batch, decode_tick
 from tickserve.errors import InvalidTick
 
 NOW = 1_700_000_000_000_000_000
@@ -97,7 +97,7 @@ def test_fast_and_slow_paths_agree() -> None:
 
 
 def test_signals_round_trip() -> None:
-    from stream.signal import DOWN, FLAT, UP, Signal, encode_signals
+    from stream.contracts.signal import DOWN, FLAT, UP, Signal, encode_signals
 
     raw = encode_signals(
         ['we"ird', "B", "C"], ["1", "2", "3"], [10, 11, 12], [20, 21, 22], 30, "m", "7",

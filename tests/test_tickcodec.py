@@ -11,8 +11,8 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.tick import Tick, TickColumns, decode_batch
-from stream.tickcodec import (
+from stream.contracts.tick import Tick, TickColumns, decode_batch
+from stream.contracts.tickcodec import (
     ARROW_MIN,
     SymbolTable,
     TickSpans,

@@ -1,4 +1,4 @@
-"""`stream.wire`: its requests and responses against aiokafka's protocol structs, and
+"""`stream.kafka.wire`: its requests and responses against aiokafka's protocol structs, and
 its fetcher and producer against aiokafka's own clients on the real broker."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from aiokafka.protocol.produce import ProduceRequest_v3, ProduceResponse_v3
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
-from stream.kafka import ensure_topics, make_consumer, make_producer
-from stream.wire import (
+from stream.kafka.clients import ensure_topics, make_consumer, make_producer
+from stream.kafka.wire import (
     Connection,
     WireFetcher,
     WireProducer,
@@ -143,8 +143,8 @@ def test_one_pass_over_a_response_equals_the_per_partition_parse() -> None:
     """parse_partitions on a whole response: same records as parse_records per partition."""
     import numpy as np
 
-    from stream.fetch import GapRetries, parse_records
-    from stream.wire import parse_partitions
+    from stream.kafka.fetched import GapRetries, parse_records
+    from stream.kafka.wire import parse_partitions
 
     sets = [_batch(5, 10) + _batch(4, 15), b"", _batch(3, 0), _batch(2, 7) + _batch(6, 9)]
     body = FetchResponse_v4(

@@ -1,12 +1,12 @@
 """Columnar tick decoding: a micro-batch of record values -> number columns and string spans.
 
-`decode_columns` gives what `stream.tick.decode_batch` gives (the same rows, values
+`decode_columns` gives what `stream.contracts.tick.decode_batch` gives (the same rows, values
 bit for bit and rejections) without Python objects per record in the common case:
-the Numba scan of `stream.tickscan` takes the records in the contract's canonical
+the Numba scan of `stream.contracts.tickscan` takes the records in the contract's canonical
 shape and notes where their strings sit instead of building them. Every number is
 converted with correct rounding: the scan's exact cases in the scan, the other tokens
 at once by pyarrow (fast_float) or numpy (CPython's dtoa). A record off the fast path,
-or failing a value check, takes `stream.tick.decode_tick`, which accepts what the
+or failing a value check, takes `stream.contracts.tick.decode_tick`, which accepts what the
 contract allows (an integer price, an escaped string) and names the dead-letter
 reason for the rest.
 
@@ -22,8 +22,8 @@ import numpy as np
 import orjson
 import pyarrow as pa  # type: ignore[import-untyped]
 
-from stream.tick import Rejected, Tick, decode_tick
-from stream.tickscan import (
+from stream.contracts.tick import Rejected, Tick, decode_tick
+from stream.contracts.tickscan import (
     N_INT_ROWS,
     R_EVENT,
     R_INDEX,

@@ -13,8 +13,8 @@ import orjson
 import pandas as pd
 from aiokafka import ConsumerRecord, TopicPartition
 
-from stream.kafka import make_consumer, start_client, wait_assigned
-from stream.tick import TickColumns, decode_batch
+from stream.contracts.tick import TickColumns, decode_batch
+from stream.kafka.clients import make_consumer, start_client, wait_assigned
 from tickserve.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from stream.kafka import make_producer, start_client
+from stream.kafka.clients import make_producer, start_client
 from tickserve.errors import DataError
 
 logger = logging.getLogger(__name__)

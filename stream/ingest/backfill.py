@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from stream.archive import TICK_COLUMNS, ClickHouseArchive
-from stream.feed import NS_PER_MS, read_trades, symbol_from_filename
-from stream.tick import SIDES, validate
+from stream.contracts.tick import SIDES, validate
+from stream.ingest.archive import TICK_COLUMNS, ClickHouseArchive
+from stream.ingest.feed import NS_PER_MS, read_trades, symbol_from_filename
 from tickserve.errors import DataError, InvalidTick
 from tickserve.progress import progress_bar
 
@@ -57,7 +57,7 @@ def _tick_table(
 def validate_rows(
     rows: list[dict[str, Any]], now_ns: int, max_future_ns: int
 ) -> tuple[pa.Table, Counter[str]]:
-    """Row by row through `stream.tick.validate` (any format `read_trades` reads)."""
+    """Row by row through `stream.contracts.tick.validate` (any format `read_trades` reads)."""
     ticks = []
     skipped: Counter[str] = Counter()
     for row in rows:
@@ -86,7 +86,7 @@ def _numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 def validate_frame(
     frame: pd.DataFrame, symbol: str | None, now_ns: int, max_future_ns: int
 ) -> tuple[pa.Table, Counter[str]]:
-    """The same checks as `stream.tick.validate`, vectorized over a ccxt trade frame.
+    """The same checks as `stream.contracts.tick.validate`, vectorized over a ccxt trade frame.
 
     The first failing check names the reason, in `validate`'s order: schema (symbol,
     timestamp), price, quantity, side, schema (trade id), future.
@@ -166,8 +166,8 @@ def import_file(
     """Read a trade file, validate every row, insert the valid ones in bulk.
 
     Columnar ccxt files (Parquet, CSV, Feather) are validated vectorized, chunk by
-    chunk; every other format `stream.feed.read_trades` knows goes row by row through
-    `stream.tick.validate`. Both apply the same rules (a test holds them equal).
+    chunk; every other format `stream.ingest.feed.read_trades` knows goes row by row through
+    `stream.contracts.tick.validate`. Both apply the same rules (a test holds them equal).
     """
     if not path.exists():
         raise DataError(f"trade file not found: {path}")

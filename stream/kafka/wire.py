@@ -8,13 +8,13 @@ sender (request structs built and decoded field by field in Python, a future and
 timeout per request, a sender task woken per batch). That alone was more than the
 worker's whole budget of 5 us per tick. Here a fetch is one pre-laid request, its
 response is walked with `struct` over a handful of partitions and the record
-batches are parsed as columns by `stream.fetch`'s Numba kernels; a produce is the
-prebuilt record batches of `stream.records` behind a ~40-byte request header.
+batches are parsed as columns by `stream.kafka.aiokafka_adapter`'s Numba kernels; a produce is the
+prebuilt record batches of `stream.kafka.signalbatch` behind a ~40-byte request header.
 
 Protocol: Fetch v4 and Produce v3 (message format v2), non-flexible versions that
 Kafka >= 0.11, Redpanda and the local broker all accept. Plaintext only: a
 deployment that needs TLS or SASL runs the worker with `wire=False` (aiokafka's
-own data path, `stream.fetch.drain` and `send_batch`).
+own data path, `stream.kafka.aiokafka_adapter.drain` and `send_batch`).
 
 Responses on one connection come back in request order (the protocol guarantees
 it), so a deque of futures is the whole correlation table. Fetches and produces use
@@ -46,17 +46,8 @@ from aiokafka.errors import (
 from numba import njit
 from prometheus_client import Counter
 
-from stream.fetch import (
-    HEADER_BYTES,
-    Fetched,
-    GapRetries,
-    _be,
-    _Parts,
-    batch_bounds,
-    parse_into,
-    parse_records,
-)
-from stream.records import first_bad_crc
+from stream.kafka.fetched import Fetched, FetchedParts, GapRetries, parse_records
+from stream.kafka.recordbatch import HEADER_SIZE, batch_bounds, first_bad_crc, parse_into, read_be
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +334,7 @@ def parse_partitions(
     n_parts = part_start.shape[0]
     status = np.zeros(n_parts, np.int64)
     next_offsets = fetch_offsets.copy()
-    most = buf.shape[0] // HEADER_BYTES + 1
+    most = buf.shape[0] // HEADER_SIZE + 1
     starts = np.empty(most, np.int64)
     ends = np.empty(most, np.int64)
     first = np.zeros(n_parts + 1, np.int64)  # partition p's batches: first[p]:first[p + 1]
@@ -358,7 +349,7 @@ def parse_partitions(
             for j in range(s.shape[0]):
                 starts[n_batches] = s[j] + lo
                 ends[n_batches] = e[j] + lo
-                total += _be(buf, s[j] + lo + 57, 4)
+                total += read_be(buf, s[j] + lo + 57, 4)
                 n_batches += 1
         first[p + 1] = n_batches
     cols = np.empty((5, total), np.int64)
@@ -611,7 +602,7 @@ class WireFetcher:
                     # new partitions: aiokafka's fetcher leaves them to us
                     consumer.pause(*[tp for tp in assignment.tps if tp.topic == self.topic])
                     self._assignment = assignment
-                parts = _Parts()
+                parts = FetchedParts()
                 while self._ready:  # positions advance here, before the next fetch is sent
                     self._take(assignment, *self._ready.popleft(), parts)
                 self._send_fetches(assignment)
@@ -688,7 +679,9 @@ class WireFetcher:
             else:
                 raise exc
 
-    def _take(self, assignment: Any, positions: dict[int, int], body: bytes, parts: _Parts) -> None:
+    def _take(
+        self, assignment: Any, positions: dict[int, int], body: bytes, parts: FetchedParts
+    ) -> None:
         """Parse one response into `parts` and move the consumer's positions past it."""
         taken = []  # (tp, state, requested offset, records span) of partitions still wanted
         for topic, data in parse_fetch_response(body):
@@ -723,8 +716,8 @@ class WireFetcher:
                 state.consumed_to(next_offset)
                 parts.next_offsets[tp] = next_offset
 
-    def _take_each(self, taken: list[tuple[Any, ...]], body: bytes, parts: _Parts) -> None:
-        """Partition by partition, through `stream.fetch.parse_records`.
+    def _take_each(self, taken: list[tuple[Any, ...]], body: bytes, parts: FetchedParts) -> None:
+        """Partition by partition, through `stream.kafka.aiokafka_adapter.parse_records`.
 
         That path retries gaps, reads anything but plain v2 batches with aiokafka's
         reader and raises on a CRC mismatch.

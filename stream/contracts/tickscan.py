@@ -1,4 +1,4 @@
-"""Numba kernels of the columnar tick decoder (`stream.tickcodec`): scan records, check values.
+"""Numba kernels of the columnar tick decoder (`stream.contracts.tickcodec`): scan, check.
 
 `scan` reads each record of a micro-batch once. A record on the fast path is one JSON
 object holding exactly the seven fields of the tick contract, once each, with plain

@@ -1,0 +1,1 @@
+"""Tick and signal contracts and their columnar codecs."""

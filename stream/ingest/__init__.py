@@ -1,0 +1,1 @@
+"""Ingestion: file feeds, backfill into ClickHouse, and the tick archiver."""

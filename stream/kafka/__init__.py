@@ -1,0 +1,1 @@
+"""The Kafka data plane: the record-batch format, fetch and produce clients."""
