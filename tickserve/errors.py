@@ -75,3 +75,18 @@ class WebhookRejected(TickserveError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class OffsetCommitFailed(TickserveError):
+    """The group refused an offset commit (it moved on: a rebalance); the records replay.
+
+    Attributes:
+        group_id: The consumer group.
+        offsets: The next offsets that were not committed, per (topic, partition).
+    """
+
+    def __init__(self, group_id: str, offsets: dict[tuple[str, int], int], reason: str) -> None:
+        where = ", ".join(f"{t}/{p}@{offset}" for (t, p), offset in sorted(offsets.items()))
+        super().__init__(f"group {group_id}: commit of {where} failed: {reason}")
+        self.group_id = group_id
+        self.offsets = offsets

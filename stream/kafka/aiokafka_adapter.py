@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -76,28 +77,28 @@ class _RawMemoryRecords:
 
 def install() -> None:
     """Make aiokafka's fetcher keep each fetch's raw bytes (idempotent; before `drain`)."""
-    aiokafka_fetcher.MemoryRecords = _RawMemoryRecords  # type: ignore[misc]
+    aiokafka_fetcher.MemoryRecords = _RawMemoryRecords
 
 
 def _take(tp: TopicPartition, result: FetchResult, parts: FetchedParts, gaps: GapRetries) -> None:
     """Move one partition's buffered fetch into `parts` and advance its position."""
     records = result._partition_records
-    raw = getattr(records._records, "raw", None)  # None: fetched before `install`
+    raw: bytes | None = getattr(records._records, "raw", None)  # None: fetched before `install`
     status = 1
     if raw is not None:
         buf = np.frombuffer(raw, np.uint8)
         starts, ends, status = batch_bounds(buf)
-    if status == 0:
-        fetch_offset = records.next_fetch_offset
-        cols, next_offset, status = parse_plain(tp, raw, buf, starts, ends, fetch_offset, gaps)
+        if status == 0:
+            fetch_offset = records.next_fetch_offset
+            cols, next_offset, status = parse_plain(tp, raw, buf, starts, ends, fetch_offset, gaps)
+        if status == 0:
+            if len(cols[0]):
+                parts.add(tp, raw, tuple(cols))
+            records.next_fetch_offset = next_offset
+            result._update_position()
+            result._partition_records = None
     if status != 0:
         parts.add_records(tp, result.getall())  # aiokafka updates the position itself
-    else:
-        if len(cols[0]):
-            parts.add(tp, raw, tuple(cols))
-        records.next_fetch_offset = next_offset
-        result._update_position()
-        result._partition_records = None
     parts.next_offsets[tp] = records.next_fetch_offset
 
 
@@ -217,7 +218,7 @@ class PrebuiltBatch:
 
 
 async def send_batches(
-    producer: AIOKafkaProducer, topic: str, batches: list[tuple[int, bytes, int]]
+    producer: AIOKafkaProducer, topic: str, batches: Sequence[tuple[int, bytes, int]]
 ) -> list[asyncio.Future[Any]]:
     """Queue the batches of `encode_signal_batches`; the futures resolve on the broker's acks.
 

@@ -100,7 +100,10 @@ class FetchedParts:
     def add_records(self, tp: TopicPartition, records: list[Any]) -> None:
         """Fallback: aiokafka's own ConsumerRecords (compressed, transactional, legacy)."""
         chunks: list[bytes] = []
-        ks, kl, vs, vl = [], [], [], []
+        ks: list[int] = []
+        kl: list[int] = []
+        vs: list[int] = []
+        vl: list[int] = []
         pos = 0
         for r in records:
             for data, starts, lens in ((r.key, ks, kl), (r.value, vs, vl)):
@@ -122,12 +125,16 @@ class FetchedParts:
                            empty, empty, empty, {}, self.via_aiokafka)  # fmt: skip
         if len(self.cols) == 1:  # the usual micro-batch (one fetch response): no copies
             buf = np.frombuffer(self.raws[0], np.uint8)
-            return Fetched(topic, buf, self.partitions[0], *self.cols[0], self.next_offsets,
-                           self.via_aiokafka)  # fmt: skip
-        cols = [np.concatenate(c) for c in zip(*self.cols, strict=True)]
-        buf = np.frombuffer(b"".join(self.raws), np.uint8)
-        return Fetched(topic, buf, np.concatenate(self.partitions), *cols, self.next_offsets,
-                       self.via_aiokafka)  # fmt: skip
+            partition, cols = self.partitions[0], tuple(self.cols[0])
+        else:
+            buf = np.frombuffer(b"".join(self.raws), np.uint8)
+            partition = np.concatenate(self.partitions)
+            cols = tuple(np.concatenate(c) for c in zip(*self.cols, strict=True))
+        offset, key_start, key_len, value_start, value_len = cols
+        return Fetched(
+            topic, buf, partition, offset, key_start, key_len, value_start, value_len,
+            self.next_offsets, self.via_aiokafka,
+        )  # fmt: skip
 
 
 class GapRetries:

@@ -346,7 +346,7 @@ def read_varint(buf: np.ndarray, pos: int) -> tuple[int, int]:
     shift = 0
     raw = 0
     while pos < buf.shape[0]:
-        b = np.int64(buf[pos])
+        b = int(buf[pos])
         pos += 1
         raw |= (b & 0x7F) << shift
         if b < 0x80:
@@ -363,7 +363,7 @@ def read_be(buf: np.ndarray, pos: int, size: int) -> int:
     value = np.int64(0)
     for k in range(size):
         value = (value << 8) | np.int64(buf[pos + k])
-    return value
+    return int(value)
 
 
 @njit(cache=True)

@@ -1,0 +1,117 @@
+"""The data plane as the worker sees it: a tick source and a signal sink.
+
+Two implementations: `stream.kafka.wire_io` (Fetch and Produce on connections of our
+own, the default) and `stream.kafka.aiokafka_io` (aiokafka's data path, for TLS and
+SASL). Both keep aiokafka as the control plane (group, assignment, commits, metadata)
+and are held to the same contract by tests/test_dataplane_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import TopicPartition
+
+from stream.kafka.fetched import Fetched
+
+# (partition, record batch, record count), as `stream.kafka.signalbatch` builds them
+RecordBatches = Sequence[tuple[int, bytes, int]]
+Headers = Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlaneConfig:
+    """Where a data plane reads and writes, and its client knobs.
+
+    Attributes:
+        bootstrap: Kafka bootstrap servers.
+        topic: The subscribed topic (ticks).
+        group_id: Consumer group; offsets are committed there.
+        fetch_max_wait_ms: How long the broker may hold a fetch for records.
+        max_batch: Most records a poll hands out (aiokafka's data path).
+        linger_ms: The producer's linger for the records sent one by one.
+    """
+
+    bootstrap: str
+    topic: str
+    group_id: str
+    fetch_max_wait_ms: int = 20
+    max_batch: int = 2000
+    linger_ms: int = 5
+
+
+class Rebalance(Protocol):
+    """Who is told when the group moves partitions (between two polls)."""
+
+    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        """Partitions newly assigned: positions may be moved here (`TickSource.seek`)."""
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Partitions about to be taken away: commit what is acknowledged now."""
+
+
+class TickSource(Protocol):
+    """The subscribed topic's assigned partitions, as columnar batches, with commits."""
+
+    async def start(self, rebalance: Rebalance) -> None:
+        """Connect and join the group; `rebalance` hears of every assignment change."""
+
+    async def wait_assigned(self) -> None:
+        """Return once the group has assigned partitions (raises StackError on timeout)."""
+
+    async def poll(self, timeout_ms: int) -> Fetched:
+        """Records fetched since the last call (waiting up to `timeout_ms`), as columns.
+
+        Positions move past what is handed out; `Fetched.next_offsets` says where to.
+        """
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit these next offsets for the group (raises OffsetCommitFailed)."""
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        """The group's committed offset of `tp`, None if it has none."""
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Read `tp` from `offset` on."""
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        """Read `tp` from its first offset on."""
+
+    async def close(self) -> None:
+        """Leave the group and close the connections."""
+
+
+class SignalSink(Protocol):
+    """Sends prebuilt record batches and single records; futures resolve on the acks."""
+
+    async def start(self) -> None:
+        """Connect."""
+
+    async def partitions(self, topic: str) -> int:
+        """How many partitions `topic` has."""
+
+    async def send(self, topic: str, batches: RecordBatches) -> list[asyncio.Future[Any]]:
+        """Send record batches; batches of one partition land in order."""
+
+    async def send_record(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers = ()
+    ) -> asyncio.Future[Any]:
+        """Send one record (dead letters, shadow scores: off the hot path)."""
+
+    async def close(self) -> None:
+        """Flush what is queued and close."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlane:
+    """A source and a sink made for one another (they may share connections)."""
+
+    source: TickSource
+    sink: SignalSink
+
+
+# builds a data plane inside the running event loop (aiokafka's clients need one)
+OpenDataPlane = Callable[[DataPlaneConfig], DataPlane]
