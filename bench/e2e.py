@@ -56,10 +56,6 @@ class E2EConfig:
     against: str = "tickserve"
     # SCHED_FIFO priority of both systems' stream thread (TICKSERVE_REALTIME_PRIORITY); 0: none
     realtime_priority: int = 0
-    # fair-scheduler slice of both systems' stream thread in us (TICKSERVE_SCHED_SLICE_US)
-    sched_slice_us: int = 0
-    # both systems send the next Fetch with the Produce (TICKSERVE_ONE_WRITE)
-    one_write: bool = True
     # floor and system measured this many times, alternating, each on a fresh broker;
     # the figures pool every round's ticks (see `pool`), the report keeps each round
     rounds: int = 1
@@ -176,9 +172,7 @@ class Bench:
         if kind == "echo":
             argv = [sys.executable, "-m", "bench.echo", "--bootstrap", bootstrap, "--source",
                     source, "--sink", sink, "--group", f"g-{tag}", "--realtime-priority",
-                    str(self.config.realtime_priority), "--sched-slice-us",
-                    str(self.config.sched_slice_us)]  # fmt: skip
-            argv.append("--one-write" if self.config.one_write else "--no-one-write")
+                    str(self.config.realtime_priority)]  # fmt: skip
             proc, log = self._spawn(tag, argv, self._env())
             ready_text = "assigned"
         else:
@@ -192,8 +186,6 @@ class Bench:
                 TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
                 TICKSERVE_PREFER_GPU="false",
                 TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
-                TICKSERVE_SCHED_SLICE_US=str(self.config.sched_slice_us),
-                TICKSERVE_ONE_WRITE=str(self.config.one_write).lower(),
             )  # fmt: skip
             proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
             ready_text = "worker consuming"
@@ -549,11 +541,6 @@ def summary(path: Path) -> str:
     priority = int(rep.get("config", {}).get("realtime_priority", 0))  # stored as text
     if priority:
         lines[0] += f", stream threads SCHED_FIFO {priority}"
-    slice_us = int(rep.get("config", {}).get("sched_slice_us", 0))
-    if slice_us:
-        lines[0] += f", stream threads' slice {slice_us} us"
-    if rep.get("config", {}).get("one_write") == "False":
-        lines[0] += ", Fetch and Produce in separate writes"
     second = "echo again" if rep.get("config", {}).get("against") == "echo" else "tickserve"
     for name, res in (("echo floor", f), (second, t)):
         lat = res["latency_ms"]

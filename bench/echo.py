@@ -1,7 +1,7 @@
 """The broker floor: consume ticks and produce the same bytes, nothing else.
 
-Same consumer and producer settings as the worker, the same consume path
-(`stream.kafka.aiokafka_adapter.drain`: record batches parsed as columns) and the same produce
+The same data plane as the worker (`stream.kafka.wire_io`, or `stream.kafka.aiokafka_io`
+with --no-wire: the same clients, settings and columnar fetch) and the same produce
 shape (one record batch per partition, commit after the acks), so the difference
 between this and `tickserve serve` is tickserve's own work.
 
@@ -14,16 +14,24 @@ import argparse
 import asyncio
 import signal
 import time
-from typing import Any
 
+from aiokafka import TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from stream.kafka import wire
-from stream.kafka.aiokafka_adapter import drain, install
-from stream.kafka.clients import make_consumer, make_producer, start_client
-from stream.kafka.fetched import Fetched, GapRetries
-from stream.kafka.wire import WireFetcher, WireProducer
-from tickserve.sched import realtime_priority, time_slice
+from stream.kafka import aiokafka_io, wire_io
+from stream.kafka.base import DataPlaneConfig
+from stream.kafka.fetched import Fetched
+from tickserve.sched import realtime_priority
+
+
+class _NoRebalance:
+    """The floor keeps no state: nothing to do when partitions move."""
+
+    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        """Nothing to restore."""
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        """Nothing to snapshot."""
 
 
 async def echo(args: argparse.Namespace) -> None:
@@ -32,42 +40,33 @@ async def echo(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     realtime_priority(args.realtime_priority)  # as the worker does with the same settings
-    time_slice(args.sched_slice_us)
-    wire.warm_up()
-    install()
-    consumer = make_consumer(args.bootstrap, args.group, [args.source], args.fetch_max_wait_ms,
-                             args.max_batch)  # fmt: skip
-    producer = make_producer(args.bootstrap, args.linger_ms)
-    await start_client(producer, args.bootstrap)
-    await start_client(consumer, args.bootstrap)
-    partitions = len(await producer.partitions_for(args.sink))
-    while not consumer.assignment():
-        await asyncio.sleep(0.05)
-    print("assigned", flush=True)
-    gaps = GapRetries()  # as the worker does
-    fetcher = WireFetcher(consumer, args.source, args.fetch_max_wait_ms, gaps=gaps,
-                          one_write=args.one_write)  # fmt: skip
-    sender = WireProducer(producer, share=fetcher if args.one_write else None)
+    config = DataPlaneConfig(
+        args.bootstrap,
+        args.source,
+        args.group,
+        args.fetch_max_wait_ms,
+        args.max_batch,
+        args.linger_ms,
+    )
+    plane = (wire_io if args.wire else aiokafka_io).open_dataplane(config)
+    source, sink = plane.source, plane.sink
+    await sink.start()
+    await source.start(_NoRebalance())
     try:
+        partitions = await sink.partitions(args.sink)
+        await source.wait_assigned()
+        print("assigned", flush=True)
         while not stop.is_set():
-            if args.wire:
-                fetched = await fetcher.poll(100)
-            else:
-                fetched = await drain(consumer, args.source, 100, gaps)
+            fetched = await source.poll(100)
             if not len(fetched):
                 continue
             now_ms = time.time_ns() // 1_000_000
-            if args.wire:
-                acks = sender.send(args.sink, _record_batches(fetched, partitions, now_ms))
-            else:
-                acks = await _send_via_aiokafka(producer, args.sink, fetched, partitions, now_ms)
+            acks = await sink.send(args.sink, _record_batches(fetched, partitions, now_ms))
             await asyncio.gather(*acks)
-            await consumer.commit(fetched.next_offsets)
+            await source.commit(fetched.next_offsets)
     finally:
-        await fetcher.close()
-        await sender.close()
-        await consumer.stop()
-        await producer.stop()
+        await source.close()
+        await sink.close()
 
 
 def _record_batches(fetched: Fetched, partitions: int, now_ms: int) -> list[tuple[int, bytes, int]]:
@@ -80,33 +79,11 @@ def _record_batches(fetched: Fetched, partitions: int, now_ms: int) -> list[tupl
         if builder is None:
             builder = builders[p] = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 30)
             counts[p] = 0
-        builder.append(counts[p], timestamp=now_ms, key=fetched.key(i), value=fetched.value(i),
-                       headers=[])  # fmt: skip
+        builder.append(
+            counts[p], timestamp=now_ms, key=fetched.key(i), value=fetched.value(i), headers=[]
+        )
         counts[p] += 1
     return [(p, bytes(b.build()), counts[p]) for p, b in builders.items()]
-
-
-async def _send_via_aiokafka(
-    producer: Any, topic: str, fetched: Fetched, partitions: int, now_ms: int
-) -> list[Any]:
-    acks = []
-    builders: dict[int, Any] = {}
-    for i, partition in enumerate(fetched.partition.tolist()):
-        p = partition % partitions
-        key, value = fetched.key(i), fetched.value(i)
-        builder = builders.get(p)
-        if builder is None:
-            builder = builders[p] = producer.create_batch()
-        if builder.append(timestamp=now_ms, key=key, value=value) is None:
-            builder.close()
-            acks.append(await producer.send_batch(builder, topic, partition=p))
-            builder = builders[p] = producer.create_batch()
-            builder.append(timestamp=now_ms, key=key, value=value)
-    for p, builder in builders.items():
-        # closed: sent at once, not held `linger_ms` for appends that never come
-        builder.close()
-        acks.append(await producer.send_batch(builder, topic, partition=p))
-    return acks
 
 
 def main() -> None:
@@ -120,13 +97,12 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=2000)
     parser.add_argument("--realtime-priority", type=int, default=0)
-    parser.add_argument("--sched-slice-us", type=int, default=0, help="as TICKSERVE_SCHED_SLICE_US")
-    parser.add_argument("--one-write", action=argparse.BooleanOptionalAction, default=True,
-                        help="as TICKSERVE_ONE_WRITE")  # fmt: skip
     parser.add_argument(
-        "--wire", action=argparse.BooleanOptionalAction, default=True,
+        "--wire",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="stream.kafka.wire's data plane, as the worker; --no-wire: aiokafka's",
-    )  # fmt: skip
+    )
     import uvloop
 
     uvloop.run(echo(parser.parse_args()))

@@ -14,7 +14,7 @@ from pathlib import Path
 from deploy.settings import Settings, load_settings
 from tickserve.errors import ConfigError, TickserveError
 from tickserve.logs import setup_logging
-from tickserve.sched import realtime_priority, time_slice
+from tickserve.sched import realtime_priority
 
 logger = logging.getLogger(__name__)
 
@@ -223,94 +223,24 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the stream worker, the model watcher and the HTTP API until SIGTERM/SIGINT."""
+    from deploy.compose import build_service
     from deploy.stack import port_free
-    from features.engine import FeatureEngine, warm_up
-    from features.online import OnlineWriter, open_store
-    from features.snapshot import SnapshotStore
-    from inference.api import ApiContext, create_app, serve_http
-    from inference.batcher import BatcherConfig, MicroBatcher
-    from inference.linear import warm_up as warm_up_linear
-    from inference.trees import warm_up as warm_up_trees
-    from inference.validation import ValidationPolicy
-    from inference.watcher import ModelWatcher, WatcherConfig
-    from inference.webhook import WebhookConfig
-    from stream.kafka.clients import ensure_topics
-    from stream.worker import StreamWorker, WorkerConfig
 
-    spec = settings.feature_spec
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     realtime_priority(settings.realtime_priority)
-    time_slice(settings.sched_slice_us)
     if settings.metrics_port and not port_free(settings.metrics_port):
         raise ConfigError(f"metrics port {settings.metrics_port} is already in use")
-    watcher = ModelWatcher(
-        WatcherConfig(
-            settings.mlflow_uri, settings.model_name, settings.model_alias,
-            settings.challenger_alias, settings.model_poll_s, settings.prefer_gpu,
-            ValidationPolicy(warmup_rows=settings.max_batch,
-                             warmup_budget_s=settings.warmup_budget_ms / 1000),
-            onnx_threads=settings.onnx_threads, tree_kernel=settings.tree_kernel,
-            tensorrt=settings.tensorrt,
-        ),
-        spec,
-    )  # fmt: skip
-    model = watcher.load_initial()  # a champion that fails its checks never serves
-    batcher = MicroBatcher(
-        model, spec.n_features,
-        BatcherConfig(settings.max_batch, settings.max_delay_us, settings.stale_ms * 1_000_000),
-    )  # fmt: skip
-    writer = OnlineWriter(
-        open_store(settings.redis, settings.feast_registry), spec, settings.online_flush_s
-    ).start()
-    config = WorkerConfig(
-        bootstrap=settings.bootstrap, ticks_topic=settings.ticks_topic,
-        signals_topic=settings.signals_topic, dlq_topic=settings.dlq_topic,
-        group_id=settings.group_id, fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        linger_ms=settings.linger_ms, max_batch=settings.max_batch,
-        max_future_ns=settings.max_future_ms * 1_000_000,
-        snapshot_interval_s=settings.snapshot_interval_s,
-        commit_interval_s=settings.commit_interval_ms / 1000,
-        shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
-        wire=settings.wire, one_write=settings.one_write,
-    )  # fmt: skip
-    warm_up(spec)
-    warm_up_trees()
-    warm_up_linear()
+    service = build_service(settings)
     # Everything imported and built so far (mlflow, feast, onnxruntime: ~200k objects)
     # lives as long as the process; frozen, the cyclic GC stops re-scanning it, and its
     # full collections stop showing up as latency spikes on the stream.
     gc.collect()
     gc.freeze()
-    snapshots = SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}")
-    engine = FeatureEngine(spec, settings.max_symbols)
-    worker = StreamWorker(config, engine, model, writer, snapshots, batcher=batcher)
-    webhook = None  # without a secret, POST /webhooks/mlflow refuses every delivery
-    if settings.webhook_secret is not None:
-        aliases = tuple(a for a in (settings.model_alias, settings.challenger_alias) if a)
-        webhook = WebhookConfig(settings.webhook_secret, settings.model_name, aliases, watcher.wake)
 
     async def main() -> None:
-        topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-        if config.shadow_topic:
-            topics.append(config.shadow_topic)
-        await ensure_topics(settings.bootstrap, topics, settings.partitions)
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        others = [asyncio.create_task(watcher.run(batcher, stop))]
-        if settings.metrics_port:
-            api = create_app(ApiContext(batcher, spec.names, worker.latest,
-                                        worker.assigned.is_set, config.threshold,
-                                        webhook))  # fmt: skip
-            others.append(
-                asyncio.create_task(
-                    serve_http(api, settings.http_host, settings.metrics_port, stop)
-                )
-            )
-        try:
-            await worker.run(stop)
-        finally:
-            stop.set()
-            await asyncio.gather(*others, return_exceptions=True)
+        await service.run(stop)
 
     _run(main())
     return 0
@@ -364,7 +294,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         rate=args.rate, duration_s=args.duration, symbols=args.symbols,
         partitions=args.partitions, senders=args.senders, sweep=sweep, out_dir=Path(args.out),
         realtime_priority=args.realtime_priority, against=args.against,
-        one_write=args.one_write, rounds=args.rounds, sched_slice_us=args.sched_slice_us,
+        rounds=args.rounds,
     )  # fmt: skip
     path = run_e2e(config)
     print(summary(path))
@@ -466,14 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument(
         "--realtime-priority", type=int, default=0,
         help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
-    )  # fmt: skip
-    e2e.add_argument(
-        "--sched-slice-us", type=int, default=0,
-        help="fair-scheduler slice of both systems' stream thread (TICKSERVE_SCHED_SLICE_US)",
-    )  # fmt: skip
-    e2e.add_argument(
-        "--one-write", action=argparse.BooleanOptionalAction, default=True,
-        help="both systems send the next Fetch with the Produce (TICKSERVE_ONE_WRITE)",
     )  # fmt: skip
     e2e.add_argument(
         "--rounds", type=int, default=1,

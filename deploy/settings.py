@@ -43,10 +43,6 @@ class Settings(BaseSettings):
     # ticks and signals over stream.kafka.wire's own Fetch/Produce connections (plaintext);
     # false: aiokafka's data path
     wire: bool = True
-    # one TCP write per micro-batch: the next Fetch leaves with the signals' Produce
-    # (~0.5 us/tick less worker CPU at 20k ticks/s; false: the Fetch leaves as soon as
-    # the last response is in, before the micro-batch is worked, in its own write)
-    one_write: bool = True
 
     # Redis / Feast
     redis_url: str | None = Field(
@@ -96,10 +92,6 @@ class Settings(BaseSettings):
     # broker or other processes; a real-time priority keeps them from it. Needs
     # CAP_SYS_NICE (root, or the capability in the pod's securityContext).
     realtime_priority: int = Field(0, ge=0, le=99)
-    # Time slice asked of the fair scheduler for the stream thread, in us (0: the
-    # kernel's default). On Linux 6.12+ a short slice lets the thread preempt a busy
-    # neighbour as soon as its fetch arrives, without privileges (see tickserve.sched).
-    sched_slice_us: int = Field(0, ge=0, le=100_000)
     # HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset or "" = refused (403)
     webhook_secret: SecretStr | None = None
     log_level: str = "INFO"

@@ -75,36 +75,6 @@ def test_realtime_priority_sets_sched_fifo_or_says_why() -> None:
     in_child(code, ["True", "3"], refusal="needs CAP_SYS_NICE")
 
 
-def test_sched_slice_is_set_or_says_why() -> None:
-    """The slice reads back from the kernel; threads started afterwards inherit it."""
-    code = (
-        "import threading; from tickserve.sched import slice_ns, time_slice\n"
-        "time_slice(250)\n"
-        "seen = [slice_ns()]; t = threading.Thread(target=lambda: seen.append(slice_ns()))\n"
-        "t.start(); t.join(); print(*seen)"
-    )
-    in_child(code, ["250000", "250000"], refusal="needs Linux 6.12 or later")
-
-
-@pytest.mark.parametrize(
-    ("env", "says"),
-    [
-        ({"TICKSERVE_SCHED_SLICE_US": "50"}, "TICKSERVE_SCHED_SLICE_US=50 is outside 100-100000"),
-        ({"TICKSERVE_SCHED_SLICE_US": "-1"}, "bad setting TICKSERVE_SCHED_SLICE_US:"),
-        ({"TICKSERVE_SCHED_SLICE_US": "500", "TICKSERVE_REALTIME_PRIORITY": "5"},
-         "applies to the fair scheduler"),
-    ],
-)  # fmt: skip
-def test_bad_sched_slice_is_one_line(env: dict[str, str], says: str, tmp_path: Path) -> None:
-    done = tickserve("serve", env=env, cwd=tmp_path)
-    assert done.returncode == 2
-    [line] = error_lines(done)
-    assert line.startswith("tickserve serve: error: ")
-    if "REALTIME" in str(env) and "needs CAP_SYS_NICE" in line:
-        return  # not permitted to take SCHED_FIFO here: refused before the slice
-    assert says in line
-
-
 def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -14,10 +14,11 @@ import numpy as np
 import orjson
 import pytest
 
+from deploy.compose import build_service
 from deploy.settings import Settings
-from features.engine import FeatureEngine, compute_features
+from features.engine import compute_features
 from features.spec import FeatureSpec
-from inference.batcher import BatcherConfig, MicroBatcher
+from inference.batcher import MicroBatcher
 from inference.registry import open_client
 from inference.testing import (
     golden_for,
@@ -26,11 +27,11 @@ from inference.testing import (
     poison_with_nan,
     register_version,
 )
-from inference.watcher import REJECTIONS, ModelWatcher, WatcherConfig
+from inference.watcher import REJECTIONS, ModelWatcher
 from stream.contracts.signal import Signal
 from stream.ingest.feed import Pacing, publish, read_trades
 from stream.kafka.clients import ensure_topics
-from stream.worker import StreamWorker, WorkerConfig
+from stream.worker import StreamWorker
 from tests.conftest import TRADES, LoopThread, unique
 from tests.kafka_helpers import read_topic, run
 
@@ -103,33 +104,27 @@ def served(
     shadow = unique("shadow")
     run(ensure_topics(settings.bootstrap, [settings.ticks_topic, settings.signals_topic,
                                            settings.dlq_topic, shadow], 4))  # fmt: skip
-    spec = settings.feature_spec
-    watcher = ModelWatcher(
-        WatcherConfig(settings.mlflow_uri, settings.model_name, challenger_alias="challenger",
-                      poll_interval_s=0.05, prefer_gpu=False),
-        spec,
-    )  # fmt: skip
-    batcher = MicroBatcher(
-        watcher.load_initial(),
-        spec.n_features,
-        BatcherConfig(max_batch=500, stale_ns=getattr(request, "param", 0)),
+    stale_ns = getattr(request, "param", 0)
+    settings = settings.model_copy(
+        update={
+            "challenger_alias": "challenger",
+            "shadow_topic": shadow,
+            "model_poll_s": 0.05,
+            "prefer_gpu": False,
+            "max_batch": 500,
+            "stale_ms": stale_ns // 1_000_000,
+        }
     )
-    config = WorkerConfig(
-        bootstrap=settings.bootstrap, ticks_topic=settings.ticks_topic,
-        signals_topic=settings.signals_topic, dlq_topic=settings.dlq_topic,
-        group_id=settings.group_id, shadow_topic=shadow,
-    )  # fmt: skip
-    worker = StreamWorker(config, FeatureEngine(spec), batcher.model, None, batcher=batcher)
+    service = build_service(settings, online_store=False)
+    worker, watcher, batcher = service.worker, service.watcher, service.batcher
     loop = LoopThread()
     stop: asyncio.Event = loop.submit(_event()).result(5)  # type: ignore[attr-defined]
-    done = loop.submit(worker.run(stop))
-    watching = loop.submit(watcher.run(batcher, stop))
+    done = loop.submit(service.run(stop))
     try:
         yield Served(settings, worker, watcher, batcher, set_alias, shadow)
     finally:
         loop.loop.call_soon_threadsafe(stop.set)
         done.result(30)  # type: ignore[attr-defined]
-        watching.result(30)  # type: ignore[attr-defined]
         loop.close()
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import orjson
 import pytest
 
-from features.engine import FeatureEngine
-from features.online import OnlineWriter, open_store, read_online
+from deploy.compose import build_service
+from features.online import open_store, read_online
 from features.spec import FeatureSpec
 from inference.registry import load_model
 from stream.contracts.signal import FLAT, Signal
 from stream.ingest.feed import publish
-from stream.worker import StreamWorker, WorkerConfig
+from stream.worker import StreamWorker
 from tests.conftest import HISTORY, LoopThread, Pipeline
 from tests.kafka_helpers import read_topic, run
 from tickserve.errors import ModelNotFound, ModelRejected
@@ -65,21 +65,12 @@ BAD_RECORDS = [
 @pytest.fixture
 def served(pipeline: Pipeline) -> Iterator[tuple[StreamWorker, Pipeline]]:
     """A worker in its own event loop thread, exactly as `tickserve serve` wires it."""
-    settings = pipeline.settings
-    spec = settings.feature_spec
-    model = load_model(settings.mlflow_uri, settings.model_name, "champion", spec, False)
-    writer = OnlineWriter(open_store(settings.redis, settings.feast_registry), spec).start()
-    config = WorkerConfig(
-        bootstrap=settings.bootstrap, ticks_topic=settings.ticks_topic,
-        signals_topic=settings.signals_topic, dlq_topic=settings.dlq_topic,
-        group_id=settings.group_id,
-    )  # fmt: skip
-    worker = StreamWorker(config, FeatureEngine(spec), model, writer)
+    service = build_service(pipeline.settings)
     loop = LoopThread()
     stop: asyncio.Event = loop.submit(_make_event()).result(5)  # type: ignore[attr-defined]
-    done = loop.submit(worker.run(stop))
+    done = loop.submit(service.run(stop))
     try:
-        yield worker, pipeline
+        yield service.worker, pipeline
     finally:
         loop.loop.call_soon_threadsafe(stop.set)
         done.result(30)  # type: ignore[attr-defined]

@@ -100,12 +100,7 @@ def test_responses_are_matched_however_the_bytes_are_split(chunk: int) -> None:
 
 def test_one_turns_requests_leave_in_one_write_waiting_ones_last() -> None:
     async def main() -> None:
-        plain, transport = Connection("test:0"), _Transport()
-        plain.connection_made(transport)  # type: ignore[arg-type]
-        plain.request(1, 4, [b"fetch"], parks=True)
-        assert len(transport.written) == 1 and plain.parked  # written at once
-
-        conn = Connection("test:0", coalesce=True)
+        conn = Connection("test:0")
         transport = _Transport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         fetch = conn.request(1, 4, [b"fetch"], parks=True)
@@ -294,8 +289,8 @@ def test_wire_producer_lands_batches_in_order(stack_settings: Settings) -> None:
         assert values == [b"%d-%d" % (c, i) for c in range(5) for i in range(10)]
 
 
-def test_one_write_echo_lands_every_record_in_order(stack_settings: Settings) -> None:
-    """Fetch and Produce in one write (one_write): the broker answers both, in order."""
+def test_shared_connection_echo_lands_every_record_in_order(stack_settings: Settings) -> None:
+    """Fetch and Produce in one write (a shared connection): the broker answers both, in order."""
     source, sink = unique("one-write-in"), unique("one-write-out")
     run(ensure_topics(stack_settings.bootstrap, [source, sink], 1))
     sent = [(b"k", b"v%d" % i, 0) for i in range(60)]
@@ -306,7 +301,7 @@ def test_one_write_echo_lands_every_record_in_order(stack_settings: Settings) ->
         producer: AIOKafkaProducer = make_producer(stack_settings.bootstrap)
         await consumer.start()
         await producer.start()
-        fetcher = WireFetcher(consumer, source, 20, one_write=True)
+        fetcher = WireFetcher(consumer, source, 20)
         wire = WireProducer(producer, share=fetcher)
         echoed, acks = 0, []
         try:
@@ -331,13 +326,6 @@ def test_one_write_echo_lands_every_record_in_order(stack_settings: Settings) ->
     assert own == 0  # every Produce went out with the next Fetch
     records = run(read_topic(stack_settings.bootstrap, sink, 1, len(sent)))
     assert [r.value for r in records] == [value for _, value, _ in sent]
-
-
-def test_a_producer_shares_only_a_one_write_fetcher() -> None:
-    fetcher = WireFetcher.__new__(WireFetcher)
-    fetcher.one_write = False
-    with pytest.raises(ValueError, match="one_write"):
-        WireProducer(None, fetcher)  # type: ignore[arg-type]  # refused before it is used
 
 
 def test_wire_producer_raises_once_retries_are_spent(stack_settings: Settings) -> None:

@@ -75,19 +75,17 @@ _PRODUCED_PARTITION = struct.Struct(">ihqq")  # partition, error, base offset, a
 class Connection(asyncio.Protocol):
     """One broker connection: framed requests out, responses matched in order.
 
-    With `coalesce`, requests made in one turn of the event loop leave in one write,
-    at the end of the turn: a loopback TCP write costs ~60-100 us of CPU on the
-    2-core VM (the receiving side of the stack runs in the writer's syscall), so a
-    worker's Produce and its next Fetch can share one (see `WireFetcher`'s
-    `one_write`). A broker answers a connection's requests in order, one at a time,
-    so a request that may wait there (`parks`: a Fetch) is written after the others
-    of its turn: a Produce never queues behind a Fetch of the same write.
+    Requests made in one turn of the event loop leave in one write, at the end of the
+    turn: a loopback TCP write is costly (the receiving side of the stack runs in the
+    writer's syscall), so a worker's Produce and its next Fetch share one (see
+    `WireProducer`'s `share`). A broker answers a connection's requests in order, one
+    at a time, so a request that may wait there (`parks`: a Fetch) is written after
+    the others of its turn: a Produce never queues behind a Fetch of the same write.
     """
 
-    def __init__(self, address: str, coalesce: bool = False) -> None:
+    def __init__(self, address: str) -> None:
         """Not connected yet: use `Connection.open`."""
         self.address = address
-        self.coalesce = coalesce
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._waiting: deque[tuple[int, asyncio.Future[bytes], bool]] = deque()
@@ -99,13 +97,11 @@ class Connection(asyncio.Protocol):
         self._lost = self._loop.create_future()
 
     @classmethod
-    async def open(cls, host: str, port: int, coalesce: bool = False) -> Connection:
+    async def open(cls, host: str, port: int) -> Connection:
         """Connect (TCP_NODELAY is asyncio's default for TCP)."""
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(
-                lambda: cls(f"{host}:{port}", coalesce), host, port
-            )
+            _, conn = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
         except OSError as exc:
             raise KafkaConnectionError(f"cannot connect to {host}:{port}: {exc}") from exc
         return conn
@@ -164,9 +160,9 @@ class Connection(asyncio.Protocol):
     ) -> asyncio.Future[bytes]:
         """Send one request (its body as `parts`); the future gets the response body.
 
-        `parks`: the broker may hold it (a Fetch waiting for records). On a
-        `coalesce` connection it is written at the end of this turn of the event loop,
-        after the others made in it that do not park; otherwise now.
+        `parks`: the broker may hold it (a Fetch waiting for records). It is written
+        at the end of this turn of the event loop, after the others made in it that do
+        not park.
         """
         future: asyncio.Future[bytes] = self._loop.create_future()
         if not self.alive:
@@ -175,11 +171,9 @@ class Connection(asyncio.Protocol):
         self._next_id = correlation = (self._next_id + 1) & 0x7FFFFFFF
         size = _HEADER.size - 4 + len(CLIENT_ID) + sum(len(p) for p in parts)
         header = _HEADER.pack(size, api_key, version, correlation, len(CLIENT_ID)) + CLIENT_ID
-        if not self._pending and self.coalesce:
+        if not self._pending:
             self._loop.call_soon(self._write)
         self._pending.append((parks, correlation, future, [header, *parts]))
-        if not self.coalesce:
-            self._write()
         return future
 
     def _write(self) -> None:
@@ -221,9 +215,8 @@ class Connection(asyncio.Protocol):
 class _Connections:
     """One connection per broker node, opened on first use and again after a failure."""
 
-    def __init__(self, cluster: Any, coalesce: bool = False) -> None:
+    def __init__(self, cluster: Any) -> None:
         self._cluster = cluster  # aiokafka's ClusterMetadata (kept current by aiokafka)
-        self._coalesce = coalesce
         self._conns: dict[int, Connection] = {}
         self._opening: dict[int, asyncio.Task[Connection]] = {}  # one dial per node at a time
         self._closed = False
@@ -244,9 +237,7 @@ class _Connections:
             broker = self._cluster.broker_metadata(node_id)
             if broker is None:
                 raise KafkaConnectionError(f"no metadata for broker node {node_id}")
-            opening = asyncio.ensure_future(
-                Connection.open(broker.host, broker.port, self._coalesce)
-            )
+            opening = asyncio.ensure_future(Connection.open(broker.host, broker.port))
             self._opening[node_id] = opening
             opening.add_done_callback(functools.partial(self._opened, node_id))
         return await asyncio.shield(opening)  # a caller that gives up leaves the dial alone
@@ -275,12 +266,19 @@ def _string(text: str) -> bytes:
 
 
 def fetch_request(
-    topic: str, positions: Sequence[tuple[int, int]], max_wait_ms: int, min_bytes: int,
-    max_bytes: int, partition_max_bytes: int,
-) -> bytes:  # fmt: skip
+    topic: str,
+    positions: Sequence[tuple[int, int]],
+    max_wait_ms: int,
+    min_bytes: int,
+    max_bytes: int,
+    partition_max_bytes: int,
+) -> bytes:
     """A Fetch v4 request body for one topic: `positions` are (partition, offset)."""
-    parts = [_FETCH_HEAD.pack(-1, max_wait_ms, min_bytes, max_bytes, 0, 1), _string(topic),
-             _I32.pack(len(positions))]  # fmt: skip
+    parts = [
+        _FETCH_HEAD.pack(-1, max_wait_ms, min_bytes, max_bytes, 0, 1),
+        _string(topic),
+        _I32.pack(len(positions)),
+    ]
     parts += [_FETCH_PARTITION.pack(p, offset, partition_max_bytes) for p, offset in positions]
     return b"".join(parts)
 
@@ -372,8 +370,11 @@ def produce_request(topic: str, batches: Sequence[tuple[int, bytes]]) -> list[by
     by_partition: dict[int, list[bytes]] = {}
     for partition, data in batches:
         by_partition.setdefault(partition, []).append(data)
-    parts = [_PRODUCE_HEAD.pack(-1, -1, REQUEST_TIMEOUT_MS, 1), _string(topic),
-             _I32.pack(len(by_partition))]  # fmt: skip
+    parts = [
+        _PRODUCE_HEAD.pack(-1, -1, REQUEST_TIMEOUT_MS, 1),
+        _string(topic),
+        _I32.pack(len(by_partition)),
+    ]
     for partition, datas in by_partition.items():
         parts.append(_PRODUCE_PARTITION.pack(partition, sum(len(d) for d in datas)))
         parts += datas  # several v2 batches of one partition concatenate into one record set
@@ -439,16 +440,13 @@ class WireProducer:
     flight and no idempotence, a retry may land after a later request (reordering
     within a partition) and a lost ack may duplicate.
 
-    With `share` (a fetcher made with `one_write`), a Produce goes on that fetcher's
-    connection to the leader when no Fetch is waiting there (the worker's case: its
-    next Fetch is not written yet, and both leave in one write); otherwise on its own
-    connection.
+    With `share` (a fetcher), a Produce goes on that fetcher's connection to the
+    leader when no Fetch is waiting there (the worker's case: its next Fetch is not
+    written yet, and both leave in one write); otherwise on its own connection.
     """
 
     def __init__(self, producer: AIOKafkaProducer, share: WireFetcher | None = None):
         """Borrow `producer`'s metadata; it must stay started while this is used."""
-        if share is not None and not share.one_write:
-            raise ValueError("share a WireFetcher made with one_write=True")
         self._client = producer.client
         self._conns = _Connections(producer.client.cluster)
         self._shared = share._conns if share is not None else None
@@ -466,7 +464,7 @@ class WireProducer:
         for partition, data, _ in batches:
             leader = cluster.leader_for_partition(TopicPartition(topic, partition))
             by_node.setdefault(-1 if leader is None else leader, []).append((partition, data))
-        acks = []
+        acks: list[asyncio.Future[Any]] = []
         for node, part in by_node.items():
             conn = self._ready(node)
             if conn is None:
@@ -487,9 +485,13 @@ class WireProducer:
         return self._conns.ready(node)
 
     def _acked(
-        self, ack: asyncio.Future[Any], topic: str, node: int, batches: list[tuple[int, bytes]],
+        self,
+        ack: asyncio.Future[Any],
+        topic: str,
+        node: int,
+        batches: list[tuple[int, bytes]],
         response: asyncio.Future[bytes],
-    ) -> None:  # fmt: skip
+    ) -> None:
         if ack.done():
             return  # the caller gave up on it
         failed, exc = _outcome(topic, batches, response)
@@ -500,9 +502,12 @@ class WireProducer:
         retry.add_done_callback(functools.partial(_settle, ack))
 
     async def _produce(
-        self, topic: str, node: int, batches: list[tuple[int, bytes]],
+        self,
+        topic: str,
+        node: int,
+        batches: list[tuple[int, bytes]],
         error: KafkaError | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Send, and send again what failed retriably (`error`: the first try failed so)."""
         exc = error
         for attempt in range(PRODUCE_RETRIES + 1):
@@ -514,15 +519,25 @@ class WireProducer:
                 await asyncio.sleep(RETRY_BACKOFF_S)
                 await self._client.force_metadata_update()
                 cluster = self._client.cluster
-                leaders = {cluster.leader_for_partition(TopicPartition(topic, p))
-                           for p, _ in batches}  # fmt: skip
+                leaders = {
+                    cluster.leader_for_partition(TopicPartition(topic, p)) for p, _ in batches
+                }
                 if len(leaders) > 1:  # the partitions moved apart: one request per leader
-                    await asyncio.gather(*(
-                        self._produce(topic, -1 if lead is None else lead,
-                                      [(p, d) for p, d in batches
-                                       if cluster.leader_for_partition(TopicPartition(topic, p))
-                                       == lead])
-                        for lead in leaders))  # fmt: skip
+                    await asyncio.gather(
+                        *(
+                            self._produce(
+                                topic,
+                                -1 if lead is None else lead,
+                                [
+                                    (p, d)
+                                    for p, d in batches
+                                    if cluster.leader_for_partition(TopicPartition(topic, p))
+                                    == lead
+                                ],
+                            )
+                            for lead in leaders
+                        )
+                    )
                     return
                 node = -1 if not leaders or None in leaders else leaders.pop()
             try:
@@ -554,13 +569,9 @@ class WireFetcher:
     a new assignment) while it was in flight is dropped. One fetch per leader is kept
     in flight, so the next one is on its way while the caller works on the last.
 
-    `one_write`: the next Fetch leaves at the end of the event loop's turn instead,
-    in one write with the Produce of a `WireProducer(share=this)` made in that turn
-    (one loopback write per micro-batch instead of two). The Fetch leaves later (after
-    the micro-batch's work, and the broker takes the Produce first); at 20,000
-    ticks/s through the local broker, 3 interleaved pairs of `tickserve bench e2e`
-    runs showed worker CPU 5.7 -> 5.2 us/tick and no tick-to-signal change that
-    stood out of the noise (p50 36-40 ms either way).
+    The next Fetch leaves at the end of the event loop's turn, in one write with the
+    Produce of a `WireProducer(share=this)` made in that turn (one loopback write per
+    micro-batch instead of two).
     """
 
     def __init__(
@@ -572,16 +583,14 @@ class WireFetcher:
         max_bytes: int = 50 * 1024 * 1024,
         partition_max_bytes: int = 4 * 1024 * 1024,
         gaps: GapRetries | None = None,
-        one_write: bool = False,
     ):
         """Fetch `topic` for `consumer` (started, subscribed to it)."""
         self.consumer = consumer
         self.topic = topic
-        self.one_write = one_write
         self._limits = (max_wait_ms, min_bytes, max_bytes, partition_max_bytes)
         self.gaps = gaps if gaps is not None else GapRetries(limit=0)
         self._client = consumer._client
-        self._conns = _Connections(consumer._client.cluster, coalesce=one_write)
+        self._conns = _Connections(consumer._client.cluster)
         self._assignment: Any = None  # the aiokafka Assignment whose partitions are paused
         self._inflight: dict[int, tuple[asyncio.Future[bytes], dict[int, int]]] = {}
         self._ready: deque[tuple[dict[int, int], bytes]] = deque()
@@ -688,8 +697,13 @@ class WireFetcher:
             tp = TopicPartition(topic, data.partition)
             requested = positions.get(data.partition)
             state = assignment.state_value(tp)
-            if (topic != self.topic or requested is None or state is None
-                    or not state.has_valid_position or state.position != requested):  # fmt: skip
+            if (
+                topic != self.topic
+                or requested is None
+                or state is None
+                or not state.has_valid_position
+                or state.position != requested
+            ):
                 continue  # moved while the fetch was in flight: fetched again from there
             if data.error:
                 self._partition_error(state, tp, data.error)
@@ -699,18 +713,20 @@ class WireFetcher:
             return
         buf = np.frombuffer(body, np.uint8)
         cols, part, next_offsets, status, starts, ends = parse_partitions(
-            buf, np.array([t[3].start for t in taken], np.int64),
+            buf,
+            np.array([t[3].start for t in taken], np.int64),
             np.array([t[3].end for t in taken], np.int64),
             np.array([t[2] for t in taken], np.int64),
-        )  # fmt: skip
+        )
         if status.any() or first_bad_crc(buf, starts, ends) >= 0:
             self._take_each(taken, body, parts)  # gaps, compression, damage: the careful path
             return
         if cols.shape[1]:
             numbers = np.array([t[0].partition for t in taken], np.int32)
             parts.add_columns(body, numbers[part], cols)
-        for (tp, state, requested, _), next_offset in zip(taken, next_offsets.tolist(),
-                                                          strict=True):  # fmt: skip
+        for (tp, state, requested, _), next_offset in zip(
+            taken, next_offsets.tolist(), strict=True
+        ):
             self.gaps.passed(tp)
             if next_offset != requested:
                 state.consumed_to(next_offset)

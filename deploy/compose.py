@@ -1,0 +1,142 @@
+"""The composition root: the running service (worker, watcher, stores, API) from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from deploy.settings import Settings
+from features.engine import FeatureEngine
+from features.engine import warm_up as warm_up_features
+from features.online import OnlineWriter, open_store
+from features.snapshot import SnapshotStore
+from inference.api import ApiContext, create_app, serve_http
+from inference.batcher import BatcherConfig, MicroBatcher
+from inference.linear import warm_up as warm_up_linear
+from inference.trees import warm_up as warm_up_trees
+from inference.validation import ValidationPolicy
+from inference.watcher import ModelWatcher, WatcherConfig
+from inference.webhook import WebhookConfig
+from stream.kafka import aiokafka_io, wire_io
+from stream.kafka.clients import ensure_topics
+from stream.worker import StreamWorker, WorkerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """Everything `tickserve serve` runs, built and warmed up, not yet connected.
+
+    Attributes:
+        settings: What it was built from.
+        worker: The stream worker (ticks -> signals).
+        batcher: The scoring queue the stream and the HTTP API share.
+        watcher: Follows the registry's aliases and swaps models into `batcher`.
+        api: What the HTTP API reads (served only when `settings.metrics_port` is set).
+        topics: The topics the service reads and writes (created if missing).
+    """
+
+    settings: Settings
+    worker: StreamWorker
+    batcher: MicroBatcher
+    watcher: ModelWatcher
+    api: ApiContext
+    topics: tuple[str, ...]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Create missing topics, then run worker, watcher and HTTP API until `stop` is set."""
+        settings = self.settings
+        await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions)
+        others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
+        if settings.metrics_port:
+            app = create_app(self.api)
+            others.append(
+                asyncio.create_task(
+                    serve_http(app, settings.http_host, settings.metrics_port, stop)
+                )
+            )
+        try:
+            await self.worker.run(stop)
+        finally:
+            stop.set()
+            await asyncio.gather(*others, return_exceptions=True)
+
+
+def worker_config(settings: Settings) -> WorkerConfig:
+    """The worker's share of the settings."""
+    return WorkerConfig(
+        bootstrap=settings.bootstrap,
+        ticks_topic=settings.ticks_topic,
+        signals_topic=settings.signals_topic,
+        dlq_topic=settings.dlq_topic,
+        group_id=settings.group_id,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        linger_ms=settings.linger_ms,
+        max_batch=settings.max_batch,
+        max_future_ns=settings.max_future_ms * 1_000_000,
+        snapshot_interval_s=settings.snapshot_interval_s,
+        commit_interval_s=settings.commit_interval_ms / 1000,
+        shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
+    )
+
+
+def watcher_config(settings: Settings) -> WatcherConfig:
+    """The model watcher's share of the settings."""
+    return WatcherConfig(
+        settings.mlflow_uri,
+        settings.model_name,
+        settings.model_alias,
+        settings.challenger_alias,
+        settings.model_poll_s,
+        settings.prefer_gpu,
+        ValidationPolicy(
+            warmup_rows=settings.max_batch, warmup_budget_s=settings.warmup_budget_ms / 1000
+        ),
+        onnx_threads=settings.onnx_threads,
+        tree_kernel=settings.tree_kernel,
+        tensorrt=settings.tensorrt,
+    )
+
+
+def build_service(settings: Settings, online_store: bool = True) -> Service:
+    """Load the champion (one that fails its checks never serves) and build the service.
+
+    Args:
+        settings: The process's settings.
+        online_store: Write the newest feature rows to the online store (Redis via
+            Feast); False keeps them for the HTTP API only.
+    """
+    spec = settings.feature_spec
+    watcher = ModelWatcher(watcher_config(settings), spec)
+    model = watcher.load_initial()
+    batcher = MicroBatcher(
+        model,
+        spec.n_features,
+        BatcherConfig(settings.max_batch, settings.max_delay_us, settings.stale_ms * 1_000_000),
+    )
+    writer = None
+    if online_store:
+        store = open_store(settings.redis, settings.feast_registry)
+        writer = OnlineWriter(store, spec, settings.online_flush_s).start()
+    warm_up_features(spec)
+    warm_up_trees()
+    warm_up_linear()
+    config = worker_config(settings)
+    worker = StreamWorker(
+        config,
+        FeatureEngine(spec, settings.max_symbols),
+        batcher,
+        wire_io.open_dataplane if settings.wire else aiokafka_io.open_dataplane,
+        writer,
+        SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}"),
+    )
+    webhook = None  # without a secret, POST /webhooks/mlflow refuses every delivery
+    if settings.webhook_secret is not None:
+        aliases = tuple(a for a in (settings.model_alias, settings.challenger_alias) if a)
+        webhook = WebhookConfig(settings.webhook_secret, settings.model_name, aliases, watcher.wake)
+    api = ApiContext(
+        batcher, spec.names, worker.latest, worker.assigned.is_set, config.threshold, webhook
+    )
+    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
+    if config.shadow_topic:
+        topics.append(config.shadow_topic)
+    return Service(settings, worker, batcher, watcher, api, tuple(topics))

@@ -1,0 +1,93 @@
+"""CommitTracker: offsets are committed in batch order, only once acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import TopicPartition
+
+from stream.kafka.testing import FakeSink, FakeSource
+from stream.worker.commits import CommitTracker
+
+TP0, TP1 = TopicPartition("t", 0), TopicPartition("t", 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_commit_waits_for_its_acks_and_every_earlier_batch() -> None:
+    async def main() -> None:
+        source, sink, clock = FakeSource(), FakeSink(auto_ack=False), Clock()
+        commits = CommitTracker(source, interval_s=0.0, clock=clock)
+        first = await sink.send("s", [(0, b"a", 1)])
+        second = await sink.send("s", [(1, b"b", 1)])
+        commits.track(first, {TP0: 10})
+        commits.track(second, {TP1: 5})
+        second[0].set_result(None)  # the later batch is acknowledged first
+        await asyncio.sleep(0.01)
+        assert source.commits == []  # nothing before the earlier batch's ack
+        first[0].set_result(None)
+        await commits.reap(block=True)
+        assert source.committed_offsets == {TP0: 10, TP1: 5}
+        assert commits.committed == {TP0: 10, TP1: 5}
+
+    asyncio.run(main())
+
+
+def test_commits_are_spaced_by_the_interval_and_a_quiet_stream_catches_up() -> None:
+    async def main() -> None:
+        source, sink, clock = FakeSource(), FakeSink(), Clock()
+        commits = CommitTracker(source, interval_s=1.0, clock=clock)
+        commits.track(await sink.send("s", [(0, b"a", 1)]), {TP0: 1})
+        await commits.reap(block=True)
+        assert source.commits == [] and commits.idle_with_acks  # not due yet
+        clock.now = 1.0
+        assert commits.due()
+        assert await commits.commit()
+        assert source.commits == [{TP0: 1}] and not commits.idle_with_acks
+
+    asyncio.run(main())
+
+
+def test_work_after_a_commit_runs_only_if_the_commit_held() -> None:
+    async def main() -> None:
+        source, sink = FakeSource(), FakeSink()
+        commits = CommitTracker(source, interval_s=100.0)
+        ran: list[str] = []
+
+        async def after() -> None:
+            ran.append("snapshot")
+
+        source.refuse_commits = True  # the group moved on: a rebalance
+        commits.track(await sink.send("s", [(0, b"a", 1)]), {TP0: 3}, after)
+        await commits.reap(block=True)
+        assert ran == [] and commits.committed == {}
+        source.refuse_commits = False
+        commits.track(await sink.send("s", [(0, b"b", 1)]), {TP0: 4}, after)
+        await commits.reap(block=True)
+        assert ran == ["snapshot"] and commits.committed == {TP0: 4}
+
+    asyncio.run(main())
+
+
+def test_backpressure_beyond_the_batches_in_flight() -> None:
+    async def main() -> None:
+        source, sink = FakeSource(), FakeSink(auto_ack=False)
+        commits = CommitTracker(source, interval_s=0.0, max_inflight=2)
+        for offset in range(3):
+            commits.track(await sink.send("s", [(0, b"x", 1)]), {TP0: offset + 1})
+        assert commits.full
+        sink.settle()
+        await commits.wait_room()
+        assert not commits.full
+        await commits.reap(block=True)
+        assert commits.committed == {TP0: 3}
+        commits.forget({TP0})
+        assert commits.committed == {}
+
+    asyncio.run(main())

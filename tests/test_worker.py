@@ -1,0 +1,65 @@
+"""The worker wires its parts: a micro-batch through fakes of the data plane and stores."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka import TopicPartition
+
+from features.engine import FeatureEngine
+from features.spec import FeatureSpec
+from features.testing import MemorySnapshots, RecordingWriter
+from inference.batcher import BatcherConfig, MicroBatcher
+from inference.testing import loaded, make_onnx_classifier
+from stream.contracts.tick import Tick
+from stream.kafka.base import DataPlane, DataPlaneConfig
+from stream.kafka.testing import FakeSink, FakeSource, fetched_of
+from stream.worker import StreamWorker, WorkerConfig
+
+
+def test_a_micro_batch_gives_signals_dead_letters_a_commit_and_a_snapshot() -> None:
+    spec = FeatureSpec(bar_ns=100_000)  # every tick closes a bar: ready after the warm-up
+    model = loaded(make_onnx_classifier(spec.n_features, "logistic", seed=1), spec.n_features)
+    batcher = MicroBatcher(model, spec.n_features, BatcherConfig(max_batch=100))
+    source, sink = FakeSource(), FakeSink()
+    snapshots, writer = MemorySnapshots(), RecordingWriter()
+    seen: list[DataPlaneConfig] = []
+
+    def open_dataplane(config: DataPlaneConfig) -> DataPlane:
+        seen.append(config)
+        return DataPlane(source, sink)
+
+    config = WorkerConfig("nowhere:1", "ticks", "signals", "dlq", "g", commit_interval_s=0.0)
+    worker = StreamWorker(config, FeatureEngine(spec), batcher, open_dataplane, writer, snapshots)
+    start = time.time_ns() - 10**9
+    ticks = [
+        Tick("A", start + i * 100_000, 1.0 + i / 100, 1.0, "buy", f"t{i}", start).encode()
+        for i in range(60)
+    ]
+    records = [(0, i, b"A", v) for i, v in enumerate([*ticks, b"not json"])]
+    source.push(fetched_of("ticks", records))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        run = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while not source.commits and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await run
+
+    asyncio.run(main())
+    assert seen == [config.dataplane]
+    assert worker.processed == 61
+    signals = [b for b in sink.batches if b[0] == "signals"]
+    assert sum(count for *_, count in signals) == 60  # one per tick, none for the bad record
+    [dead] = sink.records
+    assert (dead.topic, dead.value, dead.headers["reason"]) == ("dlq", b"not json", b"decode")
+    assert source.committed_offsets == {TopicPartition("ticks", 0): 61}
+    assert source.closed and sink.closed and writer.closed and snapshots.closed
+    assert set(snapshots.saved) == {("ticks", 0)}  # on shutdown, after the last commit
+    assert snapshots.saved[("ticks", 0)].next_offset == 61
+    latest = worker.latest("A")
+    assert latest is not None and latest[0] == start + 59 * 100_000
+    assert writer.offers and writer.offers[-1][0] == ["A"]
