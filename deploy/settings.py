@@ -12,62 +12,137 @@ from tickserve.errors import ConfigError
 
 
 class Settings(BaseSettings):
-    """Every knob of a tickserve process; see README 'Configuration'."""
+    """Every knob of a tickserve process; docs/configuration.md lists them (generated)."""
 
     model_config = SettingsConfigDict(
         env_prefix="TICKSERVE_", frozen=True, extra="ignore", populate_by_name=True
     )
 
-    state_dir: Path = Path(".tickserve")
+    state_dir: Path = Field(
+        Path(".tickserve"),
+        description="Where the local stack keeps pids, logs and data (MLflow db, ClickHouse, "
+        "Feast registry)",
+    )
 
     # Kafka
-    broker_port: int = Field(19092, ge=1, le=65535)
-    bootstrap_servers: str | None = None
-    ticks_topic: str = "ticks"
-    signals_topic: str = "signals"
-    dlq_topic: str = "ticks.dlq"
-    partitions: int = Field(4, ge=1)
-    group_id: str = "tickserve-worker"
-    archive_group_id: str = "tickserve-archive"
-    # Tansu stalls short fetch waits (shared/BROKER.md): keep >= 20 ms.
-    fetch_max_wait_ms: int = Field(20, ge=1)
-    linger_ms: int = Field(5, ge=0)
-    max_batch: int = Field(2000, ge=1)
-    snapshot_interval_s: float = Field(10.0, gt=0)
-    # The Feast writer flushes the newest row per symbol this often. Its CPU scales with
-    # symbols x flushes (~50 us per row inside Feast), not with ticks: 0.25 s keeps it
-    # near 2% of a core at 100 symbols, and Redis at most ~0.3 s behind the stream
-    online_flush_s: float = Field(0.25, gt=0)
-    # acknowledged offsets are committed at most this often, always on revoke and stop
-    commit_interval_ms: int = Field(100, ge=0)
-    # ticks and signals over stream.kafka.wire's own Fetch/Produce connections (plaintext);
-    # false: aiokafka's data path
-    wire: bool = True
+    broker_port: int = Field(
+        19092, ge=1, le=65535, description="Port of the local broker that `tickserve up` starts"
+    )
+    bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka bootstrap servers, host:port[,host:port]; unset: the local broker "
+        "on `127.0.0.1:<broker_port>`",
+    )
+    ticks_topic: str = Field(
+        "ticks", description="Topic of the ticks (key: symbol, value: tick JSON)"
+    )
+    signals_topic: str = Field("signals", description="Topic of the signals, one per valid tick")
+    dlq_topic: str = Field(
+        "ticks.dlq",
+        description="Dead-letter topic: records that fail the tick contract, with headers "
+        "reason, detail and source",
+    )
+    partitions: int = Field(
+        4, ge=1, description="Partitions of the topics tickserve creates when they are missing"
+    )
+    group_id: str = Field("tickserve-worker", description="Consumer group of the stream workers")
+    archive_group_id: str = Field(
+        "tickserve-archive", description="Consumer group of `tickserve archive`"
+    )
+    fetch_max_wait_ms: int = Field(
+        20,
+        ge=1,
+        description="How long the broker may hold a Fetch for data; keep >= 20 with the "
+        "local broker (Tansu stalls shorter waits, shared/BROKER.md)",
+    )
+    linger_ms: int = Field(
+        5, ge=0, description="Producer linger of the feed and of the worker's aiokafka producer"
+    )
+    max_batch: int = Field(
+        2000,
+        ge=1,
+        description="Most records per micro-batch and rows per model call (also the warm-up "
+        "batch of a new version)",
+    )
+    snapshot_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often each partition's feature state is snapshotted to Redis (also "
+        "on revoke and shutdown)",
+    )
+    online_flush_s: float = Field(
+        0.25,
+        gt=0,
+        description="How often the online-store writer writes the newest row per symbol; its "
+        "CPU grows with symbols x flushes, not with ticks",
+    )
+    commit_interval_ms: int = Field(
+        100,
+        ge=0,
+        description="Acknowledged offsets are committed at most this often (always on revoke "
+        "and stop)",
+    )
+    wire: bool = Field(
+        True,
+        description="Ticks and signals over tickserve's own Fetch/Produce connections "
+        "(plaintext); false: aiokafka's data path",
+    )
 
     # Redis / Feast
     redis_url: str | None = Field(
-        None, validation_alias=AliasChoices("TICKSERVE_REDIS_URL", "REDIS_URL")
+        None,
+        validation_alias=AliasChoices("TICKSERVE_REDIS_URL", "REDIS_URL"),
+        description="Redis of the online store and the snapshots (redis:// or rediss://); "
+        "unset: the local Valkey on `127.0.0.1:<valkey_port>`",
     )
-    valkey_port: int = Field(16379, ge=1, le=65535)
+    valkey_port: int = Field(
+        16379, ge=1, le=65535, description="Port of the local Valkey that `tickserve up` starts"
+    )
 
     # MLflow
     mlflow_tracking_uri: str | None = Field(
-        None, validation_alias=AliasChoices("TICKSERVE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
+        None,
+        validation_alias=AliasChoices("TICKSERVE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking and registry URI; unset: `sqlite:///<state_dir>/mlflow.db`",
     )
-    model_name: str = "tickserve-crypto"
-    model_alias: str = "champion"
-    prefer_gpu: bool = True
-    tensorrt: bool = False  # TensorRT before CUDA where its library loads (engine builds take s)
-    onnx_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per session
+    model_name: str = Field("tickserve-crypto", description="Registered model name")
+    model_alias: str = Field(
+        "champion", description="Alias whose version scores the signals (move it to roll back)"
+    )
+    prefer_gpu: bool = Field(
+        True, description="CUDA where its libraries load; otherwise CPU, quietly"
+    )
+    tensorrt: bool = Field(
+        False,
+        description="TensorRT before CUDA where its library loads (engine builds take seconds)",
+    )
+    onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session")
     tree_kernel: bool = True  # inference/trees.py and linear.py score the models they cover
 
     # ClickHouse
-    clickhouse_dsn: str | None = None
+    clickhouse_dsn: str | None = Field(
+        None,
+        description="ClickHouse archive, a clickhouse-connect DSN such as "
+        "`http://user:password@host:8123/db`; unset: the embedded engine in "
+        "`<state_dir>/clickhouse`",
+    )
 
     # Features
-    bar_seconds: float = Field(60.0, gt=0)
-    max_symbols: int = Field(10_000, ge=1)
-    max_future_ms: int = Field(5_000, ge=0)
+    bar_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Length of the feature bars; part of the FeatureSpec hash, so a model "
+        "trained with another length is refused",
+    )
+    max_symbols: int = Field(
+        10_000, ge=1, description="Symbols a worker keeps feature state for (preallocated)"
+    )
+    max_future_ms: int = Field(
+        5_000,
+        ge=0,
+        description="Tolerated clock skew: a tick whose event time is further ahead is "
+        "dead-lettered (reason future)",
+    )
 
     # Serving
     # HTTP API, probes and /metrics on the worker's event loop; 0 disables it
@@ -76,25 +151,51 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("TICKSERVE_HTTP_PORT", "TICKSERVE_METRICS_PORT",
                                       "metrics_port"),
     )  # fmt: skip
-    http_host: str = "127.0.0.1"
-    max_delay_us: int = Field(500, ge=0)  # a queued (HTTP) row waits at most this long
-    stale_ms: int = Field(0, ge=0)  # rows older than this (since recv_ns) are dropped; 0 = never
-    model_poll_s: float = Field(5.0, gt=0)  # registry poll interval for alias changes
-    challenger_alias: str = ""  # scored in shadow to shadow_topic; "" = no challenger
-    shadow_topic: str = "signals.shadow"
-    warmup_budget_ms: int = Field(2000, gt=0)
-    # How long a background thread (Feast writer, registry polls, model loads) may hold
-    # the GIL before the event loop gets it back; Python's default is 5000 us, which
-    # shows up as multi-ms stalls in the stream and in swap pauses
-    gil_switch_interval_us: int = Field(500, ge=50, le=100_000)
-    # SCHED_FIFO priority of the thread that runs the stream (0: the normal scheduler).
+    http_host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP API listens on (one the MLflow server can reach, for "
+        "webhooks)",
+    )
+    max_delay_us: int = Field(
+        500, ge=0, description="A queued (HTTP) row waits at most this long for its batch"
+    )
+    stale_ms: int = Field(
+        0,
+        ge=0,
+        description="Rows older than this (since recv_ns) are dropped unscored and their "
+        "ticks dead-lettered (reason stale); 0: never",
+    )
+    model_poll_s: float = Field(5.0, gt=0, description="Registry poll interval for alias changes")
+    challenger_alias: str = Field(
+        "", description="Alias scored in shadow to shadow_topic, never to signals; empty: none"
+    )
+    shadow_topic: str = Field("signals.shadow", description="Topic of the challenger's scores")
+    warmup_budget_ms: int = Field(
+        2000, gt=0, description="A new version's warm-up calls must finish within this"
+    )
+    # Python's default of 5000 us shows up as multi-ms stalls in the stream and in swaps
+    gil_switch_interval_us: int = Field(
+        500,
+        ge=50,
+        le=100_000,
+        description="How long a background thread (online writer, registry polls, model "
+        "loads) may hold the GIL before the event loop gets it back",
+    )
     # On a shared machine the kernel's fair scheduler preempts a micro-batch for the
-    # broker or other processes; a real-time priority keeps them from it. Needs
-    # CAP_SYS_NICE (root, or the capability in the pod's securityContext).
-    realtime_priority: int = Field(0, ge=0, le=99)
-    # HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset or "" = refused (403)
-    webhook_secret: SecretStr | None = None
-    log_level: str = "INFO"
+    # broker or other processes; a real-time priority keeps them from it.
+    realtime_priority: int = Field(
+        0,
+        ge=0,
+        le=99,
+        description="SCHED_FIFO priority of the stream thread, 0: the normal scheduler; needs "
+        "CAP_SYS_NICE (root, or the capability in the pod's securityContext)",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset: every "
+        "delivery is refused (403)",
+    )
+    log_level: str = Field("INFO", description="Level of the JSON log lines on stderr")
 
     @field_validator("redis_url")
     @classmethod

@@ -88,8 +88,8 @@ def read_online(store: FeatureStore, symbols: list[str], spec: FeatureSpec) -> p
 
 # A pending row: (event_ns, the block of feature rows it came in, its index there). A
 # plain tuple that keeps the caller's block, since `offer` makes one per symbol on the
-# event loop: a frozen dataclass of the row as a list cost 48 us per 100 symbols there,
-# this 9 us; the writer thread reads the values out (`_values`).
+# event loop (a dataclass of the row as a list cost several times more there); the
+# writer thread reads the values out (`_values`).
 _Row = tuple[int, np.ndarray, int]
 
 
@@ -154,8 +154,8 @@ return written
 class _RedisRows:
     """Rows written in the layout of Feast's Redis online store, by our own code.
 
-    Feast's `online_write_batch` spent ~50 us of Python per row (protobuf objects,
-    datetimes, a dict per row) on the writer thread, whose GIL time the hot path
+    Feast's `online_write_batch` runs Python per row (protobuf objects, datetimes, a
+    dict per row) on the writer thread, whose GIL time the hot path
     waits for, and its newer-timestamp-wins check is a read pipeline then a write
     pipeline. This writes the same hash with the same check, in one script call per
     flush (`_WRITE_NEWER`): key `serialize_entity_key(symbol) + project` (cached per
@@ -164,10 +164,9 @@ class _RedisRows:
     microsecond precision (as Feast's datetime conversion leaves it). Keys, field
     names and the Redis client come from Feast's own helpers; `tests/test_online.py`
     compares the bytes with what Feast's write leaves, so a Feast upgrade that
-    changes the layout fails there. For 100 symbols a flush took 1.9 ms of the writer
-    thread's CPU (and 0.4 ms of Redis's) as two redis-py pipelines, this way 0.5 ms
-    (and 0.7 ms of Redis's, the script's Lua); `bench/test_micro.py -k online_write`
-    times the whole flush.
+    changes the layout fails there. One script call costs the writer thread less CPU
+    than two redis-py pipelines, and Redis a little more (the script's Lua);
+    `bench/test_micro.py -k online_write` times the whole flush (docs/architecture.md).
     """
 
     def __init__(self, client: Any, project: str, view_name: str, names: tuple[str, ...],
@@ -332,8 +331,8 @@ class OnlineWriter:
         """Hand protobuf rows to the Feast provider's online write.
 
         This is the call `FeatureStore.write_to_online_store` ends in, minus its
-        DataFrame -> Arrow -> protobuf conversion, which cost ~4x more CPU per row
-        here; the write (and its newer-timestamp-wins check) is Feast's own.
+        DataFrame -> Arrow -> protobuf conversion, which costs more CPU per row than
+        the write itself; the write (and its newer-timestamp-wins check) is Feast's own.
         """
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value

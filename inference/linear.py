@@ -1,11 +1,10 @@
 """LinearKernel: a binary logistic-regression ONNX model scored by a small Numba loop.
 
 Why our own: the arithmetic is a dot product per row, but one ONNX Runtime call costs
-far more than that. In the stream worker, between fetches, with the broker and the
-load generator sharing two cores, `session.run` of the logistic pipeline that
-`training/` makes took about 80 us per 190-row micro-batch (py-spy, `bench e2e` at
-20,000 ticks/s), against 10 us for the same call repeated in a tight loop: its large
-code path starts cold every batch. This loop is a few hundred bytes of machine code.
+far more than that. In the stream worker, between fetches, `session.run` of the
+logistic pipeline that `training/` makes cost several times what the same call costs
+repeated in a tight loop (docs/architecture.md): its large code path starts cold every
+batch. This loop is a few hundred bytes of machine code.
 
 It covers what skl2onnx writes for `make_pipeline(StandardScaler(), LogisticRegression())`
 on two classes, or the bare LogisticRegression: an optional `Scaler` feeding one

@@ -192,8 +192,8 @@ class OnnxScorer:
         """
         providers, reason = choose_providers(prefer_gpu, tensorrt)
         options = ort.SessionOptions()
-        # Two cores, one worker: one intra-op thread keeps the event loop's core free
-        # and avoids thread hand-offs that cost more than these small batches. Big tree
+        # One intra-op thread keeps the event loop's core free and avoids thread
+        # hand-offs that cost more than these small batches. Big tree
         # ensembles at batch 1000 gain from more (TICKSERVE_ONNX_THREADS) on larger machines.
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -1,8 +1,8 @@
 """TreeKernel: an ONNX tree ensemble scored by a vectorised Numba kernel (QuickScorer bitvectors).
 
 Why our own: ONNX Runtime walks each tree node by node with a data-dependent branch per
-level. On this machine that is about 50 ns per tree per row for 31-leaf trees, so a
-200-tree gradient-boosted model tops out near 90,000 rows/s on one core. Trading models
+level, so the cost of a 200-tree gradient-boosted model grows with every tree and row
+and its branches mispredict on every split. Trading models
 are very often such ensembles, and the batcher hands over 1,000-row batches, which suits
 a different evaluation order (Lucchese et al., "QuickScorer", SIGIR 2015):
 
@@ -12,9 +12,8 @@ a different evaluation order (Lucchese et al., "QuickScorer", SIGIR 2015):
   subtree; the exit leaf is then the lowest bit still set.
 
 The tests are independent of one another, so the kernel runs them as straight-line,
-branch-free loops over a column of the batch, which the compiler vectorises; the kernel
-scores 1,000 rows of a 200-tree, 31-leaf model 5-8 times faster than ONNX Runtime on one
-thread (`bench.batcher_bench`).
+branch-free loops over a column of the batch, which the compiler vectorises
+(`bench.batcher_bench` compares it with ONNX Runtime; docs/architecture.md has figures).
 
 Only data comes from the model: the kernel reads the ONNX node's attributes (never
 pickles, never generated code). It covers the form skl2onnx gives a binary
@@ -202,7 +201,7 @@ class KernelCompiler:
     """Runs `compile_from_bytes` in a child process, for models swapped in while serving.
 
     Parsing a 200-tree ONNX model and turning its attributes into arrays holds the GIL
-    for up to ~3 ms at a stretch (protobuf parsing in C, long list conversions), which
+    for milliseconds at a stretch (protobuf parsing in C, long list conversions), which
     the event loop would feel as a stall. The child (started on first use, then kept)
     reads the ONNX bytes on stdin and answers with the kernel's arrays as an ``.npz``
     (no pickle), so the serving process only copies a few arrays.

@@ -271,7 +271,7 @@ def _train_and_register(
             signature=infer_signature(X_train[:100], model.predict_proba(X_train[:100])[:, 1]),
             input_example=X_test[:5],
             onnx_execution_providers=["CPUExecutionProvider"],
-            # inferring them re-imports the model in a subprocess (~6 s here)
+            # inferring them re-imports the model in a subprocess (seconds per run)
             pip_requirements=["onnx", "onnxruntime"],
         )
         version = str(info.registered_model_version)

@@ -1,7 +1,7 @@
 """The one module that reaches into aiokafka's private internals: columnar fetch, prebuilt produce.
 
-aiokafka turns every fetched record into a `ConsumerRecord` (about 0.8 us each here),
-before the worker has looked at it. `drain` takes the raw record batches that
+aiokafka turns every fetched record into a `ConsumerRecord` (a Python object per
+record) before the worker has looked at it. `drain` takes the raw record batches that
 aiokafka's fetcher has buffered, checks their CRCs, and parses them with one Numba
 pass into offsets and key/value spans of one byte buffer. The worker decodes the
 values from that buffer in bulk (`stream.contracts.tickcodec`).

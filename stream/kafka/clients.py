@@ -95,7 +95,7 @@ async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> N
 
 
 async def wait_assigned(consumer: AIOKafkaConsumer, timeout_s: float = 60.0) -> None:
-    """Wait until the group coordinator has assigned partitions (first join takes ~5 s here)."""
+    """Wait until the group coordinator has assigned partitions (a first join can take seconds)."""
     deadline = time.monotonic() + timeout_s
     while not consumer.assignment():
         if time.monotonic() > deadline:

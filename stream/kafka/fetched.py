@@ -63,8 +63,8 @@ class Fetched:
 def check_crcs(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, tp: TopicPartition) -> None:
     """Raise as aiokafka's `check_crcs` does if any batch's CRC-32C is wrong.
 
-    In one Numba pass with the CPU's CRC-32C instruction where it has one: aiokafka's
-    per-batch call (table-driven) was ~2% of the worker's time at 20,000 ticks/s.
+    In one Numba pass with the CPU's CRC-32C instruction where it has one, instead of
+    aiokafka's table-driven call per batch.
     """
     if first_bad_crc(buf, starts, ends) >= 0:
         raise CorruptRecordException(f"Invalid CRC - {tp}")

@@ -1,13 +1,12 @@
 """The hot path's Kafka data plane: Fetch and Produce on connections of our own.
 
 aiokafka stays the control plane: group membership, assignment, rebalance callbacks,
-offset commits, metadata and the rare sends (dead letters, shadow scores). What it
-costs on the data path was measured: at 20,000 ticks/s the do-nothing echo worker
-spent ~1 ms of CPU per micro-batch (6-8 us per tick) in aiokafka's fetcher and
-sender (request structs built and decoded field by field in Python, a future and a
-timeout per request, a sender task woken per batch). That alone was more than the
-worker's whole budget of 5 us per tick. Here a fetch is one pre-laid request, its
-response is walked with `struct` over a handful of partitions and the record
+offset commits, metadata and the rare sends (dead letters, shadow scores). On the
+data path aiokafka's fetcher and sender build and decode request structs field by
+field in Python, with a future and a timeout per request and a sender task woken per
+batch: in a do-nothing echo worker that alone cost more CPU per tick than the
+worker's whole budget (docs/architecture.md has the figures). Here a fetch is one
+pre-laid request, its response is walked with `struct` over a handful of partitions and the record
 batches are parsed as columns by `stream.kafka.aiokafka_adapter`'s Numba kernels; a produce is the
 prebuilt record batches of `stream.kafka.signalbatch` behind a ~40-byte request header.
 
