@@ -5,7 +5,7 @@ floor, then `tickserve serve`) starts it as its own process, a sink consumer, an
 open-loop senders at a fixed rate; reports tick-to-signal percentiles, tickserve's
 as ratios over the floor's, the in-process stage breakdown, CPU per tick and RSS.
 
-Run: tickserve bench e2e [--rate 20000 --duration 20 --symbols 100 --sweep 20000,40000]
+Run: python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --sweep 20000,40000]
 """
 
 from __future__ import annotations
