@@ -241,8 +241,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     realtime_priority(settings.realtime_priority)
     time_slice(settings.sched_slice_us)
-    if settings.metrics_port and not port_free(settings.metrics_port):
-        raise ConfigError(f"metrics port {settings.metrics_port} is already in use")
+    if settings.http_port and not port_free(settings.http_port):
+        raise ConfigError(f"metrics port {settings.http_port} is already in use")
     watcher = ModelWatcher(
         WatcherConfig(
             settings.mlflow_uri, settings.model_name, settings.model_alias,
@@ -297,14 +297,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
         others = [asyncio.create_task(watcher.run(batcher, stop))]
-        if settings.metrics_port:
+        if settings.http_port:
             api = create_app(ApiContext(batcher, spec.names, worker.latest,
                                         worker.assigned.is_set, config.threshold,
                                         webhook))  # fmt: skip
             others.append(
-                asyncio.create_task(
-                    serve_http(api, settings.http_host, settings.metrics_port, stop)
-                )
+                asyncio.create_task(serve_http(api, settings.http_host, settings.http_port, stop))
             )
         try:
             await worker.run(stop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from features.spec import NS_PER_SECOND, FeatureSpec
@@ -16,7 +16,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="TICKSERVE_", frozen=True, extra="ignore", populate_by_name=True
-    )
+    )  # populate_by_name: keyword overrides by field name (redis_url=None) as well
 
     state_dir: Path = Path(".tickserve")
 
@@ -48,16 +48,13 @@ class Settings(BaseSettings):
     # the last response is in, before the micro-batch is worked, in its own write)
     one_write: bool = True
 
-    # Redis / Feast
-    redis_url: str | None = Field(
-        None, validation_alias=AliasChoices("TICKSERVE_REDIS_URL", "REDIS_URL")
-    )
+    # Redis / Feast. REDIS_URL and MLFLOW_TRACKING_URI are read without the TICKSERVE_
+    # prefix: the names these tools' users already set (MLflow's own CLI reads the latter)
+    redis_url: str | None = Field(None, validation_alias="REDIS_URL")
     valkey_port: int = Field(16379, ge=1, le=65535)
 
     # MLflow
-    mlflow_tracking_uri: str | None = Field(
-        None, validation_alias=AliasChoices("TICKSERVE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
-    )
+    mlflow_tracking_uri: str | None = Field(None, validation_alias="MLFLOW_TRACKING_URI")
     model_name: str = "tickserve-crypto"
     model_alias: str = "champion"
     prefer_gpu: bool = True
@@ -75,11 +72,7 @@ class Settings(BaseSettings):
 
     # Serving
     # HTTP API, probes and /metrics on the worker's event loop; 0 disables it
-    metrics_port: int = Field(
-        8000, ge=0, le=65535,
-        validation_alias=AliasChoices("TICKSERVE_HTTP_PORT", "TICKSERVE_METRICS_PORT",
-                                      "metrics_port"),
-    )  # fmt: skip
+    http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = "127.0.0.1"
     max_delay_us: int = Field(500, ge=0)  # a queued (HTTP) row waits at most this long
     stale_ms: int = Field(0, ge=0)  # rows older than this (since recv_ns) are dropped; 0 = never
