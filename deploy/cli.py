@@ -249,7 +249,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             settings.challenger_alias, settings.model_poll_s, settings.prefer_gpu,
             ValidationPolicy(warmup_rows=settings.max_batch,
                              warmup_budget_s=settings.warmup_budget_ms / 1000),
-            onnx_threads=settings.onnx_threads, tree_kernel=settings.tree_kernel,
+            onnx_threads=settings.onnx_threads, numba_kernels=settings.numba_kernels,
             tensorrt=settings.tensorrt,
         ),
         spec,

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     prefer_gpu: bool = True
     tensorrt: bool = False  # TensorRT before CUDA where its library loads (engine builds take s)
     onnx_threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per session
-    tree_kernel: bool = True  # inference/trees.py and linear.py score the models they cover
+    # the Numba kernels (inference/trees.py, linear.py) score the models they cover
+    numba_kernels: bool = True
 
     # ClickHouse
     clickhouse_dsn: str | None = None
