@@ -17,7 +17,7 @@ NOT_PRODUCT = ("bench", "tests")
 
 def _imported(tree: ast.AST) -> set[str]:
     """Top-level names of every module `tree` imports, lazy imports inside functions too."""
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
