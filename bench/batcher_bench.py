@@ -68,12 +68,12 @@ def _timed_model(model: LoadedModel) -> tuple[LoadedModel, Timed]:
                        model.loaded_at_ns), timed  # fmt: skip
 
 
-def bench_overhead(onnx: bytes, label: str, iters: int, tree_kernel: bool = False) -> None:
+def bench_overhead(onnx: bytes, label: str, iters: int, numba_kernels: bool = False) -> None:
     """Batcher time per batch minus the time inside the scoring call of that same batch.
 
     The bare call is `session.run` (ONNX Runtime) or `TreeKernel.score` (tree kernel).
     """
-    model, timed = _timed_model(loaded(onnx, N_FEATURES, tree_kernel=tree_kernel))
+    model, timed = _timed_model(loaded(onnx, N_FEATURES, numba_kernels=numba_kernels))
     engine = model.scorer.engine
     bare_call = "session.run" if engine == "onnxruntime" else "kernel.score"
     for batch in (1, 100, 1000):
@@ -108,10 +108,10 @@ def bench_overhead(onnx: bytes, label: str, iters: int, tree_kernel: bool = Fals
 
 
 def bench_throughput(
-    onnx: bytes, seconds: float, threads: int = 1, tree_kernel: bool = True
+    onnx: bytes, seconds: float, threads: int = 1, numba_kernels: bool = True
 ) -> None:
     """Rows/s through score_batch at batch 1000 (200-tree HistGradientBoosting)."""
-    model = loaded(onnx, N_FEATURES, threads=threads, tree_kernel=tree_kernel)
+    model = loaded(onnx, N_FEATURES, threads=threads, numba_kernels=numba_kernels)
     batcher = MicroBatcher(model, N_FEATURES, BatcherConfig(max_batch=1000))
     X, _ = synthetic_rows(1000, N_FEATURES, seed=5)
     X64 = X.astype(np.float64)
@@ -399,9 +399,9 @@ def main() -> None:
     gc.freeze()  # as `tickserve serve` does once it has started
     bench_overhead(logistic, "logistic", args.iters)
     bench_overhead(hgb, "hgb-200", args.iters)
-    bench_overhead(hgb, "hgb-200", args.iters, tree_kernel=True)
-    bench_throughput(hgb, args.seconds, tree_kernel=False)
-    bench_throughput(hgb, args.seconds, threads=2, tree_kernel=False)
+    bench_overhead(hgb, "hgb-200", args.iters, numba_kernels=True)
+    bench_throughput(hgb, args.seconds, numba_kernels=False)
+    bench_throughput(hgb, args.seconds, threads=2, numba_kernels=False)
     bench_throughput(hgb, args.seconds)
     bench_queue_wait(logistic, "logistic", 50_000, 2.0)
     bench_queue_wait(hgb, "hgb-200", 50_000, 2.0)

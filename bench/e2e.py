@@ -5,7 +5,7 @@ floor, then `tickserve serve`) starts it as its own process, a sink consumer, an
 open-loop senders at a fixed rate; reports tick-to-signal percentiles, tickserve's
 as ratios over the floor's, the in-process stage breakdown, CPU per tick and RSS.
 
-Run: tickserve bench e2e [--rate 20000 --duration 20 --symbols 100 --sweep 20000,40000]
+Run: python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --sweep 20000,40000]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Bench:
         self.workdir = workdir
         self.settings = Settings(
             state_dir=workdir, broker_port=free_port(), valkey_port=free_port(), redis_url=None,
-            mlflow_tracking_uri=None, metrics_port=0, bar_seconds=config.bar_seconds,
+            mlflow_tracking_uri=None, http_port=0, bar_seconds=config.bar_seconds,
             partitions=config.partitions, model_name="bench-model",
         )  # fmt: skip
         self.stack = LocalStack(self.settings)
@@ -182,7 +182,7 @@ class Bench:
                 TICKSERVE_VALKEY_PORT=str(self.settings.valkey_port),
                 TICKSERVE_TICKS_TOPIC=source, TICKSERVE_SIGNALS_TOPIC=sink,
                 TICKSERVE_DLQ_TOPIC=f"dlq-{tag}", TICKSERVE_GROUP_ID=f"g-{tag}",
-                TICKSERVE_MODEL_NAME=self.settings.model_name, TICKSERVE_METRICS_PORT="0",
+                TICKSERVE_MODEL_NAME=self.settings.model_name, TICKSERVE_HTTP_PORT="0",
                 TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
                 TICKSERVE_PREFER_GPU="false",
                 TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),

@@ -174,7 +174,7 @@ def serving_check(models: dict[str, bytes], n_features: int) -> list[str]:
     lines = []
     for name, model in models.items():
         served = OnnxScorer.from_bytes(model, n_features, prefer_gpu=True)
-        cpu = OnnxScorer.from_bytes(model, n_features, prefer_gpu=False, tree_kernel=False)
+        cpu = OnnxScorer.from_bytes(model, n_features, prefer_gpu=False, numba_kernels=False)
         batcher = MicroBatcher(LoadedModel(name, "1", "champion", "", served, 0), n_features)
         reference = cpu.score(rows)
         scores = batcher.score_batch(rows, np.full(len(rows), time.time_ns())).scores

@@ -274,7 +274,7 @@ def test_onnx_run(
 
     n_features = FeatureSpec().n_features
     scorer = OnnxScorer.from_bytes(onnx_model, n_features, prefer_gpu=False,
-                                   tree_kernel=engine != "onnxruntime")  # fmt: skip
+                                   numba_kernels=engine != "onnxruntime")  # fmt: skip
     assert scorer.engine == engine
     rows = np.random.default_rng(2).normal(size=(batch, n_features))
     benchmark(scorer.score, rows)
@@ -291,7 +291,7 @@ def test_batcher_overhead(
     from inference.session import OnnxScorer
 
     n_features = FeatureSpec().n_features
-    scorer = OnnxScorer.from_bytes(onnx_model, n_features, prefer_gpu=False, tree_kernel=False)
+    scorer = OnnxScorer.from_bytes(onnx_model, n_features, prefer_gpu=False, numba_kernels=False)
     rows = np.random.default_rng(2).normal(size=(batch, n_features))
     if path == "bare session.run":
         feed = {scorer.input_name: rows.astype(np.float32)}

@@ -228,8 +228,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     realtime_priority(settings.realtime_priority)
-    if settings.metrics_port and not port_free(settings.metrics_port):
-        raise ConfigError(f"metrics port {settings.metrics_port} is already in use")
+    if settings.http_port and not port_free(settings.http_port):
+        raise ConfigError(f"HTTP port {settings.http_port} is already in use")
     service = build_service(settings)
     # Everything imported and built so far (mlflow, feast, onnxruntime: ~200k objects)
     # lives as long as the process; frozen, the cyclic GC stops re-scanning it, and its
@@ -279,26 +279,6 @@ def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
         f"skipped {sum(skipped.values())} invalid {dict(skipped)}; "
         f"spec {settings.feature_spec.hash}"
     )
-    return 0
-
-
-def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    """End-to-end benchmark, or the comparison of two of its reports."""
-    from bench.e2e import E2EConfig, compare, run_e2e, summary
-
-    if args.bench == "compare":
-        print(compare(Path(args.a), Path(args.b)))
-        return 0
-    sweep = tuple(float(r) for r in args.sweep.split(",")) if args.sweep else ()
-    config = E2EConfig(
-        rate=args.rate, duration_s=args.duration, symbols=args.symbols,
-        partitions=args.partitions, senders=args.senders, sweep=sweep, out_dir=Path(args.out),
-        realtime_priority=args.realtime_priority, against=args.against,
-        rounds=args.rounds,
-    )  # fmt: skip
-    path = run_e2e(config)
-    print(summary(path))
-    print(f"report: {path} and {path.with_suffix('.png')}")
     return 0
 
 
@@ -375,37 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--symbol", help="symbol for files whose rows carry none")
     features.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
-    bench = sub.add_parser("bench", help="benchmarks: e2e against the broker floor, compare")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    e2e = bench_sub.add_parser("e2e", help="tick-to-signal latency vs an echo worker")
-    e2e.add_argument("--rate", type=float, default=20_000, help="ticks/s offered")
-    e2e.add_argument("--duration", type=float, default=20.0, help="seconds per system")
-    e2e.add_argument("--symbols", type=int, default=100)
-    e2e.add_argument("--partitions", type=int, default=4)
-    e2e.add_argument(
-        "--senders",
-        type=int,
-        default=0,
-        help="load generator processes (0: one per 50,000 ticks/s)",
-    )
-    e2e.add_argument("--sweep", default="", help="comma-separated rates for a rate sweep")
-    e2e.add_argument(
-        "--against", choices=("tickserve", "echo"), default="tickserve",
-        help="echo: measure the floor against itself (how far the ratios move by chance)",
-    )  # fmt: skip
-    e2e.add_argument(
-        "--realtime-priority", type=int, default=0,
-        help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
-    )  # fmt: skip
-    e2e.add_argument(
-        "--rounds", type=int, default=1,
-        help="measure floor and system this many times, alternating; figures pool the rounds",
-    )  # fmt: skip
-    e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
-    cmp_ = bench_sub.add_parser("compare", help="print the differences between two reports")
-    cmp_.add_argument("a")
-    cmp_.add_argument("b")
-
     demo = sub.add_parser("demo", help="feed, archive, train, serve and measure, end to end")
     demo.add_argument(
         "--data", default="../shared/data/freqtrade/XRP_ETH-trades.parquet", help="trade file"
@@ -417,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "up": cmd_up, "down": cmd_down, "feed": cmd_feed, "archive": cmd_archive,
     "import": cmd_import, "train": cmd_train, "validate": cmd_validate, "serve": cmd_serve,
-    "demo": cmd_demo, "features": cmd_features, "bench": cmd_bench,
+    "demo": cmd_demo, "features": cmd_features,
 }  # fmt: skip
 
 

@@ -31,7 +31,7 @@ class Service:
         worker: The stream worker (ticks -> signals).
         batcher: The scoring queue the stream and the HTTP API share.
         watcher: Follows the registry's aliases and swaps models into `batcher`.
-        api: What the HTTP API reads (served only when `settings.metrics_port` is set).
+        api: What the HTTP API reads (served only when `settings.http_port` is set).
         topics: The topics the service reads and writes (created if missing).
     """
 
@@ -47,12 +47,10 @@ class Service:
         settings = self.settings
         await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions)
         others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
-        if settings.metrics_port:
+        if settings.http_port:
             app = create_app(self.api)
             others.append(
-                asyncio.create_task(
-                    serve_http(app, settings.http_host, settings.metrics_port, stop)
-                )
+                asyncio.create_task(serve_http(app, settings.http_host, settings.http_port, stop))
             )
         try:
             await self.worker.run(stop)
@@ -92,7 +90,7 @@ def watcher_config(settings: Settings) -> WatcherConfig:
             warmup_rows=settings.max_batch, warmup_budget_s=settings.warmup_budget_ms / 1000
         ),
         onnx_threads=settings.onnx_threads,
-        tree_kernel=settings.tree_kernel,
+        numba_kernels=settings.numba_kernels,
         tensorrt=settings.tensorrt,
     )
 

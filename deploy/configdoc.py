@@ -39,7 +39,7 @@ HEADER = """\
 
 Every setting of a tickserve process, read once at start-up from the environment
 (`deploy/settings.py`). A bad value stops the command with one line naming the
-variable, e.g. `tickserve serve: error: bad setting TICKSERVE_REDIS_URL: ...`.
+variable, e.g. `tickserve serve: error: bad setting TICKSERVE_MAX_BATCH: ...`.
 Secrets are held as `SecretStr` and never printed.
 
 This file is generated: edit the descriptions in `deploy/settings.py`, then run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from features.spec import NS_PER_SECOND, FeatureSpec
@@ -16,7 +16,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="TICKSERVE_", frozen=True, extra="ignore", populate_by_name=True
-    )
+    )  # populate_by_name: keyword overrides by field name (redis_url=None) as well
 
     state_dir: Path = Field(
         Path(".tickserve"),
@@ -89,9 +89,11 @@ class Settings(BaseSettings):
     )
 
     # Redis / Feast
+    # REDIS_URL and MLFLOW_TRACKING_URI are read without the TICKSERVE_ prefix: the
+    # names these tools' users already set (MLflow's own CLI reads the latter)
     redis_url: str | None = Field(
         None,
-        validation_alias=AliasChoices("TICKSERVE_REDIS_URL", "REDIS_URL"),
+        validation_alias="REDIS_URL",
         description="Redis of the online store and the snapshots (redis:// or rediss://); "
         "unset: the local Valkey on `127.0.0.1:<valkey_port>`",
     )
@@ -102,7 +104,7 @@ class Settings(BaseSettings):
     # MLflow
     mlflow_tracking_uri: str | None = Field(
         None,
-        validation_alias=AliasChoices("TICKSERVE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        validation_alias="MLFLOW_TRACKING_URI",
         description="MLflow tracking and registry URI; unset: `sqlite:///<state_dir>/mlflow.db`",
     )
     model_name: str = Field("tickserve-crypto", description="Registered model name")
@@ -117,7 +119,11 @@ class Settings(BaseSettings):
         description="TensorRT before CUDA where its library loads (engine builds take seconds)",
     )
     onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session")
-    tree_kernel: bool = True  # inference/trees.py and linear.py score the models they cover
+    numba_kernels: bool = Field(
+        True,
+        description="The Numba kernels (inference/trees.py, linear.py) score the models they "
+        "cover, each checked against ONNX Runtime first; false: ONNX Runtime scores all",
+    )
 
     # ClickHouse
     clickhouse_dsn: str | None = Field(
@@ -146,11 +152,7 @@ class Settings(BaseSettings):
 
     # Serving
     # HTTP API, probes and /metrics on the worker's event loop; 0 disables it
-    metrics_port: int = Field(
-        8000, ge=0, le=65535,
-        validation_alias=AliasChoices("TICKSERVE_HTTP_PORT", "TICKSERVE_METRICS_PORT",
-                                      "metrics_port"),
-    )  # fmt: skip
+    http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = Field(
         "127.0.0.1",
         description="Address the HTTP API listens on (one the MLflow server can reach, for "

@@ -80,14 +80,6 @@ class FeatureSpec:
         return max(longest, self.volume_bars, self.rv_bars) + 1
 
     @property
-    def warmup_bars(self) -> int:
-        """Completed bars a symbol needs before its rows are ready."""
-        return max(
-            self.return_bars, self.rsi_period, self.bb_period - 1, self.volume_bars,
-            self.rv_bars, self.ema_slow - 1, *self.short_return_bars,
-        )  # fmt: skip
-
-    @property
     def hash(self) -> str:
         """Stable short hash of every field (sorted JSON, sha256, 16 hex digits).
 

@@ -75,7 +75,7 @@ def fetch_version(
     spec: FeatureSpec,
     prefer_gpu: bool = True,
     threads: int = 1,
-    tree_kernel: bool | Callable[[bytes, int], TreeKernel] = True,
+    numba_kernels: bool | Callable[[bytes, int], TreeKernel] = True,
     tensorrt: bool = False,
 ) -> LoadedModel:
     """Check the FeatureSpec tag, download only the ONNX file and open a session on it.
@@ -115,7 +115,7 @@ def fetch_version(
         ) from exc  # fmt: skip
     try:
         scorer = OnnxScorer.from_bytes(
-            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads, tree_kernel, tensorrt
+            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads, numba_kernels, tensorrt
         )
     except ModelRejected as exc:
         raise ModelRejected(

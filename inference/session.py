@@ -178,16 +178,16 @@ class OnnxScorer:
         n_features: int,
         prefer_gpu: bool = True,
         threads: int = 1,
-        tree_kernel: bool | Callable[[bytes, int], TreeKernel] = True,
+        numba_kernels: bool | Callable[[bytes, int], TreeKernel] = True,
         tensorrt: bool = False,
     ) -> OnnxScorer:
         """Build a session and check the model's interface against `n_features`.
 
         `threads` is ONNX Runtime's intra-op pool; 1 by default (see below). With
-        `tree_kernel`, a tree ensemble the kernel covers is scored by it (see
+        `numba_kernels`, a tree ensemble the tree kernel covers is scored by it (see
         `inference.trees`), and a logistic regression by `inference.linear`; anything
         else, or a kernel that disagrees with the session on the probe rows, is scored
-        by the session. `tree_kernel` may also be the function that compiles the tree
+        by the session. `numba_kernels` may also be the function that compiles the tree
         kernel (e.g. a `KernelCompiler`).
         """
         providers, reason = choose_providers(prefer_gpu, tensorrt)
@@ -223,8 +223,8 @@ class OnnxScorer:
         if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             binding = DeviceBinding(session, inputs[0].name, prob[0], "cuda", n_features)
         scorer = cls(session, inputs[0].name, prob[0], provider, None, binding)
-        if tree_kernel:
-            compile_kernel = compile_from_bytes if tree_kernel is True else tree_kernel
+        if numba_kernels:
+            compile_kernel = compile_from_bytes if numba_kernels is True else numba_kernels
             scorer = scorer._with_tree_kernel(model, n_features, compile_kernel)
             if scorer.trees is None:
                 scorer = scorer._with_linear_kernel(model, n_features)

@@ -86,10 +86,10 @@ def loaded(
     version: str = "1",
     name: str = "m",
     threads: int = 1,
-    tree_kernel: bool = True,
+    numba_kernels: bool = True,
 ) -> LoadedModel:
     """A LoadedModel straight from bytes, for tests that need no registry."""
-    scorer = OnnxScorer.from_bytes(onnx_bytes, n_features, False, threads, tree_kernel)
+    scorer = OnnxScorer.from_bytes(onnx_bytes, n_features, False, threads, numba_kernels)
     return LoadedModel(name, version, "champion", "", scorer, time.time_ns())
 
 
@@ -98,7 +98,7 @@ def golden_for(
 ) -> dict[str, Any]:
     """golden_rows.json content for a model: its own scores on synthetic rows."""
     X, _ = synthetic_rows(rows, n_features, seed)
-    p_up = loaded(onnx_bytes, n_features, tree_kernel=False).scorer.score(X)  # the reference
+    p_up = loaded(onnx_bytes, n_features, numba_kernels=False).scorer.score(X)  # the reference
     return {"inputs": X.tolist(), "p_up": p_up.tolist()}
 
 

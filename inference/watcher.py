@@ -55,7 +55,8 @@ class WatcherConfig:
         policy: The serving checks' tolerances and budgets.
         keep_versions: Checked versions kept loaded, so a rollback swaps at once.
         onnx_threads: ONNX Runtime intra-op threads per session.
-        tree_kernel: Score tree ensembles with `inference.trees` where it covers them.
+        numba_kernels: Score tree ensembles with `inference.trees` and logistic
+            regressions with `inference.linear` where they cover them.
         tensorrt: Put TensorRT before CUDA where it is usable.
     """
 
@@ -68,7 +69,7 @@ class WatcherConfig:
     policy: ValidationPolicy = ValidationPolicy()
     keep_versions: int = 3
     onnx_threads: int = 1
-    tree_kernel: bool = True
+    numba_kernels: bool = True
     tensorrt: bool = False
 
 
@@ -126,8 +127,8 @@ class ModelWatcher:
         `KernelCompiler`), so the event loop does not stall on it.
         """
         cfg = self.config
-        kernel: bool | KernelCompiler = cfg.tree_kernel
-        if cfg.tree_kernel and serving:
+        kernel: bool | KernelCompiler = cfg.numba_kernels
+        if cfg.numba_kernels and serving:
             kernel = self._compiler
         model = fetch_version(
             cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads, kernel,
@@ -157,7 +158,7 @@ class ModelWatcher:
 
     async def run(self, batcher: MicroBatcher, stop: asyncio.Event) -> None:
         """Poll every `poll_interval_s`, or at once after `wake`, until `stop` is set."""
-        if self.config.tree_kernel:  # the compiler's child process starts now, not mid-swap
+        if self.config.numba_kernels:  # the compiler's child process starts now, not mid-swap
             await asyncio.get_running_loop().run_in_executor(self._background, self._compiler.start)
         try:
             while not stop.is_set():

@@ -35,7 +35,7 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     """A running local stack on free ports in a temporary state dir (REDIS_URL honoured)."""
     state = tmp_path_factory.mktemp("tickserve-state")
     settings = load_settings(
-        state_dir=state, broker_port=free_port(), valkey_port=free_port(), metrics_port=0
+        state_dir=state, broker_port=free_port(), valkey_port=free_port(), http_port=0
     )
     stack = LocalStack(settings)
     try:

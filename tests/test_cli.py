@@ -44,7 +44,7 @@ def test_bad_setting_is_one_line(tmp_path: Path) -> None:
     done = tickserve("serve", env={"REDIS_URL": "http://nowhere"}, cwd=tmp_path)
     assert done.returncode == 2
     assert error_lines(done) == [
-        "tickserve serve: error: bad setting TICKSERVE_REDIS_URL: Value error, "
+        "tickserve serve: error: bad setting REDIS_URL: Value error, "
         "must start with redis:// or rediss://, got 'http://nowhere'"
     ]
 
@@ -87,7 +87,7 @@ def test_unreachable_broker_is_one_line(tmp_path: Path) -> None:
 
 
 def test_missing_model_is_one_line(tmp_path: Path) -> None:
-    done = tickserve("serve", env={"TICKSERVE_METRICS_PORT": "0"}, cwd=tmp_path)
+    done = tickserve("serve", env={"TICKSERVE_HTTP_PORT": "0"}, cwd=tmp_path)
     assert done.returncode == 2
     lines = [line for line in error_lines(done) if line.startswith("tickserve")]
     assert len(lines) == 1
@@ -107,14 +107,14 @@ def test_port_in_use_names_the_component(tmp_path: Path) -> None:
     ]
 
 
-def test_metrics_port_in_use(tmp_path: Path) -> None:
+def test_http_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        done = tickserve("serve", env={"TICKSERVE_METRICS_PORT": str(port)}, cwd=tmp_path)
+        done = tickserve("serve", env={"TICKSERVE_HTTP_PORT": str(port)}, cwd=tmp_path)
     assert done.returncode == 2
-    assert error_lines(done) == [f"tickserve serve: error: metrics port {port} is already in use"]
+    assert error_lines(done) == [f"tickserve serve: error: HTTP port {port} is already in use"]
 
 
 def test_features_command_writes_one_row_per_tick(tmp_path: Path) -> None:

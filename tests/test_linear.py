@@ -79,13 +79,13 @@ def test_models_it_does_not_cover_are_left_to_their_engine() -> None:
         compile_linear_kernel(model, N_FEATURES)
     scorer = OnnxScorer.from_bytes(model.SerializeToString(), N_FEATURES, prefer_gpu=False)
     assert scorer.engine == "onnxruntime"
-    off = OnnxScorer.from_bytes(raw, N_FEATURES, prefer_gpu=False, tree_kernel=False)
-    assert off.engine == "onnxruntime"  # TICKSERVE_TREE_KERNEL=false: ORT for everything
+    off = OnnxScorer.from_bytes(raw, N_FEATURES, prefer_gpu=False, numba_kernels=False)
+    assert off.engine == "onnxruntime"  # TICKSERVE_NUMBA_KERNELS=false: ORT for everything
 
 
 def test_a_kernel_that_disagrees_with_the_session_is_not_used() -> None:
     raw = make_onnx_classifier(N_FEATURES, "logistic", seed=1)
-    session_only = OnnxScorer.from_bytes(raw, N_FEATURES, prefer_gpu=False, tree_kernel=False)
+    session_only = OnnxScorer.from_bytes(raw, N_FEATURES, prefer_gpu=False, numba_kernels=False)
     other = make_onnx_classifier(N_FEATURES, "logistic", seed=2)
     assert session_only._with_linear_kernel(other, N_FEATURES).engine == "onnxruntime"
     probe = np.zeros((4, N_FEATURES), np.float32)

@@ -85,7 +85,7 @@ def _worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         TICKSERVE_DLQ_TOPIC=settings.dlq_topic,
         TICKSERVE_GROUP_ID=settings.group_id,
         TICKSERVE_MODEL_NAME=settings.model_name,
-        TICKSERVE_METRICS_PORT="0",
+        TICKSERVE_HTTP_PORT="0",
         TICKSERVE_SNAPSHOT_INTERVAL_S="0.2",
         TICKSERVE_MAX_BATCH="500",
     )

@@ -18,7 +18,7 @@ def test_device_binding_scores_what_session_run_scores(kind: str) -> None:
     # On a GPU the binding's tensors live on "cuda"; the same code runs here on "cpu".
     params = {"max_iter": 30} if kind == "hgb" else {}
     raw = make_onnx_classifier(N_FEATURES, kind, seed=4, **params)
-    scorer = OnnxScorer.from_bytes(raw, N_FEATURES, prefer_gpu=False, tree_kernel=False)
+    scorer = OnnxScorer.from_bytes(raw, N_FEATURES, prefer_gpu=False, numba_kernels=False)
     assert scorer.binding is None  # CPU sessions run plainly
     binding = DeviceBinding(scorer.session, scorer.input_name, scorer.prob_output, "cpu",
                             N_FEATURES)  # fmt: skip

@@ -107,7 +107,7 @@ def test_models_it_does_not_cover_are_scored_by_onnxruntime(model: object, reaso
 
 
 def test_a_kernel_that_disagrees_with_the_session_is_not_used(hgb: bytes) -> None:
-    session_only = OnnxScorer.from_bytes(hgb, N_FEATURES, prefer_gpu=False, tree_kernel=False)
+    session_only = OnnxScorer.from_bytes(hgb, N_FEATURES, prefer_gpu=False, numba_kernels=False)
     assert session_only.engine == "onnxruntime"
     # the kernel of another model against this session: the probe rows must catch it
     other = _hgb(4, max_leaf_nodes=31)

@@ -57,7 +57,7 @@ def check_parity(onnx_model: Any, native: np.ndarray, X: np.ndarray) -> tuple[np
     # ONNX Runtime, not the tree kernel: these scores become the golden rows that any
     # serving engine must reproduce
     scorer = OnnxScorer.from_bytes(onnx_model.SerializeToString(), X.shape[1], False,
-                                   tree_kernel=False)  # fmt: skip
+                                   numba_kernels=False)  # fmt: skip
     scores = scorer.score(X.astype(np.float32))
     gap = float(np.max(np.abs(scores - native))) if len(native) else 0.0
     if not gap <= PARITY_TOLERANCE:

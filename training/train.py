@@ -52,13 +52,10 @@ def universe_of(symbols: np.ndarray) -> str:
     return "+".join(sorted({str(s).replace("/", "_") for s in symbols})) or "empty"
 
 
-def _legacy_params(ds: Dataset, test_fraction: float, C: float) -> TrainParams:
-    n_folds = max(1, round(1 / test_fraction) - 1) if 0 < test_fraction < 1 else 4
+def _default_params(ds: Dataset) -> TrainParams:
+    """The logistic baseline, its folds fitted to the dataset's label horizon."""
     h = ds.horizon_bars
-    return TrainParams(
-        logistic={"C": C, "max_iter": 1000},
-        splits=SplitParams(n_folds=n_folds, horizon_bars=h, embargo_bars=h + 1),
-    )
+    return TrainParams(splits=SplitParams(horizon_bars=h, embargo_bars=h + 1))
 
 
 def _fit_fold(params: TrainParams, X: np.ndarray, ds: Dataset, fold: Fold, k: int) -> Any:
@@ -100,8 +97,6 @@ def train_and_register(
     tracking_uri: str,
     model_name: str,
     alias: str | None = "champion",
-    test_fraction: float = 0.2,
-    C: float = 1.0,
     *,
     params: TrainParams | None = None,
     provenance: dict[str, str] | None = None,
@@ -120,11 +115,10 @@ def train_and_register(
         spec: The FeatureSpec the rows were computed with (tagged on the version).
         tracking_uri: MLflow tracking and registry URI.
         model_name: Registered model name.
-        alias: Alias to point at the new version unconditionally (the demo and older
-            callers); None leaves that to the validation gate (`training.gate`).
-        test_fraction: Without `params`: the test window's share (sets the fold count).
-        C: Without `params`: the logistic model's inverse regularization.
-        params: Everything else (params.yaml); defaults to a logistic baseline.
+        alias: Alias to point at the new version unconditionally (the demo);
+            None leaves that to the validation gate (`training.gate`).
+        params: Everything else (params.yaml); defaults to a logistic baseline on 4
+            folds, its embargo covering the dataset's label horizon.
         provenance: Extra run params, e.g. git commit and DVC data hash.
         meter: Cost meter started where the run began (default: now).
         figures_dir: Also save the figures there as PNG.
@@ -132,7 +126,7 @@ def train_and_register(
             export, the figures and the MLflow logging, each step named as it runs.
     """
     meter = meter or CostMeter((params or TrainParams()).cost)
-    params = params or _legacy_params(ds, test_fraction, C)
+    params = params or _default_params(ds)
     steps = params.splits.n_folds + 3  # each fold, the ONNX export, the figures, MLflow
     with progress_bar("train", total=steps, unit="step", enabled=progress) as bar:
         return _train_and_register(

@@ -10,7 +10,6 @@ import orjson
 # Header "t" of every signal: when its micro-batch was received, decoded, featured,
 # scored and encoded (ns since the epoch) -- the in-process latency breakdown.
 STAGES = struct.Struct("<5q")
-STAGE_NAMES = ("received", "decoded", "featured", "scored", "encoded")
 
 # Direction of a signal: the model's call, or FLAT for a tick whose features are not ready.
 UP, DOWN, FLAT = 1, -1, 0

@@ -176,13 +176,6 @@ class ClickHouseArchive:
         query = _BARS.format(where=where)
         return self.client.query_df(query, parameters=params)  # type: ignore[no-any-return]
 
-    def read_signals(self) -> pd.DataFrame:
-        """Archived signals (deduplicated), ordered by symbol and event time."""
-        cols = ", ".join(SIGNAL_COLUMNS)
-        return self.client.query_df(  # type: ignore[no-any-return]
-            f"SELECT {cols} FROM signals FINAL ORDER BY symbol, event_ns, trade_id"
-        )
-
 
 @dataclass(slots=True)
 class SignalRows:

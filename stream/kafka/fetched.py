@@ -152,7 +152,6 @@ class GapRetries:
         """Allow `limit` fetches per gap."""
         self.limit = limit
         self._seen: dict[TopicPartition, tuple[int, int]] = {}  # tp -> (gap offset, fetches)
-        self.refetches = 0
 
     def retry(self, tp: TopicPartition, gap_at: int) -> bool:
         """Whether to fetch again from `gap_at` (False: accept the gap)."""
@@ -162,7 +161,6 @@ class GapRetries:
             self._seen.pop(tp, None)
             return False
         self._seen[tp] = (gap_at, count)
-        self.refetches += 1
         GAP_REFETCHES.inc()
         return True
 

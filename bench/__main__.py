@@ -1,0 +1,102 @@
+"""`python -m bench`: the end-to-end benchmark against the broker floor, and report comparison.
+
+Run from a source checkout (benchmarks are not installed with the package):
+    python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --rounds 3]
+    python -m bench compare A.json B.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from deploy.settings import load_settings
+from tickserve.errors import TickserveError
+from tickserve.logs import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m bench` (each command has --help)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="benchmarks: e2e against the broker floor, compare"
+    )
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    e2e = sub.add_parser("e2e", help="tick-to-signal latency vs an echo worker")
+    e2e.add_argument("--rate", type=float, default=20_000, help="ticks/s offered")
+    e2e.add_argument("--duration", type=float, default=20.0, help="seconds per system")
+    e2e.add_argument("--symbols", type=int, default=100)
+    e2e.add_argument("--partitions", type=int, default=4)
+    e2e.add_argument(
+        "--senders",
+        type=int,
+        default=0,
+        help="load generator processes (0: one per 50,000 ticks/s)",
+    )
+    e2e.add_argument("--sweep", default="", help="comma-separated rates for a rate sweep")
+    e2e.add_argument(
+        "--against",
+        choices=("tickserve", "echo"),
+        default="tickserve",
+        help="echo: measure the floor against itself (how far the ratios move by chance)",
+    )
+    e2e.add_argument(
+        "--realtime-priority",
+        type=int,
+        default=0,
+        help="SCHED_FIFO priority of the worker's and the echo floor's stream thread (0: none)",
+    )
+    e2e.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure floor and system this many times, alternating; figures pool the rounds",
+    )
+    e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+    cmp_ = sub.add_parser("compare", help="print the differences between two reports")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark or the comparison `args` ask for."""
+    from bench.e2e import E2EConfig, compare, run_e2e, summary
+
+    if args.bench == "compare":
+        print(compare(Path(args.a), Path(args.b)))
+        return 0
+    sweep = tuple(float(r) for r in args.sweep.split(",")) if args.sweep else ()
+    config = E2EConfig(
+        rate=args.rate,
+        duration_s=args.duration,
+        symbols=args.symbols,
+        partitions=args.partitions,
+        senders=args.senders,
+        sweep=sweep,
+        out_dir=Path(args.out),
+        realtime_priority=args.realtime_priority,
+        against=args.against,
+        rounds=args.rounds,
+    )
+    path = run_e2e(config)
+    print(summary(path))
+    print(f"report: {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: errors we expect become one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        setup_logging(load_settings().log_level)
+        return run(args)
+    except TickserveError as exc:
+        print(f"python -m bench {args.bench}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

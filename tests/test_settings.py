@@ -1,0 +1,37 @@
+"""Settings: one environment variable per setting, and a bad value named by that variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.settings import Settings, load_settings
+from tickserve.errors import ConfigError
+
+
+def test_each_setting_has_one_variable() -> None:
+    several = {
+        name: field.validation_alias
+        for name, field in Settings.model_fields.items()
+        if field.validation_alias is not None and not isinstance(field.validation_alias, str)
+    }
+    assert several == {}
+
+
+def test_variables_set_their_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKSERVE_HTTP_PORT", "8123")
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    settings = load_settings()
+    assert settings.http_port == 8123
+    assert settings.redis == "redis://cache:6379/1"
+    assert settings.mlflow_uri == "http://mlflow:5000"
+
+
+def test_a_bad_value_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKSERVE_HTTP_PORT", "70000")
+    with pytest.raises(ConfigError, match="^bad setting TICKSERVE_HTTP_PORT: "):
+        load_settings()
+    monkeypatch.delenv("TICKSERVE_HTTP_PORT")
+    monkeypatch.setenv("REDIS_URL", "http://nowhere")
+    with pytest.raises(ConfigError, match="^bad setting REDIS_URL: "):
+        load_settings()
