@@ -13,11 +13,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
+import redis
 from prometheus_client import Counter, Histogram
 
 from features.feature_repo import definitions
 from features.spec import FeatureSpec
-from tickserve.errors import ConfigError
+from tickserve.errors import ConfigError, OnlineStoreError
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -80,10 +81,17 @@ def open_store(redis_url: str, registry_path: Path) -> FeatureStore:
 
 
 def read_online(store: FeatureStore, symbols: list[str], spec: FeatureSpec) -> pd.DataFrame:
-    """Latest features per symbol as the online store serves them."""
+    """Latest features per symbol as the online store serves them.
+
+    Raises:
+        OnlineStoreError: Redis failed the read.
+    """
     refs = [f"{definitions.FEATURE_VIEW}:{name}" for name in spec.names]
     rows = [{"symbol": s} for s in symbols]
-    return store.get_online_features(features=refs, entity_rows=rows).to_df()
+    try:
+        return store.get_online_features(features=refs, entity_rows=rows).to_df()
+    except redis.RedisError as exc:
+        raise OnlineStoreError(f"reading {len(symbols)} symbols failed: {exc}") from exc
 
 
 # A pending row: (event_ns, the block of feature rows it came in, its index there). A
@@ -300,12 +308,19 @@ class OnlineWriter:
                     self._pending[symbol] = row
 
     def flush(self) -> None:
-        """Write everything pending now; raises if the store fails (rows are kept)."""
+        """Write everything pending now; raises if the store fails (rows are kept).
+
+        Raises:
+            OnlineStoreError: Redis failed the write.
+        """
         rows = self._take()
         if not rows:
             return
         try:
             self._write(rows)
+        except redis.RedisError as exc:
+            self._restore(rows)
+            raise OnlineStoreError(f"writing {len(rows)} rows failed: {exc}") from exc
         except Exception:
             self._restore(rows)
             raise

@@ -13,7 +13,7 @@ import redis
 from prometheus_client import Counter
 
 from features.engine import FeatureEngine
-from tickserve.errors import DataError
+from tickserve.errors import DataError, OnlineStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ def restore(engine: FeatureEngine, snap: Snapshot) -> None:
     engine.rings[slots] = snap.rings
 
 
+def _count_failure(what: str, key: str, exc: redis.RedisError) -> None:
+    """Count and log a failed snapshot call as the error it stands for; never raises.
+
+    Snapshots only shorten a replay, so the worker goes on without them.
+    """
+    error = OnlineStoreError(f"{what}: {exc}", key=key, component="snapshots")
+    SNAPSHOT_FAILURES.inc()
+    logger.warning(what, extra={"key": key, "error": str(error)})
+
+
 class SnapshotStore:
     """Snapshots in Redis under `<prefix>:<topic>:<partition>`; writes on a background thread."""
 
@@ -100,8 +110,7 @@ class SnapshotStore:
             self._redis.set(key, blob)
             SNAPSHOTS.inc()
         except redis.RedisError as exc:
-            SNAPSHOT_FAILURES.inc()
-            logger.warning("snapshot write failed", extra={"key": key, "error": str(exc)})
+            _count_failure("snapshot write failed", key, exc)
 
     def save(self, topic: str, partition: int, snap: Snapshot) -> Future[None]:
         """Encode and write in the background; the returned future never raises."""
@@ -113,8 +122,7 @@ class SnapshotStore:
         try:
             blob = self._redis.get(key)
         except redis.RedisError as exc:
-            SNAPSHOT_FAILURES.inc()
-            logger.warning("snapshot read failed", extra={"key": key, "error": str(exc)})
+            _count_failure("snapshot read failed", key, exc)
             return None
         return Snapshot.decode(blob) if blob else None  # type: ignore[arg-type]
 

@@ -12,12 +12,15 @@ from typing import Any
 from features.spec import FeatureSpec
 from inference.session import OnnxScorer
 from inference.trees import TreeKernel
-from tickserve.errors import ModelNotFound, ModelRejected
+from tickserve.errors import ModelNotFound, ModelRejected, RegistryError
 
 logger = logging.getLogger(__name__)
 
 SPEC_HASH_TAG = "feature_spec_hash"
 GOLDEN_ARTIFACT = "golden_rows.json"
+# What MLflow answers for a missing model (RESOURCE_DOES_NOT_EXIST) or alias
+# (INVALID_PARAMETER_VALUE); any other code is the registry failing, not an answer.
+_NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +47,18 @@ class VersionRef:
 
 
 def open_client(tracking_uri: str) -> Any:
-    """An MlflowClient for `tracking_uri` (tracking and registry on the same store)."""
+    """An MlflowClient for `tracking_uri` (tracking and registry on the same store).
+
+    Raises:
+        RegistryError: MLflow has no store for the URI.
+    """
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot open {tracking_uri}: {exc.message}") from exc
 
 
 def resolve_alias(client: Any, name: str, alias: str) -> VersionRef:
@@ -55,12 +66,16 @@ def resolve_alias(client: Any, name: str, alias: str) -> VersionRef:
 
     Raises:
         ModelNotFound: No such registered model or alias.
+        RegistryError: The registry failed to answer.
     """
     from mlflow.exceptions import MlflowException
 
     try:
         mv = client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
+        if exc.error_code not in _NOT_FOUND:
+            message = f"looking up alias {alias} failed: {exc.message}"
+            raise RegistryError(message, model=name) from exc
         raise ModelNotFound(
             f"no model at models:/{name}@{alias} in {client.tracking_uri} "
             "(train and promote one: tickserve train, tickserve validate)"
@@ -154,6 +169,7 @@ def load_model(
     Raises:
         ModelNotFound: No such registered model or alias.
         ModelRejected: The version was trained for another FeatureSpec or does not load.
+        RegistryError: The registry failed to answer.
     """
     ref = resolve_alias(open_client(tracking_uri), name, alias)
     model = fetch_version(tracking_uri, ref, spec, prefer_gpu)

@@ -114,6 +114,7 @@ class ModelWatcher:
         Raises:
             ModelNotFound: The alias points nowhere.
             ModelRejected: The version fails a check; the process must not serve it.
+            RegistryError: The registry failed to answer.
         """
         ref = resolve_alias(self._registry(), self.config.name, self.config.alias)
         model = self._load_checked(ref, serving=False)

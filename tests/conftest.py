@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,18 +13,26 @@ from deploy.stack import LocalStack, free_port
 from stream.ingest.archive import ArchiverConfig, ClickHouseArchive, run_archiver
 from stream.ingest.feed import publish, read_trades
 from stream.kafka.clients import ensure_topics
-from tests.kafka_helpers import run
+from tests.helpers import HISTORY, TRADES, Pipeline, forbidden_imports, run, unique
 from training.dataset import build_dataset
-from training.train import TrainResult, train_and_register
+from training.train import train_and_register
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "freqtrade"
-TRADES = DATA / "XRP_ETH-trades.parquet"
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Fail loudly, never skip, when the shared market data is missing."""
+    """Fail loudly, never skip, when the shared data is missing or tests import each other.
+
+    Shared helpers live in `tests/helpers.py`: a test module importing another test
+    module (or this conftest) runs that module's code twice and hides what it needs.
+    """
     if not TRADES.exists():
         raise pytest.UsageError(f"market data not found at {TRADES} (shared/ must sit beside main)")
+    for path in sorted(TESTS.glob("test_*.py")):
+        imported = forbidden_imports(path)
+        if imported:
+            names = ", ".join(imported)
+            raise pytest.UsageError(f"{path.name} imports {names}: share it from tests/helpers.py")
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +50,6 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
         stack.down()
 
 
-def unique(prefix: str) -> str:
-    """A fresh topic or group name, so tests never see each other's records."""
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
 @pytest.fixture
 def topics(stack_settings: Settings) -> Settings:
     """Settings with fresh topic and group names for one test."""
@@ -62,16 +62,6 @@ def topics(stack_settings: Settings) -> Settings:
             "archive_group_id": unique("archive"),
         }
     )
-
-
-HISTORY = 8000
-
-
-@dataclass
-class Pipeline:
-    settings: Settings
-    result: TrainResult
-    ticks: list[dict[str, object]]
 
 
 @pytest.fixture(scope="session")
@@ -103,20 +93,3 @@ def pipeline(stack_settings: Settings) -> Pipeline:
     result = train_and_register(build_dataset(frame, spec), spec, settings.mlflow_uri,
                                 settings.model_name)  # fmt: skip
     return Pipeline(settings, result, ticks)
-
-
-class LoopThread:
-    """Runs a coroutine on its own event loop in a thread (a worker beside the test)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def submit(self, coro: object) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()

@@ -17,7 +17,7 @@ from deploy.stack import free_port
 from inference.api import ApiContext, create_app, serve_http
 from inference.batcher import BatcherConfig, MicroBatcher
 from inference.testing import loaded, make_onnx_classifier
-from tests.conftest import LoopThread
+from tests.helpers import LoopThread
 
 NAMES = ("return_24h", "rsi_14", "bb_pos_20", "vol_ratio_24")
 ROW = [0.01, 55.0, 0.3, 1.2]

@@ -27,9 +27,7 @@ from stream.ingest.archive import ClickHouseArchive
 from stream.ingest.backfill import import_file, validate_frame, validate_rows
 from stream.ingest.feed import Pacing, SyntheticMarket, publish, read_trades
 from stream.kafka.clients import ensure_topics, make_producer, start_client
-from tests.conftest import TRADES, unique
-from tests.kafka_helpers import run
-from tests.test_cli import ROOT, error_lines, tickserve
+from tests.helpers import ROOT, TRADES, error_lines, run, tickserve, unique
 
 NOW = time.time_ns()
 FUTURE = NOW + 3600 * 10**9

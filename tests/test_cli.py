@@ -11,26 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import COMMANDS
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tickserve(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSERVE_", "MLFLOW_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "deploy.cli", *args],
-        env={**clean, "PYTHONPATH": str(ROOT), **env},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
-    """stderr lines that are not JSON log records."""
-    return [line for line in done.stderr.splitlines() if not line.startswith("{")]
+from tests.helpers import ROOT, error_lines, tickserve
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -123,7 +104,7 @@ def test_features_command_writes_one_row_per_tick(tmp_path: Path) -> None:
 
     from features.engine import compute_features
     from features.spec import FeatureSpec
-    from tests.conftest import TRADES
+    from tests.helpers import TRADES
 
     out = tmp_path / "features.parquet"
     done = tickserve("features", "--input", str(TRADES), "--output", str(out), env={},
@@ -183,7 +164,7 @@ def stderr_on_a_terminal(*args: str, cwd: Path) -> str:
 
 
 def test_features_command_shows_progress_on_a_terminal_unless_told_not_to(tmp_path: Path) -> None:
-    from tests.conftest import TRADES
+    from tests.helpers import TRADES
 
     out = str(tmp_path / "features.parquet")
     shown = stderr_on_a_terminal("features", "--input", str(TRADES), "--output", out, cwd=tmp_path)

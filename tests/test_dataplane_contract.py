@@ -14,8 +14,7 @@ from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlane, DataPlaneConfig, OpenDataPlane, TickSource
 from stream.kafka.clients import ensure_topics, make_producer
 from stream.kafka.fetched import Fetched
-from tests.conftest import unique
-from tests.kafka_helpers import read_topic, run
+from tests.helpers import read_topic, run, unique
 
 pytestmark = pytest.mark.services
 

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TRADES
-from tests.test_cli import ROOT
+from tests.helpers import ROOT, TRADES
 
 pytestmark = pytest.mark.services
 STAGES = ["import", "features", "train", "evaluate", "register"]

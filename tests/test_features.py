@@ -11,7 +11,7 @@ from features import kernels
 from features.engine import FeatureEngine, compute_features
 from features.kernels import STATUS_LATE, STATUS_OK
 from features.spec import NS_PER_SECOND, FeatureSpec
-from tests.conftest import TRADES
+from tests.helpers import TRADES
 from tickserve.errors import ConfigError
 
 SPEC = FeatureSpec()

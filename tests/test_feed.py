@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from stream.ingest.feed import SyntheticMarket, read_trades, symbol_from_filename
-from tests.conftest import DATA, TRADES
+from tests.helpers import DATA, TRADES
 from tickserve.errors import DataError
 
 

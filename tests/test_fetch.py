@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
@@ -15,42 +14,10 @@ from stream.kafka.aiokafka_adapter import drain, install
 from stream.kafka.clients import ensure_topics, make_consumer
 from stream.kafka.fetched import Fetched, GapRetries
 from stream.kafka.recordbatch import batch_bounds, parse_batches
-from tests.conftest import unique
-from tests.kafka_helpers import run
-
-PARTITIONS = 3
-
-
-def _records(n: int, seed: int) -> list[tuple[bytes | None, bytes | None, int]]:
-    """(key, value, partition): null keys and values, empty ones, a few large values."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        key = None if i % 17 == 0 and i % 29 else f"k{i % 23}".encode()
-        if i % 29 == 0:
-            value = None
-        elif i % 31 == 0:
-            value = b""
-        else:
-            value = bytes(rng.integers(0, 256, int(rng.integers(1, 300 if i % 97 else 5000))))
-        out.append((key, value, i % PARTITIONS))
-    return out
-
-
-async def _produce(bootstrap: str, topic: str, records: list, compression: str | None) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks="all",
-                                compression_type=compression)  # fmt: skip
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(
-                topic, value, key=key, partition=p, headers=[("h", b"x")] if i % 5 == 0 else []
-            )  # fmt: skip
-            for i, (key, value, p) in enumerate(records)
-        ]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+from tests.helpers import PARTITIONS, run, unique
+from tests.helpers import mixed_records as _records
+from tests.helpers import produce_records as _produce
+from tests.helpers import record_batch as _batch
 
 
 async def _read(
@@ -102,15 +69,6 @@ def test_drain_equals_getmany(stack_settings: Settings, compression: str | None)
         assert [o for o, _, _ in raw[p]] == list(range(len(raw[p])))
         mine = [(k, v) for k, v, q in records if q == p]
         assert [(k, v) for _, k, v in raw[p]] == mine
-
-
-def _batch(n: int, base: int) -> bytes:
-    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
-    for i in range(n):
-        builder.append(i, timestamp=1000 + i, key=b"k", value=f"v{base + i}".encode(), headers=[])
-    raw = bytearray(builder.build())
-    raw[0:8] = base.to_bytes(8, "big")  # the broker assigns the base offset
-    return bytes(raw)
 
 
 def test_parse_skips_records_before_the_fetch_offset_and_partial_batches() -> None:

@@ -32,8 +32,7 @@ from stream.contracts.signal import Signal
 from stream.ingest.feed import Pacing, publish, read_trades
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker
-from tests.conftest import TRADES, LoopThread, unique
-from tests.kafka_helpers import read_topic, run
+from tests.helpers import TRADES, LoopThread, read_topic, run, unique
 
 pytestmark = pytest.mark.services
 N_FEATURES = FeatureSpec().n_features

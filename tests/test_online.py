@@ -17,7 +17,7 @@ from deploy.settings import Settings
 from deploy.stack import LocalStack, free_port
 from features.online import OnlineWriter, open_store, read_online
 from features.spec import FeatureSpec
-from tests.conftest import unique
+from tests.helpers import unique
 
 pytestmark = pytest.mark.services
 SPEC = FeatureSpec()

@@ -18,8 +18,7 @@ from inference.registry import load_model
 from stream.contracts.signal import FLAT, Signal
 from stream.ingest.feed import publish
 from stream.worker import StreamWorker
-from tests.conftest import HISTORY, LoopThread, Pipeline
-from tests.kafka_helpers import read_topic, run
+from tests.helpers import HISTORY, LoopThread, Pipeline, read_topic, run
 from tickserve.errors import ModelNotFound, ModelRejected
 
 pytestmark = pytest.mark.services

@@ -22,7 +22,7 @@ from stream.kafka.aiokafka_adapter import PrebuiltBatch, send_batches
 from stream.kafka.clients import ensure_topics, make_producer, start_client
 from stream.kafka.recordbatch import DEFAULT_MAX_BATCH_BYTES
 from stream.kafka.signalbatch import encode_signal_batches
-from tests.kafka_helpers import read_topic, run
+from tests.helpers import read_topic, run
 
 NOW_NS = 1_700_000_000_123_456_789
 TIMING = STAGES.pack(NOW_NS, NOW_NS + 1, NOW_NS + 2, NOW_NS + 3, NOW_NS + 4)

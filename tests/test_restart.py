@@ -20,8 +20,7 @@ from inference.registry import load_model
 from stream.contracts.signal import Signal
 from stream.ingest.feed import Pacing, publish
 from stream.kafka.clients import ensure_topics
-from tests.conftest import Pipeline, unique
-from tests.kafka_helpers import read_topic, run
+from tests.helpers import Pipeline, read_topic, run, unique
 
 pytestmark = pytest.mark.services
 ROOT = Path(__file__).resolve().parents[1]

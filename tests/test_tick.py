@@ -6,18 +6,8 @@ import orjson
 import pytest
 
 from stream.contracts.tick import Tick, decode_batch, decode_tick
+from tests.helpers import GOOD, NOW
 from tickserve.errors import InvalidTick
-
-NOW = 1_700_000_000_000_000_000
-GOOD = {
-    "symbol": "BTC/USDT",
-    "event_ns": NOW - 1000,
-    "price": 60000.01,
-    "quantity": 0.5,
-    "side": "buy",
-    "trade_id": "42",
-    "recv_ns": NOW,
-}
 
 
 def test_round_trip() -> None:

@@ -24,7 +24,7 @@ from stream.contracts.tickcodec import (
     symbol_hash,
     warm_up,
 )
-from tests.test_tick import GOOD, NOW
+from tests.helpers import GOOD, NOW
 
 FUTURE_NS = 5_000_000_000
 SYMBOLS = [

@@ -13,8 +13,7 @@ import pytest
 from deploy.settings import Settings
 from features.spec import FeatureSpec
 from inference.registry import SPEC_HASH_TAG
-from tests.conftest import TRADES, unique
-from tests.test_cli import tickserve
+from tests.helpers import TRADES, tickserve, unique
 from tickserve.errors import BudgetExceeded, ConfigError, ModelRejected
 from training.cost import check_budget, month_cost
 from training.dataset import Dataset, build_dataset

@@ -8,7 +8,7 @@ import pytest
 
 from features.engine import compute_features
 from features.spec import NS_PER_SECOND, FeatureSpec
-from tests.conftest import TRADES
+from tests.helpers import TRADES
 from tickserve.errors import ConfigError, DataError
 from training.dataset import build_dataset, forward_labels
 from training.splits import purged_folds

@@ -26,7 +26,7 @@ from inference.batcher import BatcherConfig, MicroBatcher
 from inference.testing import golden_for, loaded, make_onnx_classifier, register_version
 from inference.watcher import ModelWatcher, WatcherConfig
 from inference.webhook import WEBHOOKS, WebhookConfig, signature
-from tests.conftest import LoopThread
+from tests.helpers import LoopThread
 
 SECRET = "whsec-test-0123456789"
 NAME = "tickserve-test"

@@ -24,9 +24,10 @@ from stream.kafka.wire import (
     parse_produce_response,
     produce_request,
 )
-from tests.conftest import unique
-from tests.kafka_helpers import read_topic, run
-from tests.test_fetch import PARTITIONS, _batch, _produce, _records
+from tests.helpers import PARTITIONS, read_topic, run, unique
+from tests.helpers import mixed_records as _records
+from tests.helpers import produce_records as _produce
+from tests.helpers import record_batch as _batch
 
 
 def test_fetch_request_is_aiokafkas_v4() -> None:

@@ -77,7 +77,101 @@ class WebhookRejected(TickserveError):
         self.reason = reason
 
 
-class OffsetCommitFailed(TickserveError):
+class ServiceError(TickserveError):
+    """A service tickserve calls (broker, Redis, ClickHouse, MLflow) failed a request.
+
+    Raised where the library's own exception is caught, with that exception as
+    `__cause__`; the message starts with the component.
+
+    Attributes:
+        component: What failed, e.g. `broker`, `online-store`, `snapshots`, `archive`
+            or `registry`.
+    """
+
+    def __init__(self, component: str, message: str) -> None:
+        super().__init__(f"{component}: {message}")
+        self.component = component
+
+
+class BrokerError(ServiceError):
+    """The Kafka broker refused or failed a request.
+
+    Attributes:
+        topic: The topic concerned, when one is.
+        partition: The partition concerned, when one is.
+        offset: The offset concerned, when one is.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        context = [("topic", topic), ("partition", partition), ("offset", offset)]
+        where = ", ".join(f"{name} {value}" for name, value in context if value is not None)
+        super().__init__("broker", f"{message} ({where})" if where else message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
+class BrokerUnavailable(BrokerError):
+    """No Kafka broker answered at the bootstrap address.
+
+    Attributes:
+        bootstrap: The `host:port` that was tried.
+    """
+
+    def __init__(self, bootstrap: str, detail: str) -> None:
+        super().__init__(f"cannot reach the Kafka broker at {bootstrap}: {detail}")
+        self.bootstrap = bootstrap
+
+
+class OnlineStoreError(ServiceError):
+    """Redis failed a read or write of online features or of state snapshots.
+
+    Attributes:
+        key: The Redis key concerned, when one is.
+    """
+
+    def __init__(
+        self, message: str, *, key: str | None = None, component: str = "online-store"
+    ) -> None:
+        super().__init__(component, f"{message} (key {key})" if key else message)
+        self.key = key
+
+
+class ArchiveError(ServiceError):
+    """ClickHouse failed a statement on an archive table.
+
+    Attributes:
+        table: The table the statement was about (`ticks` or `signals`).
+    """
+
+    def __init__(self, message: str, *, table: str) -> None:
+        super().__init__("archive", f"{message} (table {table})")
+        self.table = table
+
+
+class RegistryError(ServiceError):
+    """The MLflow tracking server, model registry or artifact store failed a call.
+
+    Attributes:
+        model: The registered model name, when one is concerned.
+        version: The model version, when one is concerned.
+    """
+
+    def __init__(self, message: str, *, model: str = "", version: str = "") -> None:
+        what = f"{model} v{version}" if model and version else model
+        super().__init__("registry", f"{what}: {message}" if what else message)
+        self.model = model
+        self.version = version
+
+
+class OffsetCommitFailed(BrokerError):
     """The group refused an offset commit (it moved on: a rebalance); the records replay.
 
     Attributes:

@@ -6,7 +6,7 @@ import datetime as dt
 import time
 from dataclasses import dataclass
 
-from tickserve.errors import BudgetExceeded
+from tickserve.errors import BudgetExceeded, RegistryError
 from training.params import CostParams
 
 COST_METRIC = "cost_usd"
@@ -54,7 +54,21 @@ def month_start_ms(now: dt.datetime | None = None) -> int:
 
 
 def month_cost(tracking_uri: str) -> float:
-    """Sum of `cost_usd` over every run of every experiment started this UTC month."""
+    """Sum of `cost_usd` over every run of every experiment started this UTC month.
+
+    Raises:
+        RegistryError: The tracking store failed to answer.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _month_cost(tracking_uri)
+    except MlflowException as exc:
+        message = f"reading this month's run costs from {tracking_uri} failed: {exc.message}"
+        raise RegistryError(message) from exc
+
+
+def _month_cost(tracking_uri: str) -> float:
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 

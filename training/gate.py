@@ -11,7 +11,7 @@ import numpy as np
 
 from inference.registry import SPEC_HASH_TAG
 from inference.session import OnnxScorer
-from tickserve.errors import ModelNotFound
+from tickserve.errors import ModelNotFound, RegistryError
 from training.evaluate import evaluate
 from training.params import GateParams
 from training.train import TEST_WINDOW
@@ -52,8 +52,14 @@ class GateDecision:
 
 def _score_on_window(client: Any, name: str, version: str, window: Any) -> np.ndarray:
     from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
 
-    path = Path(download_artifacts(f"models:/{name}/{version}", tracking_uri=client.tracking_uri))
+    uri = f"models:/{name}/{version}"
+    try:
+        path = Path(download_artifacts(uri, tracking_uri=client.tracking_uri))
+    except MlflowException as exc:
+        message = f"downloading {uri} failed: {exc.message}"
+        raise RegistryError(message, model=name, version=version) from exc
     onnx_file = next(path.rglob("*.onnx"))
     scorer = OnnxScorer.from_bytes(onnx_file.read_bytes(), window["X"].shape[1], False)
     return scorer.score(window["X"])
@@ -62,13 +68,18 @@ def _score_on_window(client: Any, name: str, version: str, window: Any) -> np.nd
 def _window_scorer(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], Any]:
     """The test window a run saved, and a function giving the metrics of scores on it."""
     from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    try:
+        run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+        window_file = download_artifacts(run_id=run_id, artifact_path=TEST_WINDOW,
+                                         tracking_uri=tracking_uri)  # fmt: skip
+    except MlflowException as exc:
+        message = f"reading {TEST_WINDOW} of run {run_id} failed: {exc.message}"
+        raise RegistryError(message) from exc
     threshold = float(run.data.params.get("backtest_threshold", 0.0))
     fee_bps = float(run.data.params.get("fee_bps", 0.0))
-    window_file = download_artifacts(run_id=run_id, artifact_path=TEST_WINDOW,
-                                     tracking_uri=tracking_uri)  # fmt: skip
     window = dict(np.load(window_file))
 
     def metrics_of(p_up: np.ndarray) -> dict[str, float]:
@@ -82,14 +93,23 @@ def _window_scorer(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], Any]
 
 
 def evaluate_version(tracking_uri: str, name: str, version: str) -> dict[str, float]:
-    """Metrics of the registered ONNX model itself, scored on its run's test window."""
+    """Metrics of the registered ONNX model itself, scored on its run's test window.
+
+    Raises:
+        ModelNotFound: No such model or version.
+        RegistryError: MLflow failed to hand over the model or its test window.
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    mv = client.get_model_version(name, version)
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelNotFound(f"no model {name} v{version} in {tracking_uri}: {exc}") from exc
     window, metrics_of = _window_scorer(tracking_uri, mv.run_id)
     return metrics_of(_score_on_window(client, name, version, window))  # type: ignore[no-any-return]
 
@@ -110,6 +130,7 @@ def validate_version(
 
     Raises:
         ModelNotFound: No such model or version.
+        RegistryError: MLflow failed to hand over the model, or to record the decision.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -158,10 +179,14 @@ def validate_version(
             logger.info("champion has another FeatureSpec: not comparable, thresholds only")
 
     passed = not reasons
-    client.set_model_version_tag(name, version, GATE_TAG, "passed" if passed else "failed")
-    client.set_model_version_tag(name, version, REASON_TAG, "; ".join(reasons) or "ok")
-    if passed:
-        client.set_registered_model_alias(name, alias, version)
+    try:
+        client.set_model_version_tag(name, version, GATE_TAG, "passed" if passed else "failed")
+        client.set_model_version_tag(name, version, REASON_TAG, "; ".join(reasons) or "ok")
+        if passed:
+            client.set_registered_model_alias(name, alias, version)
+    except MlflowException as exc:
+        message = f"recording the gate's decision failed: {exc.message}"
+        raise RegistryError(message, model=name, version=version) from exc
     decision = GateDecision(name, version, passed, tuple(reasons), candidate,
                             champion_version, champion)  # fmt: skip
     logger.info("validation gate", extra={"model": name, "version": version, "passed": passed})

@@ -13,7 +13,7 @@ import numpy as np
 
 from features.spec import FeatureSpec
 from inference.registry import SPEC_HASH_TAG
-from tickserve.errors import ConfigError, DataError
+from tickserve.errors import ConfigError, DataError, RegistryError
 from tickserve.progress import progress_bar
 from training import report
 from training.cost import CostMeter
@@ -124,14 +124,32 @@ def train_and_register(
         figures_dir: Also save the figures there as PNG.
         progress: Show a progress bar on stderr, one step per fold, then the ONNX
             export, the figures and the MLflow logging, each step named as it runs.
+
+    Raises:
+        RegistryError: MLflow failed to log the run or register the model.
     """
+    from mlflow.exceptions import MlflowException
+
     meter = meter or CostMeter((params or TrainParams()).cost)
     params = params or _default_params(ds)
     steps = params.splits.n_folds + 3  # each fold, the ONNX export, the figures, MLflow
     with progress_bar("train", total=steps, unit="step", enabled=progress) as bar:
-        return _train_and_register(
-            ds, spec, tracking_uri, model_name, alias, params, provenance, meter, figures_dir, bar
-        )
+        try:
+            return _train_and_register(
+                ds,
+                spec,
+                tracking_uri,
+                model_name,
+                alias,
+                params,
+                provenance,
+                meter,
+                figures_dir,
+                bar,
+            )
+        except MlflowException as exc:
+            message = f"logging or registering in {tracking_uri} failed: {exc.message}"
+            raise RegistryError(message, model=model_name) from exc
 
 
 def _train_and_register(

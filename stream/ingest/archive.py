@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,10 +14,11 @@ import numpy as np
 import orjson
 import pandas as pd
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from stream.contracts.tick import TickColumns, decode_batch
 from stream.kafka.clients import make_consumer, start_client, wait_assigned
-from tickserve.errors import ConfigError
+from tickserve.errors import ArchiveError, BrokerError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ _MIGRATE = [
     "ALTER TABLE ticks ADD COLUMN IF NOT EXISTS kafka_partition Int32 DEFAULT -1",
     "ALTER TABLE ticks ADD COLUMN IF NOT EXISTS kafka_offset Int64 DEFAULT -1",
 ]
+_SETUP = [("ticks", _CREATE_TICKS), ("signals", _CREATE_SIGNALS), *(("ticks", m) for m in _MIGRATE)]
 
 # Time bars of archived ticks, computed by ClickHouse; equal to the Numba kernels' bars
 # (ticks taken in archive order: event time, then trade id). Bars without trades are
@@ -93,8 +97,22 @@ ORDER BY symbol, bar
 """
 
 
+@contextmanager
+def _statement(table: str, what: str) -> Iterator[None]:
+    """Turn a ClickHouse error of one statement into an ArchiveError naming the table."""
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    try:
+        yield
+    except ClickHouseError as exc:
+        raise ArchiveError(f"{what} failed: {exc}", table=table) from exc
+
+
 class ClickHouseArchive:
-    """Archived ticks and signals behind `clickhouse-connect` (embedded chdb:// or a server URL)."""
+    """Archived ticks and signals behind `clickhouse-connect` (embedded chdb:// or a server URL).
+
+    Every method raises ArchiveError (naming the table) where ClickHouse fails a statement.
+    """
 
     def __init__(self, client: Any):
         """Wrap a connected client (use `open`)."""
@@ -109,8 +127,9 @@ class ClickHouseArchive:
             client = clickhouse_connect.get_client(dsn=dsn)
         except Exception as exc:  # driver raises several types for bad DSNs
             raise ConfigError(f"cannot open ClickHouse at {dsn}: {exc}") from exc
-        for statement in (_CREATE_TICKS, _CREATE_SIGNALS, *_MIGRATE):
-            client.command(statement)
+        for table, statement in _SETUP:
+            with _statement(table, "creating or migrating the table"):
+                client.command(statement)
         return cls(client)
 
     def insert_ticks(
@@ -130,12 +149,14 @@ class ClickHouseArchive:
             offset if offset is not None else np.full(n, -1, np.int64),
         ]  # fmt: skip
         names = [*TICK_COLUMNS, *SOURCE_COLUMNS]
-        self.client.insert("ticks", data, column_names=names, column_oriented=True)
+        with _statement("ticks", f"inserting {n} ticks"):
+            self.client.insert("ticks", data, column_names=names, column_oriented=True)
 
     def insert_tick_table(self, table: Any) -> None:
         """Bulk insert a pyarrow Table with the TICK_COLUMNS (backfills; one INSERT)."""
         if table.num_rows:
-            self.client.insert_arrow("ticks", table.select(list(TICK_COLUMNS)))
+            with _statement("ticks", f"inserting {table.num_rows} ticks"):
+                self.client.insert_arrow("ticks", table.select(list(TICK_COLUMNS)))
 
     def insert_signals(self, rows: SignalRows) -> None:
         """Insert decoded signals (a single INSERT)."""
@@ -143,15 +164,18 @@ class ClickHouseArchive:
             return
         data = [getattr(rows, name) for name in (*SIGNAL_COLUMNS, *SOURCE_COLUMNS)]
         names = [*SIGNAL_COLUMNS, *SOURCE_COLUMNS]
-        self.client.insert("signals", data, column_names=names, column_oriented=True)
+        with _statement("signals", f"inserting {len(rows.symbol)} signals"):
+            self.client.insert("signals", data, column_names=names, column_oriented=True)
 
     def count_ticks(self) -> int:
         """Distinct archived ticks."""
-        return int(self.client.command("SELECT count() FROM ticks FINAL"))
+        with _statement("ticks", "counting"):
+            return int(self.client.command("SELECT count() FROM ticks FINAL"))
 
     def count_signals(self) -> int:
         """Distinct archived signals."""
-        return int(self.client.command("SELECT count() FROM signals FINAL"))
+        with _statement("signals", "counting"):
+            return int(self.client.command("SELECT count() FROM signals FINAL"))
 
     def read_ticks(self, symbols: list[str] | None = None) -> pd.DataFrame:
         """Archived ticks in stream order per symbol (event time, then trade id)."""
@@ -161,7 +185,8 @@ class ClickHouseArchive:
             "ORDER BY symbol, event_ns, length(trade_id), trade_id"
         )
         params = {"symbols": symbols} if symbols else None
-        return self.client.query_df(query, parameters=params)  # type: ignore[no-any-return]
+        with _statement("ticks", "reading ticks"):
+            return self.client.query_df(query, parameters=params)  # type: ignore[no-any-return]
 
     def read_bars(self, bar_ns: int, symbols: list[str] | None = None) -> pd.DataFrame:
         """OHLCV time bars of `bar_ns` computed in ClickHouse (bars with at least one trade).
@@ -174,7 +199,8 @@ class ClickHouseArchive:
         if symbols:
             params["symbols"] = symbols
         query = _BARS.format(where=where)
-        return self.client.query_df(query, parameters=params)  # type: ignore[no-any-return]
+        with _statement("ticks", f"reading bars of {bar_ns} ns"):
+            return self.client.query_df(query, parameters=params)  # type: ignore[no-any-return]
 
 
 @dataclass(slots=True)
@@ -271,6 +297,11 @@ async def run_archiver(
     Invalid records are skipped and counted (the worker dead-letters bad ticks).
     Returns the number of ticks inserted; `counts`, if given, receives all totals.
     With `idle_exit_s`, returns once no record has arrived for that long.
+
+    Raises:
+        BrokerUnavailable: Nothing answered at the bootstrap address.
+        BrokerError: Fetching or committing failed.
+        ArchiveError: ClickHouse failed an insert (the batch is not committed).
     """
     counts = counts if counts is not None else ArchiveCounts()
     topics = [config.topic] + ([config.signals_topic] if config.signals_topic else [])
@@ -310,6 +341,8 @@ async def run_archiver(
             await consumer.commit(offsets)
             counts.last_commit_s = time.monotonic()
             logger.debug("archived", extra={"ticks": counts.ticks, "signals": counts.signals})
+    except KafkaError as exc:
+        raise BrokerError(f"archiving failed: {exc}", topic=config.topic) from exc
     finally:
         await consumer.stop()
     logger.info(

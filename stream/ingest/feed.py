@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import orjson
 import pandas as pd
+from aiokafka.errors import KafkaError
 
 from stream.kafka.clients import make_producer, start_client
-from tickserve.errors import DataError
+from tickserve.errors import BrokerError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,10 @@ async def publish(
     """Send raw tick dicts to `topic`, keyed by symbol, stamping recv_ns (and missing event_ns).
 
     Returns the number of records acknowledged by the broker.
+
+    Raises:
+        BrokerUnavailable: Nothing answered at `bootstrap`.
+        BrokerError: The producer failed to send or the broker refused a record.
     """
     producer = make_producer(bootstrap, linger_ms)
     await start_client(producer, bootstrap)
@@ -227,6 +232,9 @@ async def publish(
                 pending.clear()
         await asyncio.gather(*pending)
         sent += len(pending)
+    except KafkaError as exc:
+        message = f"sending ticks failed after {sent} were acknowledged: {exc}"
+        raise BrokerError(message, topic=topic) from exc
     finally:
         await producer.stop()
     return sent

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
-from tickserve.errors import ConfigError, StackError
+from tickserve.errors import BrokerError, BrokerUnavailable
 
 logger = logging.getLogger(__name__)
 MAX_PARTITION_FETCH_BYTES = 4 * 1024 * 1024
@@ -67,17 +67,26 @@ def _quiet_bootstrap() -> Iterator[None]:
 async def start_client(
     client: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient, bootstrap: str
 ) -> None:
-    """Start a client, turning 'no broker there' into one clear ConfigError."""
+    """Start a client, turning 'no broker there' into one clear error.
+
+    Raises:
+        BrokerUnavailable: Nothing answered at `bootstrap`.
+    """
     try:
         with _quiet_bootstrap():
             await client.start()
     except KafkaConnectionError as exc:
         await client.close() if isinstance(client, AIOKafkaAdminClient) else await client.stop()
-        raise ConfigError(f"cannot reach the Kafka broker at {bootstrap}: {exc}") from exc
+        raise BrokerUnavailable(bootstrap, str(exc)) from exc
 
 
 async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
-    """Create topics that do not exist yet (the partition count matters for keyed order)."""
+    """Create topics that do not exist yet (the partition count matters for keyed order).
+
+    Raises:
+        BrokerUnavailable: Nothing answered at `bootstrap`.
+        BrokerError: The broker failed to list or create the topics.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await start_client(admin, bootstrap)
     try:
@@ -89,15 +98,20 @@ async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> N
                     [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
                 )
     except KafkaError as exc:
-        raise StackError("broker", f"creating topics {topics} failed: {exc}") from exc
+        raise BrokerError(f"creating topics {topics} failed: {exc}") from exc
     finally:
         await admin.close()
 
 
 async def wait_assigned(consumer: AIOKafkaConsumer, timeout_s: float = 60.0) -> None:
-    """Wait until the group coordinator has assigned partitions (a first join can take seconds)."""
+    """Wait until the group coordinator has assigned partitions (a first join can take seconds).
+
+    Raises:
+        BrokerError: No partition was assigned within `timeout_s`.
+    """
     deadline = time.monotonic() + timeout_s
     while not consumer.assignment():
         if time.monotonic() > deadline:
-            raise StackError("broker", f"no partitions assigned within {timeout_s:.0f} s")
+            topics = sorted(consumer.subscription())
+            raise BrokerError(f"no partitions of {topics} assigned within {timeout_s:.0f} s")
         await asyncio.sleep(0.05)  # aiokafka joins the group in a background task
