@@ -67,9 +67,11 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
         await ensure_topics(settings.bootstrap, [settings.ticks_topic], settings.partitions)
         return await publish(
             source,  # type: ignore[arg-type]
-            settings.bootstrap, settings.ticks_topic, Pacing(args.speed, args.rate),
+            settings.bootstrap,
+            settings.ticks_topic,
+            Pacing(args.speed, args.rate),
             settings.linger_ms,
-        )  # fmt: skip
+        )
 
     sent = _run(main())
     print(f"feed: published {sent} ticks to {settings.ticks_topic}")
@@ -82,9 +84,12 @@ def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
 
     archive = ClickHouseArchive.open(settings.clickhouse)
     config = ArchiverConfig(
-        settings.bootstrap, settings.ticks_topic, settings.archive_group_id,
-        max_future_ns=settings.max_future_ms * 1_000_000, signals_topic=settings.signals_topic,
-    )  # fmt: skip
+        settings.bootstrap,
+        settings.ticks_topic,
+        settings.archive_group_id,
+        max_future_ns=settings.max_future_ms * 1_000_000,
+        signals_topic=settings.signals_topic,
+    )
     counts = ArchiveCounts()
 
     async def main() -> int:
@@ -113,9 +118,12 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
 
     archive = ClickHouseArchive.open(settings.clickhouse)
     report = import_file(
-        archive, Path(args.input), args.symbol, settings.max_future_ms * 1_000_000,
+        archive,
+        Path(args.input),
+        args.symbol,
+        settings.max_future_ms * 1_000_000,
         progress=_progress(args),
-    )  # fmt: skip
+    )
     print(f"import: {report.summary()}; {archive.count_ticks()} ticks in the archive")
     return 0
 
@@ -180,13 +188,22 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         ticks, spec, horizon_bars=params.splits.horizon_bars, progress=_progress(args)
     )
     result = train_and_register(
-        dataset, spec, settings.mlflow_uri, settings.model_name, alias=None, params=params,
-        provenance=_provenance(), meter=meter,
-        figures_dir=Path(args.figures) if args.figures else None, progress=_progress(args),
-    )  # fmt: skip
-    print(f"train: {result.name} v{result.version} ({result.model_type}, run "
-          f"{result.model_type}_{result.version} in {result.experiment}); "
-          f"month's cost before it ${spent:.4f}")  # fmt: skip
+        dataset,
+        spec,
+        settings.mlflow_uri,
+        settings.model_name,
+        alias=None,
+        params=params,
+        provenance=_provenance(),
+        meter=meter,
+        figures_dir=Path(args.figures) if args.figures else None,
+        progress=_progress(args),
+    )
+    print(
+        f"train: {result.name} v{result.version} ({result.model_type}, run "
+        f"{result.model_type}_{result.version} in {result.experiment}); "
+        f"month's cost before it ${spent:.4f}"
+    )
     for key in sorted(result.metrics):
         print(f"  {key:<24} {result.metrics[key]:>12.4f}")
     print("next: tickserve validate (promotes to @champion only if it passes)")
@@ -203,21 +220,30 @@ def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
 
     params: TrainParams = _train_params(args)  # type: ignore[assignment]
     overrides = {
-        k: v for k, v in {
-            "min_accuracy": args.min_accuracy, "min_sharpe": args.min_sharpe,
-            "accuracy_margin": args.accuracy_margin, "sharpe_margin": args.sharpe_margin,
-        }.items() if v is not None
-    }  # fmt: skip
+        k: v
+        for k, v in {
+            "min_accuracy": args.min_accuracy,
+            "min_sharpe": args.min_sharpe,
+            "accuracy_margin": args.accuracy_margin,
+            "sharpe_margin": args.sharpe_margin,
+        }.items()
+        if v is not None
+    }
     gate = replace(params.gate, **overrides)
     decision = validate_version(
         settings.mlflow_uri, settings.model_name, gate, args.version, settings.model_alias
     )
     print(f"validate: {decision.summary()}")
     candidate = {f"test_{k}": v for k, v in decision.candidate.items()}
-    _write_json(args.metrics_out, {
-        "version": decision.version, "passed": decision.passed,
-        "reasons": list(decision.reasons), **candidate,
-    })  # fmt: skip
+    _write_json(
+        args.metrics_out,
+        {
+            "version": decision.version,
+            "passed": decision.passed,
+            "reasons": list(decision.reasons),
+            **candidate,
+        },
+    )
     return 0 if decision.passed or args.exit_zero else 1
 
 
@@ -267,8 +293,16 @@ def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
             except InvalidTick as exc:
                 skipped[exc.reason] += 1
                 continue
-            rows.append((tick.symbol, tick.event_ns, tick.trade_id, tick.price, tick.quantity,
-                         SIDES[tick.side]))  # fmt: skip
+            rows.append(
+                (
+                    tick.symbol,
+                    tick.event_ns,
+                    tick.trade_id,
+                    tick.price,
+                    tick.quantity,
+                    SIDES[tick.side],
+                )
+            )
     columns = ["symbol", "event_ns", "trade_id", "price", "quantity", "is_buy"]
     table = features_frame(
         pd.DataFrame(rows, columns=columns), settings.feature_spec, progress=_progress(args)
@@ -364,10 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "up": cmd_up, "down": cmd_down, "feed": cmd_feed, "archive": cmd_archive,
-    "import": cmd_import, "train": cmd_train, "validate": cmd_validate, "serve": cmd_serve,
-    "demo": cmd_demo, "features": cmd_features,
-}  # fmt: skip
+    "up": cmd_up,
+    "down": cmd_down,
+    "feed": cmd_feed,
+    "archive": cmd_archive,
+    "import": cmd_import,
+    "train": cmd_train,
+    "validate": cmd_validate,
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "features": cmd_features,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,8 +121,8 @@ def type_name(field: FieldInfo) -> str:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kept = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = kept[0] if len(kept) == 1 else annotation
-    names = {bool: "bool", int: "int", float: "float", str: "str", Path: "path"}
-    shown = names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    names: dict[object, str] = {bool: "bool", int: "int", float: "float", str: "str", Path: "path"}
+    shown = names.get(annotation) or str(getattr(annotation, "__name__", annotation))
     if shown == "SecretStr":
         shown = "secret"
     low = high = ""

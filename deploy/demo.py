@@ -38,9 +38,10 @@ class SignalSink:
     async def start(self) -> None:
         """Assign every partition of the signals topic from offset 0."""
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False,
+            bootstrap_servers=self.settings.bootstrap,
+            enable_auto_commit=False,
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
-        )  # fmt: skip
+        )
         await self.consumer.start()
         parts = [
             TopicPartition(self.settings.signals_topic, p) for p in range(self.settings.partitions)
@@ -84,9 +85,12 @@ def _spawn_worker(settings: Settings, log_file: Path) -> subprocess.Popen[bytes]
     env = {**os.environ, "TICKSERVE_STATE_DIR": str(settings.state_dir.resolve())}
     with log_file.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "serve"], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env,
-        )  # fmt: skip
+            [sys.executable, "-m", "deploy.cli", "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
 
 
 def run_demo(settings: Settings, data: Path, live_rate: float) -> int:
@@ -116,9 +120,12 @@ def run_demo(settings: Settings, data: Path, live_rate: float) -> int:
 
         spec = settings.feature_spec
         result = train_and_register(
-            build_dataset(archive.read_ticks(), spec), spec, settings.mlflow_uri,
-            settings.model_name, settings.model_alias,
-        )  # fmt: skip
+            build_dataset(archive.read_ticks(), spec),
+            spec,
+            settings.mlflow_uri,
+            settings.model_name,
+            settings.model_alias,
+        )
         print(
             f"demo: registered {result.name} v{result.version} @{settings.model_alias} "
             f"(test accuracy {result.metrics['test_accuracy']:.3f})",
@@ -156,8 +163,10 @@ async def _measure(
         await sink.wait_for(len(history), 120.0, None)
         if worker.poll() is not None:
             raise StackError("worker", f"exited with status {worker.returncode}")
-        print(f"demo: {len(sink.seen)} signals for the history; live ticks at "
-              f"{live_rate:g}/s:", flush=True)  # fmt: skip
+        print(
+            f"demo: {len(sink.seen)} signals for the history; live ticks at {live_rate:g}/s:",
+            flush=True,
+        )
         live_since = time.time_ns()
         sender = asyncio.create_task(
             publish(live, settings.bootstrap, settings.ticks_topic, Pacing(rate=live_rate))

@@ -45,14 +45,24 @@ def stage_import(settings: Settings, params: TrainParams, doc: dict[str, Any]) -
     from stream.ingest.backfill import import_file
 
     archive = ClickHouseArchive.open(settings.clickhouse)
-    report = import_file(archive, Path(doc["data"]["input"]), doc["data"].get("symbol"),
-                         settings.max_future_ms * 1_000_000)  # fmt: skip
+    report = import_file(
+        archive,
+        Path(doc["data"]["input"]),
+        doc["data"].get("symbol"),
+        settings.max_future_ms * 1_000_000,
+    )
     ticks = archive.read_ticks(doc["data"].get("symbols") or None)
     TICKS.parent.mkdir(parents=True, exist_ok=True)
     ticks.to_parquet(TICKS, index=False)
-    _write(METRICS / "import.json", {"rows": report.rows, "inserted": report.inserted,
-                                     "skipped": sum(report.skipped.values()),
-                                     "archived": len(ticks)})  # fmt: skip
+    _write(
+        METRICS / "import.json",
+        {
+            "rows": report.rows,
+            "inserted": report.inserted,
+            "skipped": sum(report.skipped.values()),
+            "archived": len(ticks),
+        },
+    )
 
 
 def stage_features(settings: Settings, params: TrainParams, doc: dict[str, Any]) -> None:
@@ -61,25 +71,44 @@ def stage_features(settings: Settings, params: TrainParams, doc: dict[str, Any])
 
     from training.dataset import build_dataset
 
-    ds = build_dataset(pd.read_parquet(TICKS), settings.feature_spec,
-                       horizon_bars=params.splits.horizon_bars)  # fmt: skip
+    ds = build_dataset(
+        pd.read_parquet(TICKS), settings.feature_spec, horizon_bars=params.splits.horizon_bars
+    )
     np.savez_compressed(
-        DATASET, X=ds.X, y=ds.y, event_ns=ds.event_ns, symbols=ds.symbols.astype(str),
-        label_end_ns=ds.label_end_ns, fwd_return=ds.fwd_return, tick_index=ds.tick_index,
+        DATASET,
+        X=ds.X,
+        y=ds.y,
+        event_ns=ds.event_ns,
+        symbols=ds.symbols.astype(str),
+        label_end_ns=ds.label_end_ns,
+        fwd_return=ds.fwd_return,
+        tick_index=ds.tick_index,
         horizon_bars=ds.horizon_bars,
-    )  # fmt: skip
-    _write(METRICS / "features.json", {
-        "rows": len(ds), "up_share": float(ds.y.mean()),
-        "feature_spec_hash": settings.feature_spec.hash,
-    })  # fmt: skip
+    )
+    _write(
+        METRICS / "features.json",
+        {
+            "rows": len(ds),
+            "up_share": float(ds.y.mean()),
+            "feature_spec_hash": settings.feature_spec.hash,
+        },
+    )
 
 
 def _load_dataset() -> Any:
     from training.dataset import Dataset
 
     f = np.load(DATASET)
-    return Dataset(f["X"], f["y"], f["event_ns"], f["symbols"].astype(object), f["label_end_ns"],
-                   f["fwd_return"], f["tick_index"], int(f["horizon_bars"]))  # fmt: skip
+    return Dataset(
+        f["X"],
+        f["y"],
+        f["event_ns"],
+        f["symbols"].astype(object),
+        f["label_end_ns"],
+        f["fwd_return"],
+        f["tick_index"],
+        int(f["horizon_bars"]),
+    )
 
 
 def stage_train(settings: Settings, params: TrainParams, doc: dict[str, Any]) -> None:
@@ -90,9 +119,16 @@ def stage_train(settings: Settings, params: TrainParams, doc: dict[str, Any]) ->
     meter = CostMeter(params.cost)
     check_budget(settings.mlflow_uri, params.cost)
     result = train_and_register(
-        _load_dataset(), settings.feature_spec, settings.mlflow_uri, settings.model_name,
-        alias=None, params=params, provenance=_provenance(), meter=meter, figures_dir=PLOTS,
-    )  # fmt: skip
+        _load_dataset(),
+        settings.feature_spec,
+        settings.mlflow_uri,
+        settings.model_name,
+        alias=None,
+        params=params,
+        provenance=_provenance(),
+        meter=meter,
+        figures_dir=PLOTS,
+    )
     _write(METRICS / "train.json", {"version": result.version, **result.metrics})
 
 
@@ -102,8 +138,10 @@ def stage_evaluate(settings: Settings, params: TrainParams, doc: dict[str, Any])
 
     version = str(_read(METRICS / "train.json")["version"])
     metrics = evaluate_version(settings.mlflow_uri, settings.model_name, version)
-    _write(METRICS / "evaluate.json", {"version": version,
-                                       **{f"test_{k}": v for k, v in metrics.items()}})  # fmt: skip
+    _write(
+        METRICS / "evaluate.json",
+        {"version": version, **{f"test_{k}": v for k, v in metrics.items()}},
+    )
 
 
 def stage_register(settings: Settings, params: TrainParams, doc: dict[str, Any]) -> None:
@@ -111,17 +149,27 @@ def stage_register(settings: Settings, params: TrainParams, doc: dict[str, Any])
     from training.gate import validate_version
 
     version = str(_read(METRICS / "train.json")["version"])
-    decision = validate_version(settings.mlflow_uri, settings.model_name, params.gate, version,
-                                settings.model_alias)  # fmt: skip
+    decision = validate_version(
+        settings.mlflow_uri, settings.model_name, params.gate, version, settings.model_alias
+    )
     print(f"register: {decision.summary()}")
-    _write(METRICS / "register.json", {"version": version, "promoted": int(decision.passed),
-                                       "reasons": "; ".join(decision.reasons)})  # fmt: skip
+    _write(
+        METRICS / "register.json",
+        {
+            "version": version,
+            "promoted": int(decision.passed),
+            "reasons": "; ".join(decision.reasons),
+        },
+    )
 
 
 STAGES = {
-    "import": stage_import, "features": stage_features, "train": stage_train,
-    "evaluate": stage_evaluate, "register": stage_register,
-}  # fmt: skip
+    "import": stage_import,
+    "features": stage_features,
+    "train": stage_train,
+    "evaluate": stage_evaluate,
+    "register": stage_register,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

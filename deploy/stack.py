@@ -99,9 +99,13 @@ class LocalStack:
         log_file = self.logs / f"{name}.log"
         with log_file.open("ab") as log:
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.state, start_new_session=True,
-            )  # fmt: skip
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.state,
+                start_new_session=True,
+            )
         if not _wait_tcp(port, 15.0, proc):
             proc.kill()
             proc.wait()
@@ -121,8 +125,16 @@ class LocalStack:
             raise StackError("broker", f"tansu binary not found: {exc}") from exc
         port = self.settings.broker_port
         url = f"tcp://127.0.0.1:{port}"
-        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]  # fmt: skip
+        argv = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         return self._spawn("broker", argv, port)
 
     def start_redis(self) -> Component:
@@ -139,8 +151,19 @@ class LocalStack:
         port = self.settings.valkey_port
         data = self.state / "valkey"
         data.mkdir(parents=True, exist_ok=True)
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(data)]  # fmt: skip
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+        ]
         component = self._spawn("redis", argv, port)
         self._ping_redis(self.settings.redis, component.log_file)
         return component
@@ -175,9 +198,13 @@ class LocalStack:
         log_file = self.logs / f"{name}.log"
         with log_file.open("ab") as log:
             done = subprocess.run(
-                [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, timeout=120, check=False,
-            )  # fmt: skip
+                [sys.executable, "-m", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=120,
+                check=False,
+            )
         if done.returncode != 0:
             raise StackError(name, f"{url} is not usable", str(log_file))
         return Component(name, url, None, log_file)

@@ -46,11 +46,20 @@ class FeatureEngine:
         self.istate[:, kernels.I_BAR] = -1
         self.rings = np.zeros((capacity, kernels.N_RINGS, spec.history), np.float64)
         self.iparams = np.array(
-            [spec.bar_ns, spec.late_tolerance_ns, *spec.short_return_bars, spec.return_bars,
-             spec.rsi_period, spec.bb_period, spec.volume_bars, spec.rv_bars, spec.ema_fast,
-             spec.ema_slow],
+            [
+                spec.bar_ns,
+                spec.late_tolerance_ns,
+                *spec.short_return_bars,
+                spec.return_bars,
+                spec.rsi_period,
+                spec.bb_period,
+                spec.volume_bars,
+                spec.rv_bars,
+                spec.ema_fast,
+                spec.ema_slow,
+            ],
             np.int64,
-        )  # fmt: skip
+        )
         assert self.iparams.shape == (kernels.N_IPARAMS,)
 
     def _grow(self) -> None:
@@ -99,9 +108,20 @@ class FeatureEngine:
                 np.empty(n, np.int8),
             )
         kernels.update_batch(
-            slots, event_ns, price, quantity, is_buy, self.fstate, self.istate, self.rings,
-            self.iparams, self.spec.bb_k, out.values, out.ready, out.status,
-        )  # fmt: skip
+            slots,
+            event_ns,
+            price,
+            quantity,
+            is_buy,
+            self.fstate,
+            self.istate,
+            self.rings,
+            self.iparams,
+            self.spec.bb_k,
+            out.values,
+            out.ready,
+            out.status,
+        )
         return out
 
 
@@ -116,8 +136,9 @@ def warm_up(spec: FeatureSpec) -> None:
     slots = engine.slots(["warm-up"])
     batch = engine.update(slots, one, np.ones(1), np.ones(1), np.ones(1, np.bool_))
     latest = np.zeros((1, spec.n_features))
-    kernels.keep_latest(slots, one, batch.values, batch.ready, one.copy(), latest,
-                        np.zeros(1, np.bool_))  # fmt: skip
+    kernels.keep_latest(
+        slots, one, batch.values, batch.ready, one.copy(), latest, np.zeros(1, np.bool_)
+    )
 
 
 def compute_features(
@@ -151,8 +172,12 @@ def compute_features(
             stop = min(start + chunk_ticks, n)
             part = slice(start, stop)
             engine.update(
-                slots[part], event_ns[part], price[part], quantity[part], is_buy[part],
+                slots[part],
+                event_ns[part],
+                price[part],
+                quantity[part],
+                is_buy[part],
                 FeatureBatch(out.values[part], out.ready[part], out.status[part]),
-            )  # fmt: skip
+            )
             bar.update(stop - start)
     return out

@@ -48,7 +48,7 @@ NAN = np.nan
 @njit(cache=True, inline="always")
 def _recent(rings: np.ndarray, s: int, field: int, head: int, k: int) -> float:
     """k-th most recent completed value (k=1 is the last completed bar)."""
-    return rings[s, field, (head - k) % rings.shape[2]]
+    return float(rings[s, field, (head - k) % rings.shape[2]])
 
 
 @njit(cache=True, inline="always")
@@ -68,15 +68,22 @@ def _ema_now(fstate: np.ndarray, s: int, col: int, p: float, n: int, period: int
     if n < period:
         return NAN
     if n == period:
-        return (fstate[s, col] + p) / period
-    return fstate[s, col] + 2.0 / (period + 1) * (p - fstate[s, col])
+        return float((fstate[s, col] + p) / period)
+    return float(fstate[s, col] + 2.0 / (period + 1) * (p - fstate[s, col]))
 
 
 @njit(cache=True)
 def _complete_bar(
-    s: int, close: float, volume: float, buy: float, pv: float,
-    fstate: np.ndarray, istate: np.ndarray, rings: np.ndarray, ip: np.ndarray,
-) -> None:  # fmt: skip
+    s: int,
+    close: float,
+    volume: float,
+    buy: float,
+    pv: float,
+    fstate: np.ndarray,
+    istate: np.ndarray,
+    rings: np.ndarray,
+    ip: np.ndarray,
+) -> None:
     """Push one completed bar into the rings and advance RSI and EMA state."""
     nbars = istate[s, I_NBARS]
     head = istate[s, I_HEAD]
@@ -105,8 +112,9 @@ def _complete_bar(
 
 
 @njit(cache=True)
-def _refresh_windows(s: int, fstate: np.ndarray, istate: np.ndarray, rings: np.ndarray,
-                     ip: np.ndarray) -> None:  # fmt: skip
+def _refresh_windows(
+    s: int, fstate: np.ndarray, istate: np.ndarray, rings: np.ndarray, ip: np.ndarray
+) -> None:
     """Two-pass window statistics of completed bars; runs once per completed bar."""
     nbars = istate[s, I_NBARS]
     head = istate[s, I_HEAD]
@@ -151,12 +159,14 @@ def _refresh_windows(s: int, fstate: np.ndarray, istate: np.ndarray, rings: np.n
 
 
 @njit(cache=True)
-def _roll_bars(s: int, bar: int, fstate: np.ndarray, istate: np.ndarray, rings: np.ndarray,
-               ip: np.ndarray) -> None:  # fmt: skip
+def _roll_bars(
+    s: int, bar: int, fstate: np.ndarray, istate: np.ndarray, rings: np.ndarray, ip: np.ndarray
+) -> None:
     """Close the open bar and any empty bars up to `bar` (flat close, zero volume)."""
     close = fstate[s, F_CLOSE]
-    _complete_bar(s, close, fstate[s, F_VOLUME], fstate[s, F_BUY], fstate[s, F_PV],
-                  fstate, istate, rings, ip)  # fmt: skip
+    _complete_bar(
+        s, close, fstate[s, F_VOLUME], fstate[s, F_BUY], fstate[s, F_PV], fstate, istate, rings, ip
+    )
     gap = bar - istate[s, I_BAR] - 1
     # Past the rings plus the longest seed, more flat bars only decay the RSI
     # averages and pull the EMAs towards the close, geometrically: closed form.
@@ -176,8 +186,9 @@ def _roll_bars(s: int, bar: int, fstate: np.ndarray, istate: np.ndarray, rings: 
 
 
 @njit(cache=True, inline="always")
-def _open_bar(s: int, bar: int, p: float, q: float, buy: bool, fstate: np.ndarray,
-              istate: np.ndarray) -> None:  # fmt: skip
+def _open_bar(
+    s: int, bar: int, p: float, q: float, buy: bool, fstate: np.ndarray, istate: np.ndarray
+) -> None:
     istate[s, I_BAR] = bar
     fstate[s, F_OPEN] = p
     fstate[s, F_HIGH] = p
@@ -191,10 +202,20 @@ def _open_bar(s: int, bar: int, p: float, q: float, buy: bool, fstate: np.ndarra
 
 @njit(cache=True)
 def update_batch(
-    slots: np.ndarray, event_ns: np.ndarray, price: np.ndarray, quantity: np.ndarray,
-    is_buy: np.ndarray, fstate: np.ndarray, istate: np.ndarray, rings: np.ndarray,
-    ip: np.ndarray, bb_k: float, out: np.ndarray, ready: np.ndarray, status: np.ndarray,
-) -> None:  # fmt: skip
+    slots: np.ndarray,
+    event_ns: np.ndarray,
+    price: np.ndarray,
+    quantity: np.ndarray,
+    is_buy: np.ndarray,
+    fstate: np.ndarray,
+    istate: np.ndarray,
+    rings: np.ndarray,
+    ip: np.ndarray,
+    bb_k: float,
+    out: np.ndarray,
+    ready: np.ndarray,
+    status: np.ndarray,
+) -> None:
     """Apply a micro-batch of ticks in order and write one feature row per tick.
 
     Columns of `out` follow `spec.FEATURE_NAMES`. A late tick (older than its
@@ -245,9 +266,16 @@ def update_batch(
 
 @njit(cache=True)
 def _features(
-    s: int, p: float, fstate: np.ndarray, istate: np.ndarray, rings: np.ndarray,
-    ip: np.ndarray, bb_k: float, out: np.ndarray, i: int,
-) -> bool:  # fmt: skip
+    s: int,
+    p: float,
+    fstate: np.ndarray,
+    istate: np.ndarray,
+    rings: np.ndarray,
+    ip: np.ndarray,
+    bb_k: float,
+    out: np.ndarray,
+    i: int,
+) -> bool:
     """Columns 0-10 for symbol `s` with the open bar provisionally closed at `p`."""
     nbars = istate[s, I_NBARS]
     head = istate[s, I_HEAD]

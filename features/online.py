@@ -177,8 +177,16 @@ class _RedisRows:
     `bench/test_micro.py -k online_write` times the whole flush (docs/architecture.md).
     """
 
-    def __init__(self, client: Any, project: str, view_name: str, names: tuple[str, ...],
-                 key_version: int, ttl_s: int | None, dedup: bool):  # fmt: skip
+    def __init__(
+        self,
+        client: Any,
+        project: str,
+        view_name: str,
+        names: tuple[str, ...],
+        key_version: int,
+        ttl_s: int | None,
+        dedup: bool,
+    ):
         """Prefer `for_store`."""
         from feast.infra.online_stores.helpers import _mmh3
         from feast.protos.feast.types.Value_pb2 import Value
@@ -211,15 +219,21 @@ class _RedisRows:
 
         config = store.config
         online = store.provider.online_store
-        if (not isinstance(online, RedisOnlineStore)
-                or not isinstance(config.online_store, RedisOnlineStoreConfig)
-                or config.online_store.redis_type == RedisType.redis_cluster):  # fmt: skip
+        if (
+            not isinstance(online, RedisOnlineStore)
+            or not isinstance(config.online_store, RedisOnlineStoreConfig)
+            or config.online_store.redis_type == RedisType.redis_cluster
+        ):
             return None
         return cls(
-            online._get_client(config.online_store), config.project,
-            _versioned_fv_name(view, config), spec.names, config.entity_key_serialization_version,
-            config.online_store.key_ttl_seconds, not config.online_store.skip_dedup,
-        )  # fmt: skip
+            online._get_client(config.online_store),
+            config.project,
+            _versioned_fv_name(view, config),
+            spec.names,
+            config.entity_key_serialization_version,
+            config.online_store.key_ttl_seconds,
+            not config.online_store.skip_dedup,
+        )
 
     def _key(self, symbol: str) -> bytes:
         key = self._keys.get(symbol)
@@ -340,9 +354,9 @@ class OnlineWriter:
         if self._redis is not None:
             self._redis.write(rows)
         else:
-            self._write_through_feast(rows)
+            self._write_through_feast(self._view, rows)
 
-    def _write_through_feast(self, rows: dict[str, _Row]) -> None:
+    def _write_through_feast(self, view: FeatureView, rows: dict[str, _Row]) -> None:
         """Hand protobuf rows to the Feast provider's online write.
 
         This is the call `FeatureStore.write_to_online_store` ends in, minus its
@@ -353,14 +367,14 @@ class OnlineWriter:
         from feast.protos.feast.types.Value_pb2 import Value
 
         names = self._spec.names
-        data = []
+        data: list[tuple[EntityKey, dict[str, Value], datetime, datetime | None]] = []
         for symbol, row in rows.items():
             key = EntityKey(join_keys=["symbol"], entity_values=[Value(string_val=symbol)])
             values = {n: Value(double_val=v) for n, v in zip(names, _values(row), strict=True)}
             # protobuf Timestamps carry ns, but Feast converts through a datetime (us)
             when = EPOCH + timedelta(microseconds=row[0] // 1000)
             data.append((key, values, when, None))
-        self._store.provider.online_write_batch(self._store.config, self._view, data, None)
+        self._store.provider.online_write_batch(self._store.config, view, data, None)
 
     def _run(self) -> None:
         backoff = self._interval_s

@@ -65,9 +65,13 @@ def take(engine: FeatureEngine, symbols: Iterable[str], next_offset: int) -> Sna
     names = list(symbols)
     slots = np.array([engine.slot_of[s] for s in names], np.int64)
     return Snapshot(
-        next_offset, engine.spec.hash, names,
-        engine.fstate[slots].copy(), engine.istate[slots].copy(), engine.rings[slots].copy(),
-    )  # fmt: skip
+        next_offset,
+        engine.spec.hash,
+        names,
+        engine.fstate[slots].copy(),
+        engine.istate[slots].copy(),
+        engine.rings[slots].copy(),
+    )
 
 
 def restore(engine: FeatureEngine, snap: Snapshot) -> None:

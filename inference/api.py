@@ -160,7 +160,7 @@ def _predict_request_model(feature_names: tuple[str, ...]) -> type[BaseModel]:
                 max_length=n,
                 description=f"{n} finite numbers in the order {', '.join(feature_names)}",
             ),
-        ),  # fmt: skip
+        ),
         symbol=(
             str | None,
             Field(None, min_length=1, max_length=64, description="use this symbol's latest row"),
@@ -207,17 +207,24 @@ def create_app(ctx: ApiContext) -> FastAPI:
         if not math.isfinite(score):
             raise HTTPException(503, "the model returned a non-finite score")
         return PredictResponse(
-            model=answer.model.name, version=answer.model.version, score=score,
+            model=answer.model.name,
+            version=answer.model.version,
+            score=score,
             direction=1 if score >= ctx.threshold else -1,
-            symbol=body.symbol, features_event_ns=event_ns,  # type: ignore[attr-defined]
-        )  # fmt: skip
+            symbol=body.symbol,  # type: ignore[attr-defined]
+            features_event_ns=event_ns,
+        )
 
     # the body type is built at runtime, so the (string) annotation cannot name it
     predict.__annotations__["body"] = request_model
     app.add_api_route(
-        "/predict", predict, methods=["POST"], response_model=PredictResponse,
-        responses=errors, summary="Score one row",
-    )  # fmt: skip
+        "/predict",
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        responses=errors,
+        summary="Score one row",
+    )
 
     @app.get("/model", response_model=ModelInfo, summary="The serving model version")
     async def model() -> ModelInfo:
@@ -234,24 +241,29 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return Health()
 
     @app.get(
-        "/ready", response_model=Readiness, summary="Readiness",
+        "/ready",
+        response_model=Readiness,
+        summary="Readiness",
         responses={503: {"model": Readiness, "description": "not ready"}},
-    )  # fmt: skip
+    )
     async def ready() -> Any:
         """A model is loaded and the Kafka consumer has its partitions."""
         state = Readiness(
-            ready=False, model_loaded=ctx.batcher.model is not None,
+            ready=False,
+            model_loaded=ctx.batcher.model is not None,
             consumer_assigned=ctx.consumer_ready(),
-        )  # fmt: skip
+        )
         state.ready = state.model_loaded and state.consumer_assigned
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     _add_webhook_route(app, ctx.webhook)
 
     @app.get(
-        "/metrics", summary="Prometheus metrics", response_class=Response,
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
         responses={200: {"content": {"text/plain": {}}, "description": "exposition format"}},
-    )  # fmt: skip
+    )
     async def metrics() -> Response:
         """Every tickserve metric in the Prometheus text format."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -269,12 +281,17 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
     }
 
     @app.post(
-        "/webhooks/mlflow", response_model=WebhookAnswer, responses=refusals,
+        "/webhooks/mlflow",
+        response_model=WebhookAnswer,
+        responses=refusals,
         summary="MLflow webhook: an alias moved",
-        openapi_extra={"requestBody": {
-            "required": True, "content": {"application/json": {"schema": body_schema}},
-        }},
-    )  # fmt: skip
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body_schema}},
+            }
+        },
+    )
     async def mlflow_webhook(
         request: Request,
         x_mlflow_signature: Annotated[str | None, Header(description="v1,<base64 HMAC>")] = None,
@@ -292,16 +309,21 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
         body = await request.body()
         try:
             payload = verify(
-                config.secret.get_secret_value(), x_mlflow_signature, x_mlflow_timestamp,
-                x_mlflow_delivery_id, body, time.time(), config.max_age_s,
-            )  # fmt: skip
+                config.secret.get_secret_value(),
+                x_mlflow_signature,
+                x_mlflow_timestamp,
+                x_mlflow_delivery_id,
+                body,
+                time.time(),
+                config.max_age_s,
+            )
             ignored = ignore_reason(payload, config.model_name, config.aliases)
         except WebhookRejected as exc:
             WEBHOOKS.labels(exc.reason).inc()
             logger.warning(
                 "mlflow webhook refused",
                 extra={"reason": exc.reason, "detail": str(exc), "delivery": x_mlflow_delivery_id},
-            )  # fmt: skip
+            )
             raise HTTPException(400 if exc.reason == "malformed" else 401, str(exc)) from exc
         if ignored:
             WEBHOOKS.labels("ignored").inc()
@@ -310,9 +332,13 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
         config.wake()
         logger.info(
             "mlflow webhook: polling the registry now",
-            extra={"event": f"{payload.entity}.{payload.action}", "alias": payload.data["alias"],
-                   "version": payload.data.get("version"), "delivery": x_mlflow_delivery_id},
-        )  # fmt: skip
+            extra={
+                "event": f"{payload.entity}.{payload.action}",
+                "alias": payload.data["alias"],
+                "version": payload.data.get("version"),
+                "delivery": x_mlflow_delivery_id,
+            },
+        )
         return WebhookAnswer(status="polling", detail=f"{payload.action} {payload.data['alias']}")
 
 

@@ -165,10 +165,14 @@ class MicroBatcher:
         for start in range(0, n, step):
             end = min(start + step, n)
             self._score_chunk(
-                rows[start:end], origin_ns[start:end], model, challenger,
-                scores[start:end], stale[start:end],
+                rows[start:end],
+                origin_ns[start:end],
+                model,
+                challenger,
+                scores[start:end],
+                stale[start:end],
                 None if shadow is None else shadow[start:end],
-            )  # fmt: skip
+            )
         return BatchScores(scores, stale, model, shadow, challenger)
 
     # -- the request path --------------------------------------------------------------
@@ -226,8 +230,7 @@ class MicroBatcher:
         model = self.model
         scores = np.full(n, np.nan)
         stale = np.zeros(n, np.bool_)
-        self._score_chunk(self._queue[:n], self._queue_origin[:n], model, None, scores, stale,
-                          None)  # fmt: skip
+        self._score_chunk(self._queue[:n], self._queue_origin[:n], model, None, scores, stale, None)
         queued_ns = self._queued_since
         for i, waiter in enumerate(waiters):
             if waiter.done():  # the request was cancelled (client went away)

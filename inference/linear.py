@@ -49,8 +49,14 @@ class LinearKernel:
     def score(self, rows: np.ndarray) -> np.ndarray:
         """P(up) for each row of `rows` (n, n_features)."""
         out = np.empty(rows.shape[0], np.float64)
-        _score(np.ascontiguousarray(rows, np.float32), self.offset, self.scale, self.coef,
-               np.float32(self.intercept), out)  # fmt: skip
+        _score(
+            np.ascontiguousarray(rows, np.float32),
+            self.offset,
+            self.scale,
+            self.coef,
+            np.float32(self.intercept),
+            out,
+        )
         return out
 
 

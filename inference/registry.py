@@ -107,8 +107,9 @@ def fetch_version(
         raise ModelRejected(
             f"{ref.name} v{ref.version} was trained with FeatureSpec {ref.spec_hash or '(none)'}, "
             f"this worker computes {spec.hash}: refusing to score with it",
-            reason="spec_hash", version=ref.version,
-        )  # fmt: skip
+            reason="spec_hash",
+            version=ref.version,
+        )
     try:
         # looked up here, not in every poll: it cost ~3x the alias lookup (sqlite store)
         uri = open_client(tracking_uri).get_model_version_download_uri(ref.name, ref.version)
@@ -117,8 +118,9 @@ def fetch_version(
         if not onnx_paths:
             raise ModelRejected(
                 f"{ref.name} v{ref.version} has no .onnx file (only ONNX is served)",
-                reason="not_onnx", version=ref.version,
-            )  # fmt: skip
+                reason="not_onnx",
+                version=ref.version,
+            )
         name = Path(onnx_paths[0]).name
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{uri.rstrip('/')}/{name}", tracking_uri=tracking_uri
@@ -126,8 +128,9 @@ def fetch_version(
     except MlflowException as exc:
         raise ModelRejected(
             f"{ref.name} v{ref.version}: downloading the ONNX file failed: {exc}",
-            reason="download", version=ref.version,
-        ) from exc  # fmt: skip
+            reason="download",
+            version=ref.version,
+        ) from exc
     try:
         scorer = OnnxScorer.from_bytes(
             Path(local).read_bytes(), spec.n_features, prefer_gpu, threads, numba_kernels, tensorrt
@@ -156,8 +159,9 @@ def fetch_golden(tracking_uri: str, ref: VersionRef) -> bytes:
     except (MlflowException, OSError) as exc:
         raise ModelRejected(
             f"{ref.name} v{ref.version} has no {GOLDEN_ARTIFACT} on run {ref.run_id}: {exc}",
-            reason="golden_missing", version=ref.version,
-        ) from exc  # fmt: skip
+            reason="golden_missing",
+            version=ref.version,
+        ) from exc
     return Path(local).read_bytes()
 
 
@@ -175,7 +179,11 @@ def load_model(
     model = fetch_version(tracking_uri, ref, spec, prefer_gpu)
     logger.info(
         "model loaded",
-        extra={"model": name, "version": ref.version, "alias": alias,
-               "provider": model.scorer.provider},
-    )  # fmt: skip
+        extra={
+            "model": name,
+            "version": ref.version,
+            "alias": alias,
+            "provider": model.scorer.provider,
+        },
+    )
     return model

@@ -134,8 +134,11 @@ class DeviceBinding:
         def tensor(shape: tuple[int, int]) -> ort.OrtValue:
             return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
 
-        bucket = (tensor((size, self.n_features)), tensor((size, 2)),
-                  np.zeros((size, self.n_features), np.float32))  # fmt: skip
+        bucket = (
+            tensor((size, self.n_features)),
+            tensor((size, 2)),
+            np.zeros((size, self.n_features), np.float32),
+        )
         self._buckets[size] = bucket
         return bucket
 
@@ -262,8 +265,9 @@ class OnnxScorer:
 
     def _with_linear_kernel(self, model: bytes, n_features: int) -> OnnxScorer:
         """This scorer with the linear kernel, if it covers the model and agrees with ORT."""
-        kernel = self._checked(compile_linear, linear_probe_rows, "linear kernel", model,
-                               n_features)  # fmt: skip
+        kernel = self._checked(
+            compile_linear, linear_probe_rows, "linear kernel", model, n_features
+        )
         return self if kernel is None else replace(self, linear=kernel)
 
     def _checked(

@@ -56,9 +56,11 @@ def make_onnx_classifier(
         # warns (7 refuses, hence protobuf<7): not ours to fix, and harmless under 6.
         warnings.filterwarnings("ignore", "Field onnx.AttributeProto.ints", DeprecationWarning)
         onx = to_onnx(
-            model, X[:1], options={id(clf): {"zipmap": False}},
+            model,
+            X[:1],
+            options={id(clf): {"zipmap": False}},
             target_opset={"": 17, "ai.onnx.ml": 3},
-        )  # fmt: skip
+        )
     return bytes(onx.SerializeToString())
 
 

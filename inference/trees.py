@@ -94,9 +94,20 @@ class TreeKernel:
         """P(up) for each row of `rows` (n, n_features) float32."""
         columns = np.ascontiguousarray(rows.T, np.float32)  # one split reads one column
         out = np.empty(rows.shape[0], np.float64)
-        _score(columns, self.features, self.thresholds, self.masks, self.nan_true, self.strict,
-               self.split_start, self.leaf_values, self.leaf_start, self.base, _BIT_INDEX,
-               out)  # fmt: skip
+        _score(
+            columns,
+            self.features,
+            self.thresholds,
+            self.masks,
+            self.nan_true,
+            self.strict,
+            self.split_start,
+            self.leaf_values,
+            self.leaf_start,
+            self.base,
+            _BIT_INDEX,
+            out,
+        )
         return out
 
 
@@ -153,10 +164,17 @@ def warm_up() -> None:
     and compilation is Python code that competes with the event loop for the GIL.
     """
     stump = TreeKernel(
-        np.zeros(1, np.int64), np.zeros(1, np.float32), np.array([~np.uint64(1)], np.uint64),
-        np.zeros(1, np.bool_), np.zeros(1, np.bool_), np.array([0, 1], np.int64),
-        np.array([-1.0, 1.0]), np.array([0, 2], np.int64), 0.0, 1,
-    )  # fmt: skip
+        np.zeros(1, np.int64),
+        np.zeros(1, np.float32),
+        np.array([~np.uint64(1)], np.uint64),
+        np.zeros(1, np.bool_),
+        np.zeros(1, np.bool_),
+        np.array([0, 1], np.int64),
+        np.array([-1.0, 1.0]),
+        np.array([0, 2], np.int64),
+        0.0,
+        1,
+    )
     stump.score(np.array([[-1.0], [1.0]], np.float32))
 
 
@@ -219,8 +237,10 @@ class KernelCompiler:
                 root = Path(__file__).resolve().parents[1]
                 self._child = subprocess.Popen(
                     [sys.executable, "-c", "from inference.trees import _serve; _serve()"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=root,
-                )  # fmt: skip
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    cwd=root,
+                )
             child = self._child
             assert child.stdin is not None and child.stdout is not None
             child.stdin.write(struct.pack("<QQ", len(model), n_features) + model)
@@ -271,7 +291,8 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 
 def _to_npz(kernel: TreeKernel) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **{f.name: np.asarray(getattr(kernel, f.name)) for f in fields(kernel)})
+    arrays: dict[str, Any] = {f.name: np.asarray(getattr(kernel, f.name)) for f in fields(kernel)}
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -280,8 +301,9 @@ def _from_npz(payload: bytes) -> TreeKernel:
         values = {f.name: arrays[f.name] for f in fields(TreeKernel)}
     return TreeKernel(
         **{k: v for k, v in values.items() if v.ndim},
-        base=float(values["base"]), n_features=int(values["n_features"]),
-    )  # fmt: skip
+        base=float(values["base"]),
+        n_features=int(values["n_features"]),
+    )
 
 
 def probe_rows(kernel: TreeKernel, n_rows: int = 1024, seed: int = 0) -> np.ndarray:
@@ -325,8 +347,9 @@ class _Nodes:
         for tree, node in pairs:
             self.roots[tree] = min(node, self.roots.get(tree, node))
         self.weights: dict[tuple[int, int], float] = {}
-        for t, i, w in zip(attrs["class_treeids"], attrs["class_nodeids"], attrs["class_weights"],
-                           strict=True):  # fmt: skip
+        for t, i, w in zip(
+            attrs["class_treeids"], attrs["class_nodeids"], attrs["class_weights"], strict=True
+        ):
             self.weights[(t, i)] = self.weights.get((t, i), 0.0) + float(w)
         bad = sorted(set(self.modes) - {"BRANCH_LEQ", "BRANCH_LT", "LEAF"})
         if bad:
@@ -354,12 +377,17 @@ class _Nodes:
             leaf_values.extend(leaves)
             leaf_start.append(len(leaf_values))
         return TreeKernel(
-            np.asarray(features, np.int64), np.asarray(thresholds, np.float32),
-            np.asarray(masks, np.uint64), np.asarray(nan_true, np.bool_),
-            np.asarray(strict, np.bool_), np.asarray(split_start, np.int64),
-            np.asarray(leaf_values, np.float64), np.asarray(leaf_start, np.int64),
-            base, n_features,
-        )  # fmt: skip
+            np.asarray(features, np.int64),
+            np.asarray(thresholds, np.float32),
+            np.asarray(masks, np.uint64),
+            np.asarray(nan_true, np.bool_),
+            np.asarray(strict, np.bool_),
+            np.asarray(split_start, np.int64),
+            np.asarray(leaf_values, np.float64),
+            np.asarray(leaf_start, np.int64),
+            base,
+            n_features,
+        )
 
     def _walk(self, tree: int) -> tuple[list[tuple[int, int, int]], list[float]]:
         """Splits as (node, first left leaf, end of left leaves) and leaf weights, in order."""
@@ -370,8 +398,8 @@ class _Nodes:
         while stack:
             node, slot = stack.pop()
             if slot >= 0:  # back from the true (left) subtree: its leaves end here
-                k, first, _ = splits[slot]
-                splits[slot] = (k, first, len(leaves))
+                split, first, _ = splits[slot]
+                splits[slot] = (split, first, len(leaves))
                 continue
             k = self.index.get((tree, node))
             if k is None:

@@ -132,9 +132,14 @@ class ModelWatcher:
         if cfg.numba_kernels and serving:
             kernel = self._compiler
         model = fetch_version(
-            cfg.tracking_uri, ref, self.spec, cfg.prefer_gpu, cfg.onnx_threads, kernel,
+            cfg.tracking_uri,
+            ref,
+            self.spec,
+            cfg.prefer_gpu,
+            cfg.onnx_threads,
+            kernel,
             cfg.tensorrt,
-        )  # fmt: skip
+        )
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
         contract = validate(model.scorer, golden, cfg.policy, self.contract)
         if self.contract is None:
@@ -144,9 +149,13 @@ class ModelWatcher:
             self._checked.popitem(last=False)
         logger.info(
             "model version checked",
-            extra={"model": ref.name, "version": ref.version, "alias": ref.alias,
-                   "provider": model.scorer.provider},
-        )  # fmt: skip
+            extra={
+                "model": ref.name,
+                "version": ref.version,
+                "alias": ref.alias,
+                "provider": model.scorer.provider,
+            },
+        )
         return model
 
     def wake(self) -> None:
@@ -215,10 +224,16 @@ class ModelWatcher:
                 REJECTIONS.labels(role, reason).inc()
                 logger.error(
                     "model version rejected; previous version keeps serving",
-                    extra={"model": name, "version": ref.version, "alias": alias, "role": role,
-                           "reason": reason, "detail": str(exc),
-                           "serving": current.version if current else None},
-                )  # fmt: skip
+                    extra={
+                        "model": name,
+                        "version": ref.version,
+                        "alias": alias,
+                        "role": role,
+                        "reason": reason,
+                        "detail": str(exc),
+                        "serving": current.version if current else None,
+                    },
+                )
                 return
         self._rejected.pop(role, None)
         self._apply(batcher, role, dataclasses.replace(model, alias=alias))

@@ -16,8 +16,14 @@ from tickserve.errors import WebhookRejected
 
 ALIAS_ENTITY = "model_version_alias"
 OUTCOMES = (
-    "polling", "ignored", "disabled", "bad_headers", "bad_signature", "stale", "malformed",
-)  # fmt: skip
+    "polling",
+    "ignored",
+    "disabled",
+    "bad_headers",
+    "bad_signature",
+    "stale",
+    "malformed",
+)
 
 WEBHOOKS = Counter("model_webhooks_total", "MLflow webhook deliveries received", ["outcome"])
 for _outcome in OUTCOMES:
@@ -102,8 +108,9 @@ def verify(
     try:
         age_s = now_s - int(timestamp)
     except ValueError:
-        raise WebhookRejected(f"X-MLflow-Timestamp is not Unix seconds: {timestamp!r}",
-                              "bad_headers") from None  # fmt: skip
+        raise WebhookRejected(
+            f"X-MLflow-Timestamp is not Unix seconds: {timestamp!r}", "bad_headers"
+        ) from None
     if abs(age_s) > max_age_s:
         raise WebhookRejected(
             f"signed {age_s:.0f} s from now, more than {max_age_s:.0f} s (replayed or clock skew)",
@@ -112,8 +119,9 @@ def verify(
     try:
         return WebhookPayload.model_validate_json(body)
     except ValidationError as exc:
-        raise WebhookRejected(f"not an MLflow webhook body: {exc.errors()[0]['msg']}",
-                              "malformed") from None  # fmt: skip
+        raise WebhookRejected(
+            f"not an MLflow webhook body: {exc.errors()[0]['msg']}", "malformed"
+        ) from None
 
 
 def ignore_reason(payload: WebhookPayload, model_name: str, aliases: tuple[str, ...]) -> str:

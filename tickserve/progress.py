@@ -33,5 +33,6 @@ def progress_bar(
         bar = stack.enter_context(tqdm(total=total, desc=desc, unit=unit, disable=not enabled))
         if enabled:
             stack.enter_context(logging_redirect_tqdm())
-            stack.enter_context(redirect_stderr(DummyTqdmFile(sys.stderr)))
+            # the stubs give the wrapper no flush(); it forwards flush to sys.stderr at run time
+            stack.enter_context(redirect_stderr(DummyTqdmFile(sys.stderr)))  # type: ignore[type-var]
         yield bar

@@ -24,9 +24,11 @@ class RunCost:
     def metrics(self) -> dict[str, float]:
         """As MLflow metrics."""
         return {
-            "wall_seconds": self.wall_seconds, "cpu_seconds": self.cpu_seconds,
-            "gpu_seconds": self.gpu_seconds, COST_METRIC: self.cost_usd,
-        }  # fmt: skip
+            "wall_seconds": self.wall_seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "gpu_seconds": self.gpu_seconds,
+            COST_METRIC: self.cost_usd,
+        }
 
 
 class CostMeter:
@@ -77,9 +79,12 @@ def _month_cost(tracking_uri: str) -> float:
     total, token = 0.0, None
     while ids:
         page = client.search_runs(
-            ids, f"attributes.start_time >= {month_start_ms()}", ViewType.ALL,
-            max_results=1000, page_token=token,
-        )  # fmt: skip
+            ids,
+            f"attributes.start_time >= {month_start_ms()}",
+            ViewType.ALL,
+            max_results=1000,
+            page_token=token,
+        )
         total += sum(r.data.metrics.get(COST_METRIC, 0.0) for r in page)
         token = page.token
         if not token:

@@ -111,7 +111,10 @@ def evaluate(
     bt = backtest(p_up, fwd_return, event_ns, label_end_ns, symbols, threshold, fee_bps)
     metrics = classification_metrics(y, p_up)
     metrics.update(
-        sharpe=bt.sharpe, max_drawdown=bt.max_drawdown, total_return=bt.total_return,
-        trades=float(np.count_nonzero(bt.position)), periods=float(len(bt.pnl)),
-    )  # fmt: skip
+        sharpe=bt.sharpe,
+        max_drawdown=bt.max_drawdown,
+        total_return=bt.total_return,
+        trades=float(np.count_nonzero(bt.position)),
+        periods=float(len(bt.pnl)),
+    )
     return metrics, bt

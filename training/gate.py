@@ -73,8 +73,9 @@ def _window_scorer(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], Any]
 
     try:
         run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
-        window_file = download_artifacts(run_id=run_id, artifact_path=TEST_WINDOW,
-                                         tracking_uri=tracking_uri)  # fmt: skip
+        window_file = download_artifacts(
+            run_id=run_id, artifact_path=TEST_WINDOW, tracking_uri=tracking_uri
+        )
     except MlflowException as exc:
         message = f"reading {TEST_WINDOW} of run {run_id} failed: {exc.message}"
         raise RegistryError(message) from exc
@@ -84,9 +85,15 @@ def _window_scorer(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], Any]
 
     def metrics_of(p_up: np.ndarray) -> dict[str, float]:
         m, _ = evaluate(
-            window["y"], p_up, window["fwd_return"], window["event_ns"], window["label_end_ns"],
-            window["symbols"], threshold, fee_bps,
-        )  # fmt: skip
+            window["y"],
+            p_up,
+            window["fwd_return"],
+            window["event_ns"],
+            window["label_end_ns"],
+            window["symbols"],
+            threshold,
+            fee_bps,
+        )
         return m
 
     return window, metrics_of
@@ -110,6 +117,8 @@ def evaluate_version(tracking_uri: str, name: str, version: str) -> dict[str, fl
         mv = client.get_model_version(name, version)
     except MlflowException as exc:
         raise ModelNotFound(f"no model {name} v{version} in {tracking_uri}: {exc}") from exc
+    if mv.run_id is None:
+        raise ModelNotFound(f"{name} v{version} has no training run in {tracking_uri}")
     window, metrics_of = _window_scorer(tracking_uri, mv.run_id)
     return metrics_of(_score_on_window(client, name, version, window))  # type: ignore[no-any-return]
 
@@ -148,6 +157,8 @@ def validate_version(
         mv = client.get_model_version(name, version)
     except MlflowException as exc:
         raise ModelNotFound(f"no model {name} v{version} in {tracking_uri}: {exc}") from exc
+    if mv.run_id is None:
+        raise ModelNotFound(f"{name} v{version} has no training run in {tracking_uri}")
     window, metrics_of = _window_scorer(tracking_uri, mv.run_id)
     candidate = metrics_of(_score_on_window(client, name, version, window))
     reasons = []
@@ -187,7 +198,8 @@ def validate_version(
     except MlflowException as exc:
         message = f"recording the gate's decision failed: {exc.message}"
         raise RegistryError(message, model=name, version=version) from exc
-    decision = GateDecision(name, version, passed, tuple(reasons), candidate,
-                            champion_version, champion)  # fmt: skip
+    decision = GateDecision(
+        name, version, passed, tuple(reasons), candidate, champion_version, champion
+    )
     logger.info("validation gate", extra={"model": name, "version": version, "passed": passed})
     return decision

@@ -43,9 +43,11 @@ def export_onnx(model: Any, X_sample: np.ndarray) -> Any:
             "ignore", "Field onnx.AttributeProto.ints", category=DeprecationWarning
         )
         return to_onnx(
-            model, X_sample[:1].astype(np.float32), options={id(estimator): {"zipmap": False}},
+            model,
+            X_sample[:1].astype(np.float32),
+            options={id(estimator): {"zipmap": False}},
             target_opset={"": 17, "ai.onnx.ml": 3},
-        )  # fmt: skip
+        )
 
 
 def check_parity(onnx_model: Any, native: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, float]:
@@ -56,8 +58,9 @@ def check_parity(onnx_model: Any, native: np.ndarray, X: np.ndarray) -> tuple[np
     """
     # ONNX Runtime, not the tree kernel: these scores become the golden rows that any
     # serving engine must reproduce
-    scorer = OnnxScorer.from_bytes(onnx_model.SerializeToString(), X.shape[1], False,
-                                   numba_kernels=False)  # fmt: skip
+    scorer = OnnxScorer.from_bytes(
+        onnx_model.SerializeToString(), X.shape[1], False, numba_kernels=False
+    )
     scores = scorer.score(X.astype(np.float32))
     gap = float(np.max(np.abs(scores - native))) if len(native) else 0.0
     if not gap <= PARITY_TOLERANCE:

@@ -56,10 +56,14 @@ class TrainParams:
     logistic: dict[str, Any] = field(default_factory=lambda: {"C": 1.0, "max_iter": 1000})
     hgb: dict[str, Any] = field(
         default_factory=lambda: {
-            "max_iter": 200, "learning_rate": 0.05, "max_leaf_nodes": 15,
-            "min_samples_leaf": 50, "l2_regularization": 1.0, "random_state": 7,
+            "max_iter": 200,
+            "learning_rate": 0.05,
+            "max_leaf_nodes": 15,
+            "min_samples_leaf": 50,
+            "l2_regularization": 1.0,
+            "random_state": 7,
         }
-    )  # fmt: skip
+    )
     splits: SplitParams = field(default_factory=SplitParams)
     backtest: BacktestParams = field(default_factory=BacktestParams)
     gate: GateParams = field(default_factory=GateParams)

@@ -71,9 +71,15 @@ def _evaluate_fold(
 ) -> tuple[dict[str, float], Backtest]:
     b = params.backtest
     return evaluate(
-        ds.y[rows], p_up, ds.fwd_return[rows], ds.event_ns[rows], ds.label_end_ns[rows],
-        ds.symbols[rows], b.threshold, b.fee_bps,
-    )  # fmt: skip
+        ds.y[rows],
+        p_up,
+        ds.fwd_return[rows],
+        ds.event_ns[rows],
+        ds.label_end_ns[rows],
+        ds.symbols[rows],
+        b.threshold,
+        b.fee_bps,
+    )
 
 
 def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -177,10 +183,14 @@ def _train_and_register(
             f"the dataset has {ds.horizon_bars}"
         )
     folds = purged_folds(
-        ds.event_ns, ds.label_end_ns, s.n_folds, purge_ns=s.purge_bars * spec.bar_ns,
-        embargo_ns=s.embargo_bars * spec.bar_ns, walk_forward=True,
+        ds.event_ns,
+        ds.label_end_ns,
+        s.n_folds,
+        purge_ns=s.purge_bars * spec.bar_ns,
+        embargo_ns=s.embargo_bars * spec.bar_ns,
+        walk_forward=True,
         min_label_ns=(s.horizon_bars + 1) * spec.bar_ns,
-    )  # fmt: skip
+    )
     X = ds.X.astype(np.float32)  # what ONNX Runtime will be fed
     val: list[dict[str, float]] = []
     for k, fold in enumerate(folds[:-1], start=1):
@@ -205,8 +215,9 @@ def _train_and_register(
     metrics = {f"test_{k}": v for k, v in test.items()}
     for key in val[0] if val else {}:
         metrics[f"val_{key}"] = float(np.nanmean([m[key] for m in val]))
-    metrics["train_accuracy"] = float(np.mean((model.predict_proba(X_train)[:, 1] >= 0.5)
-                                              == ds.y[last.train]))  # fmt: skip
+    metrics["train_accuracy"] = float(
+        np.mean((model.predict_proba(X_train)[:, 1] >= 0.5) == ds.y[last.train])
+    )
     metrics["onnx_parity_max_abs"] = gap
 
     importance = permutation_importance(
@@ -270,10 +281,14 @@ def _train_and_register(
                 json.dumps(report.reference_histograms(X_train, spec))
             )
             np.savez_compressed(
-                Path(tmp) / TEST_WINDOW, X=X_test, y=y_test, fwd_return=ds.fwd_return[test_rows],
-                event_ns=ds.event_ns[test_rows], label_end_ns=ds.label_end_ns[test_rows],
+                Path(tmp) / TEST_WINDOW,
+                X=X_test,
+                y=y_test,
+                fwd_return=ds.fwd_return[test_rows],
+                event_ns=ds.event_ns[test_rows],
+                label_end_ns=ds.label_end_ns[test_rows],
                 symbols=ds.symbols[test_rows].astype(str),
-            )  # fmt: skip
+            )
             for artifact in (GOLDEN_ROWS, HISTOGRAMS, TEST_WINDOW):
                 mlflow.log_artifact(str(Path(tmp) / artifact))
         info = mlflow.onnx.log_model(
@@ -292,8 +307,10 @@ def _train_and_register(
         mlflow.log_metrics(cost.metrics())
     client.set_tag(run.info.run_id, "mlflow.runName", f"{params.model_type}_{version}")
     for key, value in {
-        SPEC_HASH_TAG: spec.hash, "model_type": params.model_type, "experiment": experiment,
-    }.items():  # fmt: skip
+        SPEC_HASH_TAG: spec.hash,
+        "model_type": params.model_type,
+        "experiment": experiment,
+    }.items():
         client.set_model_version_tag(model_name, version, key, value)
     if alias:
         client.set_registered_model_alias(model_name, alias, version)
@@ -304,6 +321,13 @@ def _train_and_register(
         extra={"model": model_name, "version": version, "alias": alias, **metrics},
     )
     return TrainResult(
-        model_name, version, run.info.run_id, metrics, X_test, native, onnx_scores,
-        params.model_type, experiment,
-    )  # fmt: skip
+        model_name,
+        version,
+        run.info.run_id,
+        metrics,
+        X_test,
+        native,
+        onnx_scores,
+        params.model_type,
+        experiment,
+    )

@@ -104,6 +104,6 @@ def encode_signals(
                 score_b,
                 direction,
                 ready_b,
-            )  # fmt: skip
+            )
         )
     return out

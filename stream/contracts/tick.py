@@ -182,12 +182,20 @@ def decode_batch(
             sym, ev, px, qty = doc["symbol"], doc["event_ns"], doc["price"], doc["quantity"]
             side, tid, recv = doc["side"], doc["trade_id"], doc["recv_ns"]
             fast = (
-                type(sym) is str and sym != "" and type(ev) is int and type(recv) is int
-                and INT64_MIN <= ev <= INT64_MAX and INT64_MIN <= recv <= INT64_MAX
-                and type(px) is float and 0.0 < px < inf and type(qty) is float
-                and 0.0 <= qty < inf and type(tid) is str and ev <= limit
+                type(sym) is str
+                and sym != ""
+                and type(ev) is int
+                and type(recv) is int
+                and INT64_MIN <= ev <= INT64_MAX
+                and INT64_MIN <= recv <= INT64_MAX
+                and type(px) is float
+                and 0.0 < px < inf
+                and type(qty) is float
+                and 0.0 <= qty < inf
+                and type(tid) is str
+                and ev <= limit
                 and (side == "buy" or side == "sell")
-            )  # fmt: skip
+            )
         except Exception:  # not JSON, not an object, a missing field: the slow path says which
             fast = False
         if not fast:
@@ -197,9 +205,14 @@ def decode_batch(
                 rejected.append(Rejected(i, exc.reason, exc.detail))
                 continue
             sym, ev, px, qty, side, tid, recv = (
-                tick.symbol, tick.event_ns, tick.price, tick.quantity, tick.side,
-                tick.trade_id, tick.recv_ns,
-            )  # fmt: skip
+                tick.symbol,
+                tick.event_ns,
+                tick.price,
+                tick.quantity,
+                tick.side,
+                tick.trade_id,
+                tick.recv_ns,
+            )
         symbols.append(sym)
         trade_ids.append(tid)
         event_ns.append(ev)

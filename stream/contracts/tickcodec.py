@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow as pa
 
 from stream.contracts.tick import Rejected, Tick, decode_tick
 from stream.contracts.tickscan import (
@@ -185,8 +185,7 @@ def decode_columns(
     fb_off = np.empty(2 * n + 1, np.int64)
     fb_dst = np.empty(2 * n, np.int64)
     slow = np.empty(n, np.int64)
-    rows, nfb, nslow = scan(buf, starts, lens, ints, hashes, nums, is_buy, fb, fb_off, fb_dst,
-                            slow)  # fmt: skip
+    rows, nfb, nslow = scan(buf, starts, lens, ints, hashes, nums, is_buy, fb, fb_off, fb_dst, slow)
     if rows < 0:
         raise ValueError(f"record {nfb} lies outside buf ({len(buf)} bytes)")
     if nfb:
@@ -234,12 +233,21 @@ class _Rows:
     def spans(self, text: np.ndarray) -> TickSpans:
         ints = self.ints
         return TickSpans(
-            text=text, event_ns=ints[R_EVENT], price=self.nums[0], quantity=self.nums[1],
-            is_buy=self.is_buy, recv_ns=ints[R_RECV], index=ints[R_INDEX],
-            sym_start=ints[R_SYM_START], sym_len=ints[R_SYM_LEN], key_start=ints[R_KEY_START],
-            key_len=ints[R_KEY_LEN], tid_start=ints[R_TID_START], tid_len=ints[R_TID_LEN],
+            text=text,
+            event_ns=ints[R_EVENT],
+            price=self.nums[0],
+            quantity=self.nums[1],
+            is_buy=self.is_buy,
+            recv_ns=ints[R_RECV],
+            index=ints[R_INDEX],
+            sym_start=ints[R_SYM_START],
+            sym_len=ints[R_SYM_LEN],
+            key_start=ints[R_KEY_START],
+            key_len=ints[R_KEY_LEN],
+            tid_start=ints[R_TID_START],
+            tid_len=ints[R_TID_LEN],
             sym_hash=self.hashes,
-        )  # fmt: skip
+        )
 
 
 def _slow_rows(buf: np.ndarray, accepted: list[tuple[int, Tick]]) -> tuple[np.ndarray, _Rows]:
@@ -322,8 +330,18 @@ class SymbolTable:
     def lookup(self, spans: TickSpans) -> np.ndarray:
         """The slot of each row's symbol; -1 where the table does not hold it."""
         out = np.empty(len(spans), np.int64)
-        _lookup(spans.text, spans.sym_start, spans.sym_len, spans.sym_hash, self._hashes,
-                self._slots, self._key_start, self._key_len, self._pool, out)  # fmt: skip
+        _lookup(
+            spans.text,
+            spans.sym_start,
+            spans.sym_len,
+            spans.sym_hash,
+            self._hashes,
+            self._slots,
+            self._key_start,
+            self._key_len,
+            self._pool,
+            out,
+        )
         return out
 
     def _insert(self, h: int, content: bytes, slot: int) -> None:
@@ -337,8 +355,17 @@ class SymbolTable:
         if end > len(self._pool):
             self._pool = np.concatenate((self._pool, np.empty(max(end, len(self._pool)), np.uint8)))
         self._pool[self._pool_used : end] = data
-        added = _insert(self._hashes, self._slots, self._key_start, self._key_len, self._pool,
-                        np.uint64(h), self._pool_used, len(data), slot)  # fmt: skip
+        added = _insert(
+            self._hashes,
+            self._slots,
+            self._key_start,
+            self._key_len,
+            self._pool,
+            np.uint64(h),
+            self._pool_used,
+            len(data),
+            slot,
+        )
         if added:
             self._pool_used = end
             self._count += 1
@@ -352,8 +379,17 @@ class SymbolTable:
         self._key_start = np.zeros(size, np.int64)
         self._key_len = np.zeros(size, np.int64)
         for i in np.flatnonzero(slots >= 0).tolist():
-            _insert(self._hashes, self._slots, self._key_start, self._key_len, self._pool,
-                    hashes[i], starts[i], lens[i], slots[i])  # fmt: skip
+            _insert(
+                self._hashes,
+                self._slots,
+                self._key_start,
+                self._key_len,
+                self._pool,
+                hashes[i],
+                starts[i],
+                lens[i],
+                slots[i],
+            )
 
 
 @njit_no_nrt()
@@ -366,15 +402,21 @@ def _same(a: np.ndarray, a_start: int, b: np.ndarray, b_start: int, size: int) -
 
 @njit_no_nrt()
 def _insert(
-    hashes: np.ndarray, slots: np.ndarray, key_start: np.ndarray, key_len: np.ndarray,
-    pool: np.ndarray, h: np.uint64, start: int, size: int, slot: int,
-) -> bool:  # fmt: skip
+    hashes: np.ndarray,
+    slots: np.ndarray,
+    key_start: np.ndarray,
+    key_len: np.ndarray,
+    pool: np.ndarray,
+    h: np.uint64,
+    start: int,
+    size: int,
+    slot: int,
+) -> bool:
     """Map the key pool[start:start + size] under hash h to slot; False if it was there."""
     mask = slots.shape[0] - 1
     i = np.int64(h & np.uint64(mask))
     while slots[i] >= 0:
-        if (hashes[i] == h and key_len[i] == size
-                and _same(pool, key_start[i], pool, start, size)):  # fmt: skip
+        if hashes[i] == h and key_len[i] == size and _same(pool, key_start[i], pool, start, size):
             slots[i] = slot
             return False
         i = (i + 1) & mask
@@ -387,10 +429,17 @@ def _insert(
 
 @njit_no_nrt()
 def _lookup(
-    text: np.ndarray, starts: np.ndarray, lens: np.ndarray, row_hashes: np.ndarray,
-    hashes: np.ndarray, slots: np.ndarray, key_start: np.ndarray, key_len: np.ndarray,
-    pool: np.ndarray, out: np.ndarray,
-) -> None:  # fmt: skip
+    text: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    row_hashes: np.ndarray,
+    hashes: np.ndarray,
+    slots: np.ndarray,
+    key_start: np.ndarray,
+    key_len: np.ndarray,
+    pool: np.ndarray,
+    out: np.ndarray,
+) -> None:
     mask = slots.shape[0] - 1
     for r in range(starts.shape[0]):
         h = row_hashes[r]
@@ -398,8 +447,11 @@ def _lookup(
         i = np.int64(h & np.uint64(mask))
         out[r] = -1
         while slots[i] >= 0:
-            if (hashes[i] == h and key_len[i] == size
-                    and _same(text, starts[r], pool, key_start[i], size)):  # fmt: skip
+            if (
+                hashes[i] == h
+                and key_len[i] == size
+                and _same(text, starts[r], pool, key_start[i], size)
+            ):
                 out[r] = slots[i]
                 break
             i = (i + 1) & mask

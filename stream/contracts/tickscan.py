@@ -40,10 +40,24 @@ N_INT_ROWS = 9
 
 # the words the scan compares: keys (ids 0..6 are the field ids), sides, and the
 # pieces of the canonical layout (`Tick.encode`: keys in field order, no whitespace)
-_WORDS = (b"symbol", b"event_ns", b"price", b"quantity", b"side", b"trade_id", b"recv_ns",
-          b"buy", b"sell",
-          b'{"symbol":', b',"event_ns":', b',"price":', b',"quantity":', b',"side":',
-          b',"trade_id":', b',"recv_ns":')  # fmt: skip
+_WORDS = (
+    b"symbol",
+    b"event_ns",
+    b"price",
+    b"quantity",
+    b"side",
+    b"trade_id",
+    b"recv_ns",
+    b"buy",
+    b"sell",
+    b'{"symbol":',
+    b',"event_ns":',
+    b',"price":',
+    b',"quantity":',
+    b',"side":',
+    b',"trade_id":',
+    b',"recv_ns":',
+)
 K_SYMBOL, K_EVENT, K_PRICE, K_QUANTITY, K_SIDE, K_TRADE_ID, K_RECV = 0, 1, 2, 3, 4, 5, 6
 N_KEYS = 7
 ALL_KEYS = (1 << N_KEYS) - 1
@@ -265,10 +279,19 @@ def _key(buf: np.ndarray, pos: int, end: int) -> tuple[int, int]:
 
 @njit_no_nrt("always")
 def _record(
-    buf: np.ndarray, start: int, end: int, r: int, ints: np.ndarray, hashes: np.ndarray,
-    nums: np.ndarray, is_buy: np.ndarray, fb: np.ndarray, fb_off: np.ndarray,
-    fb_dst: np.ndarray, nfb: int,
-) -> int:  # fmt: skip
+    buf: np.ndarray,
+    start: int,
+    end: int,
+    r: int,
+    ints: np.ndarray,
+    hashes: np.ndarray,
+    nums: np.ndarray,
+    is_buy: np.ndarray,
+    fb: np.ndarray,
+    fb_off: np.ndarray,
+    fb_dst: np.ndarray,
+    nfb: int,
+) -> int:
     """Scan one record into row r: the new count of fallback tokens, or -1 if not fast.
 
     First as `Tick.encode` lays it out; at the first difference in layout, over again
@@ -348,10 +371,18 @@ def _record(
 
 @njit_no_nrt()
 def scan(
-    buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, ints: np.ndarray,
-    hashes: np.ndarray, nums: np.ndarray, is_buy: np.ndarray, fb: np.ndarray,
-    fb_off: np.ndarray, fb_dst: np.ndarray, slow: np.ndarray,
-) -> tuple[int, int, int]:  # fmt: skip
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    ints: np.ndarray,
+    hashes: np.ndarray,
+    nums: np.ndarray,
+    is_buy: np.ndarray,
+    fb: np.ndarray,
+    fb_off: np.ndarray,
+    fb_dst: np.ndarray,
+    slow: np.ndarray,
+) -> tuple[int, int, int]:
     """Scan every record: a row for each one on the fast path, the others' indices in `slow`.
 
     Row r fills column r of `ints` (rows R_*), `nums` (price, quantity), `hashes`
@@ -372,8 +403,9 @@ def scan(
             end = start + lens[i]
             if start < 0 or end > buf.shape[0]:
                 return -1, i, 0
-            got = _record(buf, start, end, rows, ints, hashes, nums, is_buy, fb, fb_off,
-                          fb_dst, nfb)  # fmt: skip
+            got = _record(
+                buf, start, end, rows, ints, hashes, nums, is_buy, fb, fb_off, fb_dst, nfb
+            )
         if got < 0:
             slow[nslow] = i
             nslow += 1
@@ -386,9 +418,15 @@ def scan(
 
 @njit_no_nrt()
 def check(
-    ints: np.ndarray, hashes: np.ndarray, nums: np.ndarray, is_buy: np.ndarray, rows: int,
-    limit: int, slow: np.ndarray, nslow: int,
-) -> tuple[int, int]:  # fmt: skip
+    ints: np.ndarray,
+    hashes: np.ndarray,
+    nums: np.ndarray,
+    is_buy: np.ndarray,
+    rows: int,
+    limit: int,
+    slow: np.ndarray,
+    nslow: int,
+) -> tuple[int, int]:
     """Keep the rows passing the contract's value checks (compacted in place).
 
     Price finite and > 0, quantity finite and >= 0, event_ns <= limit; a row failing

@@ -24,9 +24,17 @@ logger = logging.getLogger(__name__)
 
 TICK_COLUMNS = ("symbol", "event_ns", "trade_id", "price", "quantity", "is_buy", "recv_ns")
 SIGNAL_COLUMNS = (
-    "symbol", "event_ns", "trade_id", "recv_ns", "emit_ns", "model", "version", "score",
-    "direction", "ready",
-)  # fmt: skip
+    "symbol",
+    "event_ns",
+    "trade_id",
+    "recv_ns",
+    "emit_ns",
+    "model",
+    "version",
+    "score",
+    "direction",
+    "ready",
+)
 SOURCE_COLUMNS = ("kafka_partition", "kafka_offset")
 
 # Both tables are ReplacingMergeTree keyed by what a record *is* (a trade; a model
@@ -143,11 +151,16 @@ class ClickHouseArchive:
         if not n:
             return
         data = [
-            cols.symbols, cols.event_ns, cols.trade_ids, cols.price, cols.quantity,
-            cols.is_buy.astype("uint8"), cols.recv_ns,
+            cols.symbols,
+            cols.event_ns,
+            cols.trade_ids,
+            cols.price,
+            cols.quantity,
+            cols.is_buy.astype("uint8"),
+            cols.recv_ns,
             partition if partition is not None else np.full(n, -1, np.int32),
             offset if offset is not None else np.full(n, -1, np.int64),
-        ]  # fmt: skip
+        ]
         names = [*TICK_COLUMNS, *SOURCE_COLUMNS]
         with _statement("ticks", f"inserting {n} ticks"):
             self.client.insert("ticks", data, column_names=names, column_oriented=True)
@@ -232,11 +245,17 @@ def decode_signals(records: list[ConsumerRecord[bytes, bytes]]) -> tuple[SignalR
                 raise TypeError("not an object")
             score = doc["score"]
             parsed = (
-                str(doc["symbol"]), int(doc["event_ns"]), str(doc["trade_id"]),
-                int(doc["recv_ns"]), int(doc["emit_ns"]), str(doc["model"]),
-                str(doc["version"]), None if score is None else float(score),
-                int(doc["direction"]), int(bool(doc["ready"])),
-            )  # fmt: skip
+                str(doc["symbol"]),
+                int(doc["event_ns"]),
+                str(doc["trade_id"]),
+                int(doc["recv_ns"]),
+                int(doc["emit_ns"]),
+                str(doc["model"]),
+                str(doc["version"]),
+                None if score is None else float(score),
+                int(doc["direction"]),
+                int(bool(doc["ready"])),
+            )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             skipped += 1
             continue

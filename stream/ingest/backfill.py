@@ -47,10 +47,14 @@ def _tick_table(
     symbol: Any, event_ns: Any, trade_id: Any, price: Any, qty: Any, is_buy: Any, recv_ns: Any
 ) -> pa.Table:
     arrays = [
-        pa.array(symbol, pa.string()), pa.array(event_ns, pa.int64()),
-        pa.array(trade_id, pa.string()), pa.array(price, pa.float64()),
-        pa.array(qty, pa.float64()), pa.array(is_buy, pa.uint8()), pa.array(recv_ns, pa.int64()),
-    ]  # fmt: skip
+        pa.array(symbol, pa.string()),
+        pa.array(event_ns, pa.int64()),
+        pa.array(trade_id, pa.string()),
+        pa.array(price, pa.float64()),
+        pa.array(qty, pa.float64()),
+        pa.array(is_buy, pa.uint8()),
+        pa.array(recv_ns, pa.int64()),
+    ]
     return pa.Table.from_arrays(arrays, names=list(TICK_COLUMNS))
 
 
@@ -67,10 +71,14 @@ def validate_rows(
         except InvalidTick as exc:
             skipped[exc.reason] += 1
     table = _tick_table(
-        [t.symbol for t in ticks], [t.event_ns for t in ticks], [t.trade_id for t in ticks],
-        [t.price for t in ticks], [t.quantity for t in ticks],
-        [int(SIDES[t.side]) for t in ticks], [t.recv_ns for t in ticks],
-    )  # fmt: skip
+        [t.symbol for t in ticks],
+        [t.event_ns for t in ticks],
+        [t.trade_id for t in ticks],
+        [t.price for t in ticks],
+        [t.quantity for t in ticks],
+        [int(SIDES[t.side]) for t in ticks],
+        [t.recv_ns for t in ticks],
+    )
     return table, skipped
 
 
@@ -120,10 +128,14 @@ def validate_frame(
     id_ok = ids.notna().to_numpy(bool)
 
     checks = [
-        ("schema", sym_ok & ts_ok & price_ok), ("price", price > 0), ("schema", qty_ok),
-        ("quantity", qty >= 0), ("side", side_ok), ("schema", id_ok),
+        ("schema", sym_ok & ts_ok & price_ok),
+        ("price", price > 0),
+        ("schema", qty_ok),
+        ("quantity", qty >= 0),
+        ("side", side_ok),
+        ("schema", id_ok),
         ("future", event_ns <= now_ns + max_future_ns),
-    ]  # fmt: skip
+    ]
     ok = np.ones(n, bool)
     skipped: Counter[str] = Counter()
     for reason, passed in checks:
@@ -135,10 +147,14 @@ def validate_frame(
     if trade_ids.dtype.kind == "f" and (trade_ids == np.round(trade_ids)).all():
         trade_ids = trade_ids.astype(np.int64)  # CSV ids next to a gap are read as floats
     table = _tick_table(
-        symbols[ok].astype(str).to_numpy(), event_ns[ok], trade_ids.astype(str).to_numpy(),
-        price[ok], qty[ok], side[ok].eq("buy").to_numpy(np.uint8),
+        symbols[ok].astype(str).to_numpy(),
+        event_ns[ok],
+        trade_ids.astype(str).to_numpy(),
+        price[ok],
+        qty[ok],
+        side[ok].eq("buy").to_numpy(np.uint8),
         np.full(int(ok.sum()), now_ns, np.int64),
-    )  # fmt: skip
+    )
     return table, skipped
 
 
@@ -198,6 +214,7 @@ def import_file(
         table, skipped = validate_rows(rows, now_ns, max_future_ns)
         archive.insert_tick_table(table)
         report.rows, report.inserted, report.skipped = len(rows), table.num_rows, skipped
-    logger.info("import done", extra={"file": str(path), "rows": report.rows,
-                                      "inserted": report.inserted})  # fmt: skip
+    logger.info(
+        "import done", extra={"file": str(path), "rows": report.rows, "inserted": report.inserted}
+    )
     return report

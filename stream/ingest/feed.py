@@ -8,7 +8,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,12 @@ def read_trades(path: Path, symbol: str | None = None) -> list[dict[str, Any]]:
     name = path.name.removesuffix(".gz")
     suffix = Path(name).suffix
     if suffix in (".parquet", ".csv", ".feather"):
-        reader = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".feather": pd.read_feather}
-        frame = reader[suffix](path)
+        readers: dict[str, Callable[[Path], pd.DataFrame]] = {
+            ".parquet": pd.read_parquet,
+            ".csv": pd.read_csv,
+            ".feather": pd.read_feather,
+        }
+        frame = readers[suffix](path)
         missing = {"timestamp", "price", "amount", "side"} - set(frame.columns)
         if missing:
             raise DataError(f"{path}: not a ccxt trade file, missing columns {sorted(missing)}")

@@ -121,8 +121,18 @@ class FetchedParts:
         """One `Fetched` of every piece added (no copy when there is one piece)."""
         if not self.cols:
             empty = np.empty(0, np.int64)
-            return Fetched(topic, np.empty(0, np.uint8), np.empty(0, np.int32), empty, empty,
-                           empty, empty, empty, {}, self.via_aiokafka)  # fmt: skip
+            return Fetched(
+                topic,
+                np.empty(0, np.uint8),
+                np.empty(0, np.int32),
+                empty,
+                empty,
+                empty,
+                empty,
+                empty,
+                {},
+                self.via_aiokafka,
+            )
         if len(self.cols) == 1:  # the usual micro-batch (one fetch response): no copies
             buf = np.frombuffer(self.raws[0], np.uint8)
             partition, cols = self.partitions[0], tuple(self.cols[0])
@@ -132,9 +142,17 @@ class FetchedParts:
             cols = tuple(np.concatenate(c) for c in zip(*self.cols, strict=True))
         offset, key_start, key_len, value_start, value_len = cols
         return Fetched(
-            topic, buf, partition, offset, key_start, key_len, value_start, value_len,
-            self.next_offsets, self.via_aiokafka,
-        )  # fmt: skip
+            topic,
+            buf,
+            partition,
+            offset,
+            key_start,
+            key_len,
+            value_start,
+            value_len,
+            self.next_offsets,
+            self.via_aiokafka,
+        )
 
 
 class GapRetries:
@@ -170,9 +188,14 @@ class GapRetries:
 
 
 def parse_plain(
-    tp: TopicPartition, raw: bytes, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-    fetch_offset: int, gaps: GapRetries,
-) -> tuple[tuple[np.ndarray, ...], int, int]:  # fmt: skip
+    tp: TopicPartition,
+    raw: bytes,
+    buf: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    fetch_offset: int,
+    gaps: GapRetries,
+) -> tuple[tuple[np.ndarray, ...], int, int]:
     """Columns, next offset and status (0, or 2 malformed) of plain v2 batches."""
     check_crcs(buf, starts, ends, tp)
     *cols, next_offset, status = parse_batches(buf, starts, ends, fetch_offset, True)

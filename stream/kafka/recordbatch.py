@@ -165,8 +165,14 @@ def put_varint(out: np.ndarray, pos: int, zigzag: int) -> int:
 def record_size(offset_delta: int, key_len: int, value_len: int, headers_len: int) -> int:
     """Bytes of a record after its length varint (key_len -1: null key)."""
     key = 1 if key_len < 0 else varint_size(2 * key_len) + key_len
-    return (2 + varint_size(2 * offset_delta) + key + varint_size(2 * value_len) + value_len
-            + headers_len)  # fmt: skip
+    return (
+        2
+        + varint_size(2 * offset_delta)
+        + key
+        + varint_size(2 * value_len)
+        + value_len
+        + headers_len
+    )
 
 
 @njit(cache=True)
@@ -189,9 +195,12 @@ def _partition_order(partition: np.ndarray) -> np.ndarray:
 
 @njit(cache=True)
 def plan_batches(
-    partition: np.ndarray, key_len: np.ndarray, value_len: np.ndarray, header_len: int,
+    partition: np.ndarray,
+    key_len: np.ndarray,
+    value_len: np.ndarray,
+    header_len: int,
     max_batch_bytes: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split each partition's rows, in row order, into batches under max_batch_bytes.
 
     A record joins a batch exactly when aiokafka's compiled builder would admit it:
@@ -253,11 +262,22 @@ def _crc32c_tables(buf: np.ndarray, start: int, end: int) -> int:
     crc = np.uint32(0xFFFFFFFF)
     i = start
     while i + 8 <= end:
-        low = crc ^ (np.uint32(buf[i]) | (np.uint32(buf[i + 1]) << 8)
-                     | (np.uint32(buf[i + 2]) << 16) | (np.uint32(buf[i + 3]) << 24))  # fmt: skip
-        crc = (t[7, low & 0xFF] ^ t[6, (low >> 8) & 0xFF] ^ t[5, (low >> 16) & 0xFF]
-               ^ t[4, low >> 24] ^ t[3, buf[i + 4]] ^ t[2, buf[i + 5]] ^ t[1, buf[i + 6]]
-               ^ t[0, buf[i + 7]])  # fmt: skip
+        low = crc ^ (
+            np.uint32(buf[i])
+            | (np.uint32(buf[i + 1]) << 8)
+            | (np.uint32(buf[i + 2]) << 16)
+            | (np.uint32(buf[i + 3]) << 24)
+        )
+        crc = (
+            t[7, low & 0xFF]
+            ^ t[6, (low >> 8) & 0xFF]
+            ^ t[5, (low >> 16) & 0xFF]
+            ^ t[4, low >> 24]
+            ^ t[3, buf[i + 4]]
+            ^ t[2, buf[i + 5]]
+            ^ t[1, buf[i + 6]]
+            ^ t[0, buf[i + 7]]
+        )
         i += 8
     while i < end:
         crc = t[0, (crc ^ buf[i]) & 0xFF] ^ (crc >> 8)
@@ -413,9 +433,14 @@ def parse_batches(
 
 @njit(cache=True)
 def parse_into(
-    buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, fetch_offset: int, stop_at_gap: bool,
-    cols: np.ndarray, k: int,
-) -> tuple[int, int, int]:  # fmt: skip
+    buf: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    fetch_offset: int,
+    stop_at_gap: bool,
+    cols: np.ndarray,
+    k: int,
+) -> tuple[int, int, int]:
     """`parse_batches` writing into `cols` (5 rows) from column `k`: (new k, next offset, status).
 
     A malformed record returns next offset 0 and status 2.

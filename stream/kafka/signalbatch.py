@@ -105,11 +105,20 @@ def _score_spans(scores_json: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarra
 
 @njit(cache=True)
 def _value_sizes(
-    text_len: int, sym_start: np.ndarray, sym_len: np.ndarray, key_start: np.ndarray,
-    key_len: np.ndarray, tid_start: np.ndarray, tid_len: np.ndarray, event_ns: np.ndarray,
-    recv_ns: np.ndarray, scores: np.ndarray, threshold: float, score_len: np.ndarray,
+    text_len: int,
+    sym_start: np.ndarray,
+    sym_len: np.ndarray,
+    key_start: np.ndarray,
+    key_len: np.ndarray,
+    tid_start: np.ndarray,
+    tid_len: np.ndarray,
+    event_ns: np.ndarray,
+    recv_ns: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    score_len: np.ndarray,
     piece_at: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per row: the tail piece (direction), value size, and the sizes of both times."""
     n = len(scores)
     tail = np.empty(n, np.int64)
@@ -119,9 +128,11 @@ def _value_sizes(
     fixed = piece_at[P_READY_MID] - piece_at[P_SYMBOL]  # the symbol .. recv_ns pieces
     size_of = piece_at[1:] - piece_at[:-1]
     for i in range(n):
-        if (_outside(sym_start[i], sym_len[i], text_len)
-                or _outside(tid_start[i], tid_len[i], text_len)
-                or (key_len[i] >= 0 and _outside(key_start[i], key_len[i], text_len))):  # fmt: skip
+        if (
+            _outside(sym_start[i], sym_len[i], text_len)
+            or _outside(tid_start[i], tid_len[i], text_len)
+            or (key_len[i] >= 0 and _outside(key_start[i], key_len[i], text_len))
+        ):
             raise ValueError("a text span lies outside the text buffer")
         s = scores[i]
         if s != s:  # NaN: not ready
@@ -132,8 +143,16 @@ def _value_sizes(
             mid = size_of[P_READY_MID]
         ev_size[i] = _int_size(event_ns[i])
         rv_size[i] = _int_size(recv_ns[i])
-        value_len[i] = (fixed + sym_len[i] + tid_len[i] + ev_size[i] + rv_size[i] + mid
-                        + score_len[i] + size_of[tail[i]])  # fmt: skip
+        value_len[i] = (
+            fixed
+            + sym_len[i]
+            + tid_len[i]
+            + ev_size[i]
+            + rv_size[i]
+            + mid
+            + score_len[i]
+            + size_of[tail[i]]
+        )
     return tail, value_len, ev_size, rv_size
 
 
@@ -144,21 +163,46 @@ def _outside(start: int, length: int, limit: int) -> bool:
 
 @njit(cache=True)
 def _encode(
-    text: np.ndarray, sym_start: np.ndarray, sym_len: np.ndarray,
-    key_start: np.ndarray, key_len: np.ndarray, tid_start: np.ndarray, tid_len: np.ndarray,
-    event_ns: np.ndarray, recv_ns: np.ndarray, scores: np.ndarray, threshold: float,
-    scores_json: np.ndarray, partition: np.ndarray, pieces: np.ndarray, piece_at: np.ndarray,
-    timestamp_ms: int, header_block: np.ndarray, header_len: int, max_batch_bytes: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    text: np.ndarray,
+    sym_start: np.ndarray,
+    sym_len: np.ndarray,
+    key_start: np.ndarray,
+    key_len: np.ndarray,
+    tid_start: np.ndarray,
+    tid_len: np.ndarray,
+    event_ns: np.ndarray,
+    recv_ns: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    scores_json: np.ndarray,
+    partition: np.ndarray,
+    pieces: np.ndarray,
+    piece_at: np.ndarray,
+    timestamp_ms: int,
+    header_block: np.ndarray,
+    header_len: int,
+    max_batch_bytes: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All record batches of a micro-batch in one buffer (CRCs left to `crc_batches`).
 
     Returns the buffer and, per batch: partition, byte offset, byte size, record count.
     """
     score_start, score_len = _score_spans(scores_json, len(scores))
     tail, value_len, ev_size, rv_size = _value_sizes(
-        len(text) - COPY_BLOCK, sym_start, sym_len, key_start, key_len, tid_start, tid_len,
-        event_ns, recv_ns, scores, threshold, score_len, piece_at,
-    )  # fmt: skip
+        len(text) - COPY_BLOCK,
+        sym_start,
+        sym_len,
+        key_start,
+        key_len,
+        tid_start,
+        tid_len,
+        event_ns,
+        recv_ns,
+        scores,
+        threshold,
+        score_len,
+        piece_at,
+    )
     order, rec_size, b_part, b_first, b_count, b_size = plan_batches(
         partition, key_len, value_len, header_len, max_batch_bytes
     )
@@ -201,11 +245,16 @@ def _template_pieces(emit_ns: int, model: str, version: str) -> tuple[np.ndarray
     dumps = orjson.dumps
     mid = b',"emit_ns":%d,"model":%b,"version":' % (emit_ns, dumps(model))
     pieces = (
-        b'{"symbol":"', b'","trade_id":"', b'","event_ns":', b',"recv_ns":',
-        mid + dumps(version) + b',"score":', mid + dumps("") + b',"score":',
-        b',"direction":%d,"ready":true}' % UP, b',"direction":%d,"ready":true}' % DOWN,
+        b'{"symbol":"',
+        b'","trade_id":"',
+        b'","event_ns":',
+        b',"recv_ns":',
+        mid + dumps(version) + b',"score":',
+        mid + dumps("") + b',"score":',
+        b',"direction":%d,"ready":true}' % UP,
+        b',"direction":%d,"ready":true}' % DOWN,
         b',"direction":%d,"ready":false}' % FLAT,
-    )  # fmt: skip
+    )
     at = np.zeros(len(pieces) + 1, np.int64)
     np.cumsum([len(p) for p in pieces], out=at[1:])
     return np.frombuffer(b"".join(pieces) + PADDING, np.uint8), at
@@ -230,17 +279,25 @@ def _header_block(headers: Sequence[tuple[str, bytes | None]]) -> tuple[np.ndarr
 def encode_signal_batches(
     text: np.ndarray,
     *,
-    sym_start: np.ndarray, sym_len: np.ndarray,
-    key_start: np.ndarray, key_len: np.ndarray,
-    tid_start: np.ndarray, tid_len: np.ndarray,
-    event_ns: np.ndarray, recv_ns: np.ndarray,
-    emit_ns: int, model: str, version: str,
-    scores: np.ndarray, threshold: float,
-    partition: np.ndarray, timestamp_ms: int,
+    sym_start: np.ndarray,
+    sym_len: np.ndarray,
+    key_start: np.ndarray,
+    key_len: np.ndarray,
+    tid_start: np.ndarray,
+    tid_len: np.ndarray,
+    event_ns: np.ndarray,
+    recv_ns: np.ndarray,
+    emit_ns: int,
+    model: str,
+    version: str,
+    scores: np.ndarray,
+    threshold: float,
+    partition: np.ndarray,
+    timestamp_ms: int,
     headers: Sequence[tuple[str, bytes | None]] = (),
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     stamp_last: Callable[[], int] | None = None,
-) -> list[tuple[int, bytes, int]]:  # fmt: skip
+) -> list[tuple[int, bytes, int]]:
     """Kafka record batches (magic 2, uncompressed) holding one signal per row.
 
     Each value is byte for byte what `stream.contracts.signal.encode_signals` writes for the
@@ -290,8 +347,17 @@ def encode_signal_batches(
     (2, 1, b'BTC', 'BTC', '7', 0.75, 1)
     """
     n = len(partition)
-    per_row = (sym_start, sym_len, key_start, key_len, tid_start, tid_len, event_ns, recv_ns,
-               partition)  # fmt: skip
+    per_row = (
+        sym_start,
+        sym_len,
+        key_start,
+        key_len,
+        tid_start,
+        tid_len,
+        event_ns,
+        recv_ns,
+        partition,
+    )
     columns = [np.ascontiguousarray(c, np.int64) for c in per_row]
     scores = np.ascontiguousarray(scores, np.float64)
     if any(len(c) != n for c in columns) or len(scores) != n:
@@ -306,10 +372,25 @@ def encode_signal_batches(
     pieces, piece_at = _template_pieces(emit_ns, model, version)
     s_start, s_len, k_start, k_len, t_start, t_len, ev, rv, part = columns
     out, b_part, b_at, b_size, b_count = _encode(
-        padded_text, s_start, s_len, k_start, k_len, t_start, t_len,
-        ev, rv, scores, float(threshold), scores_json, part, pieces, piece_at,
-        int(timestamp_ms), *_header_block(headers), int(max_batch_bytes),
-    )  # fmt: skip
+        padded_text,
+        s_start,
+        s_len,
+        k_start,
+        k_len,
+        t_start,
+        t_len,
+        ev,
+        rv,
+        scores,
+        float(threshold),
+        scores_json,
+        part,
+        pieces,
+        piece_at,
+        int(timestamp_ms),
+        *_header_block(headers),
+        int(max_batch_bytes),
+    )
     if stamp_last is not None:
         if not headers or len(headers[-1][1] or b"") < 8:
             raise ValueError("stamp_last needs a last header value of at least 8 bytes")
@@ -342,8 +423,21 @@ def warm_up() -> None:
     """Load (or compile) the kernels now, so the first micro-batch does not pay for it."""
     one = np.ones(1, np.int64)
     encode_signal_batches(
-        np.frombuffer(b"A", np.uint8), sym_start=one - 1, sym_len=one, key_start=one - 1,
-        key_len=one, tid_start=one - 1, tid_len=one, event_ns=one, recv_ns=one, emit_ns=1,
-        model="m", version="1", scores=np.full(1, 0.5), threshold=0.5, partition=one,
-        timestamp_ms=1, headers=[("t", b"")],
-    )  # fmt: skip
+        np.frombuffer(b"A", np.uint8),
+        sym_start=one - 1,
+        sym_len=one,
+        key_start=one - 1,
+        key_len=one,
+        tid_start=one - 1,
+        tid_len=one,
+        event_ns=one,
+        recv_ns=one,
+        emit_ns=1,
+        model="m",
+        version="1",
+        scores=np.full(1, 0.5),
+        threshold=0.5,
+        partition=one,
+        timestamp_ms=1,
+        headers=[("t", b"")],
+    )
