@@ -348,15 +348,20 @@ class OnlineWriter:
 
     def _write(self, rows: dict[str, _Row]) -> None:
         """Write the rows in Feast's Redis layout (or through Feast for another store)."""
-        if self._view is None:  # resolved once: the view, and whether the store is Redis
-            self._view = self._store.get_feature_view(definitions.FEATURE_VIEW)
-            self._redis = _RedisRows.for_store(self._store, self._view, self._spec)
+        self._feature_view()
         if self._redis is not None:
             self._redis.write(rows)
         else:
-            self._write_through_feast(self._view, rows)
+            self._write_through_feast(rows)
 
-    def _write_through_feast(self, view: FeatureView, rows: dict[str, _Row]) -> None:
+    def _feature_view(self) -> FeatureView:
+        """The feature view, resolved once, with whether the store is Redis."""
+        if self._view is None:
+            self._view = self._store.get_feature_view(definitions.FEATURE_VIEW)
+            self._redis = _RedisRows.for_store(self._store, self._view, self._spec)
+        return self._view
+
+    def _write_through_feast(self, rows: dict[str, _Row]) -> None:
         """Hand protobuf rows to the Feast provider's online write.
 
         This is the call `FeatureStore.write_to_online_store` ends in, minus its
@@ -374,6 +379,7 @@ class OnlineWriter:
             # protobuf Timestamps carry ns, but Feast converts through a datetime (us)
             when = EPOCH + timedelta(microseconds=row[0] // 1000)
             data.append((key, values, when, None))
+        view = self._feature_view()
         self._store.provider.online_write_batch(self._store.config, view, data, None)
 
     def _run(self) -> None:

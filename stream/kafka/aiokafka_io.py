@@ -1,4 +1,4 @@
-"""The data plane on aiokafka's own data path: for TLS, SASL, or brokers the wire client lacks.
+"""The data plane on aiokafka's own data path: for brokers the wire client does not serve.
 
 `GroupSource` is also the control plane of `stream.kafka.wire_io`: the group, the
 assignment, the rebalance callbacks, positions and commits stay aiokafka's there.

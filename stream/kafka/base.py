@@ -1,9 +1,10 @@
 """The data plane as the worker sees it: a tick source and a signal sink.
 
 Two implementations: `stream.kafka.wire_io` (Fetch and Produce on connections of our
-own, the default) and `stream.kafka.aiokafka_io` (aiokafka's data path, for TLS and
-SASL). Both keep aiokafka as the control plane (group, assignment, commits, metadata)
-and are held to the same contract by tests/test_dataplane_contract.py.
+own, the default) and `stream.kafka.aiokafka_io` (aiokafka's data path; tickserve has
+no TLS or SASL settings yet, and they would go there). Both keep aiokafka as the
+control plane (group, assignment, commits, metadata) and are held to the same
+contract by tests/test_dataplane_contract.py.
 """
 
 from __future__ import annotations

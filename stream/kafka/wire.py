@@ -11,9 +11,9 @@ batches are parsed as columns by `stream.kafka.aiokafka_adapter`'s Numba kernels
 prebuilt record batches of `stream.kafka.signalbatch` behind a ~40-byte request header.
 
 Protocol: Fetch v4 and Produce v3 (message format v2), non-flexible versions that
-Kafka >= 0.11, Redpanda and the local broker all accept. Plaintext only: a
-deployment that needs TLS or SASL runs the worker with `wire=False` (aiokafka's
-own data path, `stream.kafka.aiokafka_adapter.drain` and `send_batch`).
+Kafka >= 0.11, Redpanda and the local broker all accept. Plaintext only
+(tickserve has no TLS or SASL settings yet); `wire=False` runs the worker on aiokafka's
+own data path (`stream.kafka.aiokafka_adapter.drain` and `send_batch`).
 
 Responses on one connection come back in request order (the protocol guarantees
 it), so a deque of futures is the whole correlation table. Fetches and produces use

@@ -2,7 +2,7 @@
 
 aiokafka stays the control plane (`stream.kafka.aiokafka_io.GroupSource`: group,
 assignment, commits, metadata) and sends the rare single records (dead letters,
-shadow scores). Plaintext only: TLS or SASL take `stream.kafka.aiokafka_io`.
+shadow scores). Plaintext only; `stream.kafka.aiokafka_io` is aiokafka's own data path.
 """
 
 from __future__ import annotations
