@@ -18,6 +18,7 @@ from inference.validation import ValidationPolicy
 from inference.watcher import ModelWatcher, WatcherConfig
 from inference.webhook import WebhookConfig
 from stream.kafka import aiokafka_io, wire_io
+from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
 
@@ -62,14 +63,16 @@ class Service:
 def worker_config(settings: Settings) -> WorkerConfig:
     """The worker's share of the settings."""
     return WorkerConfig(
-        bootstrap=settings.bootstrap,
-        ticks_topic=settings.ticks_topic,
+        DataPlaneConfig(
+            bootstrap=settings.bootstrap,
+            topic=settings.ticks_topic,
+            group_id=settings.group_id,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+            max_batch=settings.max_batch,
+            linger_ms=settings.linger_ms,
+        ),
         signals_topic=settings.signals_topic,
         dlq_topic=settings.dlq_topic,
-        group_id=settings.group_id,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        linger_ms=settings.linger_ms,
-        max_batch=settings.max_batch,
         max_future_ns=settings.max_future_ms * 1_000_000,
         snapshot_interval_s=settings.snapshot_interval_s,
         commit_interval_s=settings.commit_interval_ms / 1000,

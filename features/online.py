@@ -348,7 +348,7 @@ class OnlineWriter:
 
     def _write(self, rows: dict[str, _Row]) -> None:
         """Write the rows in Feast's Redis layout (or through Feast for another store)."""
-        self._feature_view()
+        self._feature_view()  # resolved once: the view, and whether the store is Redis
         if self._redis is not None:
             self._redis.write(rows)
         else:

@@ -30,7 +30,8 @@ def test_a_micro_batch_gives_signals_dead_letters_a_commit_and_a_snapshot() -> N
         seen.append(config)
         return DataPlane(source, sink)
 
-    config = WorkerConfig("nowhere:1", "ticks", "signals", "dlq", "g", commit_interval_s=0.0)
+    plane = DataPlaneConfig("nowhere:1", "ticks", "g")
+    config = WorkerConfig(plane, "signals", "dlq", commit_interval_s=0.0)
     worker = StreamWorker(config, FeatureEngine(spec), batcher, open_dataplane, writer, snapshots)
     start = time.time_ns() - 10**9
     ticks = [

@@ -51,16 +51,11 @@ FeatureTap = Callable[[list[str], list[str], np.ndarray, np.ndarray], None]
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    """Topics, group and client knobs of one worker process."""
+    """Topics and knobs of one worker process; `dataplane` says where ticks come from."""
 
-    bootstrap: str
-    ticks_topic: str
+    dataplane: DataPlaneConfig
     signals_topic: str
     dlq_topic: str
-    group_id: str
-    fetch_max_wait_ms: int = 20
-    linger_ms: int = 5
-    max_batch: int = 2000
     max_future_ns: int = 5_000_000_000
     threshold: float = 0.5
     snapshot_interval_s: float = 10.0
@@ -69,18 +64,6 @@ class WorkerConfig:
     # much more, at-least-once either way
     commit_interval_s: float = 0.1
     shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
-
-    @property
-    def dataplane(self) -> DataPlaneConfig:
-        """What the data plane needs of it."""
-        return DataPlaneConfig(
-            self.bootstrap,
-            self.ticks_topic,
-            self.group_id,
-            self.fetch_max_wait_ms,
-            self.max_batch,
-            self.linger_ms,
-        )
 
 
 class StreamWorker:
@@ -166,7 +149,7 @@ class StreamWorker:
             logger.info(
                 "worker consuming",
                 extra={
-                    "topic": self.config.ticks_topic,
+                    "topic": self.config.dataplane.topic,
                     "model": self.model.name,
                     "version": self.model.version,
                 },
