@@ -10,11 +10,11 @@ import numpy as np
 
 from features import kernels
 from features.spec import FeatureSpec
-from tickserve.errors import ConfigError
 from tickserve.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
+FULL = -1  # the slot `FeatureEngine.slots` gives a new symbol once max_symbols are taken
 OFFLINE_CHUNK_TICKS = 1_000_000  # per kernel call offline: progress steps, no measurable cost
 
 
@@ -65,8 +65,6 @@ class FeatureEngine:
     def _grow(self) -> None:
         old = self.fstate.shape[0]
         new = min(old * 2, self.max_symbols)
-        if new <= old:
-            raise ConfigError(f"more than max_symbols={self.max_symbols} symbols seen")
         self.fstate = np.concatenate([self.fstate, np.zeros((new - old, kernels.N_FSTATE))])
         istate = np.zeros((new - old, kernels.N_ISTATE), np.int64)
         istate[:, kernels.I_BAR] = -1
@@ -75,14 +73,27 @@ class FeatureEngine:
         self.rings = np.concatenate([self.rings, rings])
         logger.info("feature state grown", extra={"symbols": new})
 
+    @property
+    def full(self) -> bool:
+        """Every one of the `max_symbols` slots is taken."""
+        return len(self.symbols) >= self.max_symbols
+
     def slots(self, symbols: Sequence[str]) -> np.ndarray:
-        """Slot per symbol, assigning new slots to symbols seen for the first time."""
+        """Slot per symbol, assigning new slots to symbols seen for the first time.
+
+        Once `max_symbols` symbols hold slots, a new symbol gets -1 (FULL): what
+        producers send must not take the process down, so the caller decides what
+        becomes of its ticks (the worker dead-letters them with reason ``capacity``).
+        """
         out = np.empty(len(symbols), np.int64)
         slot_of = self.slot_of
         for i, symbol in enumerate(symbols):
             slot = slot_of.get(symbol)
             if slot is None:
                 slot = len(self.symbols)
+                if slot >= self.max_symbols:
+                    out[i] = FULL
+                    continue
                 if slot >= self.fstate.shape[0]:
                     self._grow()
                 slot_of[symbol] = slot

@@ -81,9 +81,15 @@ def restore(engine: FeatureEngine, snap: Snapshot) -> None:
             f"snapshot was taken with FeatureSpec {snap.spec_hash}, engine runs {engine.spec.hash}"
         )
     slots = engine.slots(snap.symbols)
-    engine.fstate[slots] = snap.fstate
-    engine.istate[slots] = snap.istate
-    engine.rings[slots] = snap.rings
+    kept = slots >= 0
+    if not kept.all():  # max_symbols lowered since the snapshot: its newest symbols replay
+        logger.warning(
+            "snapshot holds more symbols than max_symbols",
+            extra={"dropped": int((~kept).sum()), "max_symbols": engine.max_symbols},
+        )
+    engine.fstate[slots[kept]] = snap.fstate[kept]
+    engine.istate[slots[kept]] = snap.istate[kept]
+    engine.rings[slots[kept]] = snap.rings[kept]
 
 
 def _count_failure(what: str, key: str, exc: redis.RedisError) -> None:

@@ -27,6 +27,7 @@ from inference.batcher import MicroBatcher
 from inference.registry import LoadedModel
 from inference.webhook import WEBHOOKS, WebhookConfig, WebhookPayload, ignore_reason, verify
 from tickserve.errors import StaleRow, WebhookRejected
+from tickserve.limits import MAX_SYMBOL_LEN
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,12 @@ def _predict_request_model(feature_names: tuple[str, ...]) -> type[BaseModel]:
         ),
         symbol=(
             str | None,
-            Field(None, min_length=1, max_length=64, description="use this symbol's latest row"),
+            Field(
+                None,
+                min_length=1,
+                max_length=MAX_SYMBOL_LEN,
+                description="use this symbol's latest row",
+            ),
         ),
     )
 

@@ -8,11 +8,10 @@ import pytest
 import talib
 
 from features import kernels
-from features.engine import FeatureEngine, compute_features
+from features.engine import FULL, FeatureEngine, compute_features
 from features.kernels import STATUS_LATE, STATUS_OK
 from features.spec import NS_PER_SECOND, FeatureSpec
 from tests.helpers import TRADES
-from tickserve.errors import ConfigError
 
 SPEC = FeatureSpec()
 
@@ -223,8 +222,10 @@ def test_late_tick_is_flagged_and_leaves_state_alone() -> None:
 def test_symbols_grow_up_to_the_maximum() -> None:
     engine = FeatureEngine(SPEC, max_symbols=5, initial_symbols=2)
     assert engine.slots(["a", "b", "c", "a", "d", "e"]).tolist() == [0, 1, 2, 0, 3, 4]
-    with pytest.raises(ConfigError, match="max_symbols=5"):
-        engine.slots(["f"])
+    # full: a new symbol gets no slot (the worker dead-letters its ticks), known ones keep theirs
+    assert engine.full
+    assert engine.slots(["f", "a", "g", "e"]).tolist() == [FULL, 0, FULL, 4]
+    assert engine.symbols == ["a", "b", "c", "d", "e"]
 
 
 def test_symbols_do_not_share_state(trades: pd.DataFrame) -> None:

@@ -25,6 +25,7 @@ from stream.contracts.tickcodec import (
     warm_up,
 )
 from tests.helpers import GOOD, NOW
+from tickserve.limits import MAX_SYMBOL_LEN
 
 FUTURE_NS = 5_000_000_000
 SYMBOLS = [
@@ -378,3 +379,16 @@ def test_hash_is_fnv1a_64() -> None:
 def test_warm_up() -> None:
     warm_up()
     assert math.isfinite(decode_columns(*pack([orjson.dumps(GOOD)]), NOW, 0)[0].price[0])
+
+
+def test_symbols_longer_than_the_limit_are_rejected_by_both_paths() -> None:
+    def tick(symbol: str) -> bytes:
+        return Tick(symbol, NOW - 10, 1.0, 1.0, "buy", "1", NOW - 5).encode()
+
+    # 64 characters pass however many bytes they take; 65 fail, on either path
+    fits = ["x" * MAX_SYMBOL_LEN, "é" * MAX_SYMBOL_LEN, "😀" * MAX_SYMBOL_LEN]
+    too_long = ["x" * (MAX_SYMBOL_LEN + 1), "é" * (MAX_SYMBOL_LEN + 1)]
+    spans = assert_same([tick(s) for s in fits + too_long])
+    assert spans.symbols() == fits
+    _, rejected = decode_columns(*pack([tick(s) for s in too_long]), NOW, FUTURE_NS)
+    assert [(r.reason, "at most 64" in r.detail) for r in rejected] == [("schema", True)] * 2

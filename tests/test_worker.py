@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 from aiokafka import TopicPartition
 
 from features.engine import FeatureEngine
@@ -64,3 +65,49 @@ def test_a_micro_batch_gives_signals_dead_letters_a_commit_and_a_snapshot() -> N
     latest = worker.latest("A")
     assert latest is not None and latest[0] == start + 59 * 100_000
     assert writer.offers and writer.offers[-1][0] == ["A"]
+
+
+def test_symbols_past_max_symbols_become_dead_letters_and_the_worker_goes_on() -> None:
+    spec = FeatureSpec(bar_ns=100_000)
+    model = loaded(make_onnx_classifier(spec.n_features, "logistic", seed=1), spec.n_features)
+    batcher = MicroBatcher(model, spec.n_features, BatcherConfig(max_batch=100))
+    source, sink = FakeSource(), FakeSink()
+    config = WorkerConfig(DataPlaneConfig("nowhere:1", "ticks", "g"), "signals", "dlq")
+    engine = FeatureEngine(spec, max_symbols=2, initial_symbols=1)
+    worker = StreamWorker(config, engine, batcher, lambda _: DataPlane(source, sink))
+    start = time.time_ns() - 10**9
+    symbols = ["A", "B", "C", "A", "D", "B", "C"]  # C and D find no room
+    ticks = [
+        Tick(s, start + i * 100_000, 1.0, 1.0, "buy", f"t{i}", start).encode()
+        for i, s in enumerate(symbols)
+    ]
+    source.push(
+        fetched_of(
+            "ticks",
+            [(0, i, s.encode(), v) for i, (s, v) in enumerate(zip(symbols, ticks, strict=True))],
+        )
+    )
+    # a second batch: the symbols already held still get their signals
+    later = Tick("A", start + 10**6, 1.0, 1.0, "sell", "t9", start).encode()
+    source.push(
+        fetched_of("ticks", [(0, 7, b"A", later), (0, 8, b"E", later.replace(b'"A"', b'"E"'))])
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        run = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while worker.processed < 9 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await run
+
+    asyncio.run(main())
+    assert worker.processed == 9
+    assert engine.symbols == ["A", "B"]
+    signals = [b for b in sink.batches if b[0] == "signals"]
+    assert sum(count for *_, count in signals) == 5  # A, B, A, B, A
+    dead = [(r.value, r.headers["reason"]) for r in sink.records]
+    assert [reason for _, reason in dead] == [b"capacity"] * 4
+    assert [orjson.loads(value)["symbol"] for value, _ in dead] == ["C", "D", "C", "E"]
+    assert b"max_symbols=2" in sink.records[0].headers["detail"]

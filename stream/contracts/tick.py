@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 
 from tickserve.errors import InvalidTick
+from tickserve.limits import MAX_SYMBOL_LEN
 
 SIDES = {"buy": True, "sell": False}
 
@@ -123,6 +124,10 @@ def validate(doc: object, now_ns: int, max_future_ns: int) -> Tick:
     symbol = doc.get("symbol")
     if not isinstance(symbol, str) or not symbol:
         raise InvalidTick("schema", f"symbol must be a non-empty string, got {symbol!r}")
+    if len(symbol) > MAX_SYMBOL_LEN:
+        raise InvalidTick(
+            "schema", f"symbol is {len(symbol)} characters, at most {MAX_SYMBOL_LEN} allowed"
+        )
     event_ns = _int_field(doc, "event_ns")
     recv_ns = _int_field(doc, "recv_ns")
     price = _float_field(doc, "price")
@@ -184,6 +189,7 @@ def decode_batch(
             fast = (
                 type(sym) is str
                 and sym != ""
+                and len(sym) <= MAX_SYMBOL_LEN
                 and type(ev) is int
                 and type(recv) is int
                 and INT64_MIN <= ev <= INT64_MAX

@@ -78,6 +78,10 @@ class TickSpans:
     def __len__(self) -> int:
         return len(self.index)
 
+    def take(self, rows: np.ndarray) -> TickSpans:
+        """Only `rows` (indices, in order), sharing `text`."""
+        return TickSpans(text=self.text, **{name: getattr(self, name)[rows] for name in _COLUMNS})
+
     def symbols(self, rows: np.ndarray | None = None) -> list[str]:
         """The symbols of all rows, or of `rows`, as strings (for taps, tests, dead letters)."""
         text = self.text.tobytes()
@@ -89,6 +93,9 @@ class TickSpans:
         text = self.text.tobytes()
         starts, lens = _pick(self.tid_start, self.tid_len, rows)
         return [_unescape(text[s : s + n]) for s, n in zip(starts, lens, strict=True)]
+
+
+_COLUMNS = tuple(name for name in TickSpans.__dataclass_fields__ if name != "text")
 
 
 def _pick(

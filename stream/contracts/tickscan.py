@@ -29,6 +29,8 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from numba import njit
 
+from tickserve.limits import MAX_SYMBOL_LEN
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 TOKEN_WIDTH = 32  # longest price/quantity token the scan takes (longer: slow path)
@@ -429,8 +431,10 @@ def check(
 ) -> tuple[int, int]:
     """Keep the rows passing the contract's value checks (compacted in place).
 
-    Price finite and > 0, quantity finite and >= 0, event_ns <= limit; a row failing
-    one goes back to `slow` (after `nslow` entries) for `decode_tick` to name the reason.
+    Price finite and > 0, quantity finite and >= 0, event_ns <= limit, symbol of at
+    most MAX_SYMBOL_LEN UTF-8 bytes (a longer one may still have few enough
+    characters: the per-record path decides); a row failing one goes back to `slow`
+    (after `nslow` entries) for `decode_tick` to name the reason.
 
     Returns:
         (rows kept, slow records).
@@ -439,7 +443,12 @@ def check(
     for r in range(rows):
         price = nums[0, r]
         qty = nums[1, r]
-        if 0.0 < price < math.inf and 0.0 <= qty < math.inf and ints[R_EVENT, r] <= limit:
+        if (
+            0.0 < price < math.inf
+            and 0.0 <= qty < math.inf
+            and ints[R_EVENT, r] <= limit
+            and ints[R_KEY_LEN, r] <= MAX_SYMBOL_LEN
+        ):
             if kept != r:
                 for f in range(ints.shape[0]):
                     ints[f, kept] = ints[f, r]

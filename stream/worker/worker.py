@@ -22,6 +22,7 @@ from inference.batcher import MicroBatcher
 from inference.registry import LoadedModel
 from stream.contracts import tickcodec
 from stream.contracts.signal import STAGES
+from stream.contracts.tick import Rejected
 from stream.contracts.tickcodec import SymbolTable, TickSpans, decode_columns
 from stream.kafka import signalbatch
 from stream.kafka.base import DataPlaneConfig, OpenDataPlane, SignalSink, TickSource
@@ -223,6 +224,8 @@ class StreamWorker:
         )
         t_decoded = time.time_ns()
         slots = self._slots(spans, fetched)
+        if self.engine.full:
+            spans, slots = self._over_capacity(spans, slots, rejected)
         feats = self.engine.update(slots, spans.event_ns, spans.price, spans.quantity, spans.is_buy)
         t_featured = time.time_ns()
         if self.feature_tap is not None:
@@ -295,14 +298,35 @@ class StreamWorker:
             # rare (a new symbol, or bytes that only share a known symbol's hash):
             # resolved by name, one row at a time
             names = spans.symbols(unknown)
-            slots[unknown] = self.engine.slots(names)
+            slots[unknown] = self.engine.slots(names)  # FULL (-1) past max_symbols
             text = spans.text
             for row, slot in zip(unknown.tolist(), slots[unknown].tolist(), strict=True):
-                start, length = int(spans.sym_start[row]), int(spans.sym_len[row])
-                self._symbol_table.add(text[start : start + length].tobytes(), slot)
+                if slot >= 0:
+                    start, length = int(spans.sym_start[row]), int(spans.sym_len[row])
+                    self._symbol_table.add(text[start : start + length].tobytes(), slot)
             # keys pin a symbol to one partition: remember it for snapshots
-            self.recovery.pin(names, fetched.partition[spans.index[unknown]].tolist())
+            held = slots[unknown] >= 0
+            partitions = fetched.partition[spans.index[unknown[held]]].tolist()
+            self.recovery.pin([n for n, h in zip(names, held, strict=True) if h], partitions)
         return slots
+
+    def _over_capacity(
+        self, spans: TickSpans, slots: np.ndarray, rejected: list[Rejected]
+    ) -> tuple[TickSpans, np.ndarray]:
+        """Rows of symbols that got no slot become dead letters (reason ``capacity``).
+
+        Producers decide which symbols arrive; `max_symbols` bounds the state they can
+        make the worker hold, and the worker goes on with the symbols it has.
+        """
+        over = slots < 0
+        if not over.any():
+            return spans, slots
+        limit = self.engine.max_symbols
+        for record in spans.index[over].tolist():
+            rejected.append(Rejected(record, "capacity", f"max_symbols={limit} symbols held"))
+        rejected.sort(key=lambda bad: bad.index)
+        kept = np.flatnonzero(~over)
+        return spans.take(kept), slots[kept]
 
     def _signal_batches(
         self,
