@@ -141,7 +141,10 @@ class Settings(BaseSettings):
         "trained with another length is refused",
     )
     max_symbols: int = Field(
-        10_000, ge=1, description="Symbols a worker keeps feature state for (preallocated)"
+        10_000,
+        ge=1,
+        description="Symbols a worker keeps feature state for; ticks of further symbols go "
+        "to the dead-letter topic with reason `capacity`",
     )
     max_future_ms: int = Field(
         5_000,
