@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from prometheus_client import start_http_server
+
 from deploy.settings import Settings
 from features.engine import FeatureEngine
 from features.engine import warm_up as warm_up_features
@@ -48,6 +50,8 @@ class Service:
         settings = self.settings
         await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions)
         others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
+        if settings.metrics_port:  # scrapes on a thread of their own, off the stream's loop
+            start_http_server(settings.metrics_port, addr=settings.http_host)
         if settings.http_port:
             app = create_app(self.api)
             others.append(
@@ -135,7 +139,15 @@ def build_service(settings: Settings, online_store: bool = True) -> Service:
         aliases = tuple(a for a in (settings.model_alias, settings.challenger_alias) if a)
         webhook = WebhookConfig(settings.webhook_secret, settings.model_name, aliases, watcher.wake)
     api = ApiContext(
-        batcher, spec.names, worker.latest, worker.assigned.is_set, config.threshold, webhook
+        batcher,
+        spec.names,
+        worker.latest,
+        worker.assigned.is_set,
+        config.threshold,
+        webhook,
+        token=settings.bearer_token,
+        max_body_bytes=settings.max_body_bytes,
+        metrics_route=not settings.metrics_port,
     )
     topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
     if config.shadow_topic:

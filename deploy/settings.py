@@ -200,6 +200,24 @@ class Settings(BaseSettings):
         description="HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset: every "
         "delivery is refused (403)",
     )
+    api_token: SecretStr | None = Field(
+        None,
+        description="Bearer token that POST /predict and GET /model require; unset (and no "
+        "api_token_file): they are open",
+    )
+    api_token_file: Path | None = Field(
+        None, description="File holding the bearer token (a mounted secret); instead of api_token"
+    )
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="HTTP request bodies larger than this get 413 unread"
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve /metrics on this port of http_host, on a thread of its own, instead "
+        "of the API's port; 0: on the API's port",
+    )
     log_level: str = Field("INFO", description="Level of the JSON log lines on stderr")
 
     @field_validator("redis_url")
@@ -213,6 +231,26 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    @field_validator("api_token")
+    @classmethod
+    def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    @property
+    def bearer_token(self) -> SecretStr | None:
+        """The API's bearer token: api_token, else the contents of api_token_file."""
+        if self.api_token is not None or self.api_token_file is None:
+            return self.api_token
+        try:
+            token = self.api_token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"TICKSERVE_API_TOKEN_FILE: cannot read {self.api_token_file}: {exc.strerror}"
+            ) from exc
+        if not token:
+            raise ConfigError(f"TICKSERVE_API_TOKEN_FILE: {self.api_token_file} is empty")
+        return SecretStr(token)
 
     @property
     def bootstrap(self) -> str:

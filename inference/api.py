@@ -16,14 +16,15 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, model_validator
 
 from inference.batcher import MicroBatcher
+from inference.guard import BodyLimit, bearer
 from inference.registry import LoadedModel
 from inference.webhook import WEBHOOKS, WebhookConfig, WebhookPayload, ignore_reason, verify
 from tickserve.errors import StaleRow, WebhookRejected
@@ -31,7 +32,12 @@ from tickserve.limits import MAX_SYMBOL_LEN
 
 logger = logging.getLogger(__name__)
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# strict: no "1.5" strings or true/false turned into numbers; within float32, which scores them
+FeatureValue = Annotated[
+    float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
+]
+MAX_BODY_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +52,9 @@ class ApiContext:
         threshold: P(up) at or above which the direction is 1 (else -1).
         webhook: Who may trigger a registry poll through `POST /webhooks/mlflow`; None
             (no secret configured) refuses every delivery with 403.
+        token: Bearer token that `POST /predict` and `GET /model` require; None: open.
+        max_body_bytes: Larger request bodies get 413 before they are read.
+        metrics_route: Serve `GET /metrics` here (False: it has a port of its own).
     """
 
     batcher: MicroBatcher
@@ -54,6 +63,9 @@ class ApiContext:
     consumer_ready: Callable[[], bool]
     threshold: float = 0.5
     webhook: WebhookConfig | None = None
+    token: SecretStr | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    metrics_route: bool = True
 
 
 class ErrorBody(BaseModel):
@@ -150,11 +162,15 @@ def _predict_request_model(feature_names: tuple[str, ...]) -> type[BaseModel]:
 
     return create_model(
         "PredictRequest",
-        __config__=ConfigDict(extra="forbid"),
         __doc__="Score either a feature row or the latest features of a symbol.",
+        # exactly one of the two, said in the schema as well as checked
+        __config__=ConfigDict(
+            extra="forbid",
+            json_schema_extra={"oneOf": [{"required": ["features"]}, {"required": ["symbol"]}]},
+        ),
         __validators__={"one_of": model_validator(mode="after")(one_of)},  # type: ignore[dict-item]
         features=(
-            list[FiniteFloat] | None,
+            list[FeatureValue] | None,
             Field(
                 None,
                 min_length=n,
@@ -181,7 +197,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         version="0.1.0",
         description="Scores from the serving model; probes and metrics of the stream worker.",
     )
+    app.add_middleware(BodyLimit, max_bytes=ctx.max_body_bytes)
     request_model = _predict_request_model(ctx.feature_names)
+    authorized = [Depends(bearer(ctx.token))]
+    if ctx.token is not None:
+        errors_auth: dict[int | str, dict[str, Any]] = {
+            401: {"model": ErrorBody, "description": "missing or wrong bearer token"}
+        }
+    else:
+        errors_auth = {}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -192,6 +216,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     errors: dict[int | str, dict[str, Any]] = {
         404: {"model": ErrorBody, "description": "unknown symbol or no features yet"},
         503: {"model": ErrorBody, "description": "the row went stale in the queue"},
+        413: {"model": ErrorBody, "description": "request body too large"},
+        **errors_auth,
     }
 
     async def predict(body: request_model) -> PredictResponse:  # type: ignore[valid-type]
@@ -230,9 +256,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
         response_model=PredictResponse,
         responses=errors,
         summary="Score one row",
+        dependencies=authorized,
     )
 
-    @app.get("/model", response_model=ModelInfo, summary="The serving model version")
+    @app.get(
+        "/model",
+        response_model=ModelInfo,
+        summary="The serving model version",
+        dependencies=authorized,
+        responses=errors_auth,
+    )
     async def model() -> ModelInfo:
         """Champion name, version, alias, FeatureSpec hash, provider, load time; challenger."""
         challenger = ctx.batcher.challenger
@@ -263,7 +296,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     _add_webhook_route(app, ctx.webhook)
+    if ctx.metrics_route:
+        _add_metrics_route(app)
+    return app
 
+
+def _add_metrics_route(app: FastAPI) -> None:
     @app.get(
         "/metrics",
         summary="Prometheus metrics",
@@ -273,8 +311,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def metrics() -> Response:
         """Every tickserve metric in the Prometheus text format."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from openapi_spec_validator import validate as validate_openapi
+from pydantic import SecretStr
 
 from deploy.stack import free_port
 from inference.api import ApiContext, create_app, serve_http
@@ -153,3 +155,82 @@ def test_served_by_uvicorn_on_the_callers_loop(ctx: ApiContext) -> None:
 
 async def _event() -> asyncio.Event:
     return asyncio.Event()
+
+
+@pytest.mark.parametrize(
+    "features",
+    [
+        ["1.5", 1.0, 2.0, 3.0],  # a numeric string is not coerced
+        [True, 1.0, 2.0, 3.0],  # nor a boolean
+        [3.5e38, 1.0, 2.0, 3.0],  # past float32, where the model scores it
+        [-3.5e38, 1.0, 2.0, 3.0],
+    ],
+)
+def test_features_are_strict_finite_float32_numbers(ctx: ApiContext, features: list[Any]) -> None:
+    response = call(ctx, lambda c: c.post("/predict", json={"features": features}))
+    assert response.status_code == 422, response.text
+
+
+def test_integers_are_numbers(ctx: ApiContext) -> None:
+    response = call(ctx, lambda c: c.post("/predict", json={"features": [0, 55, 0, 1]}))
+    assert response.status_code == 200, response.text
+
+
+def test_bodies_over_the_limit_get_413_unread(ctx: ApiContext) -> None:
+    big = {"features": [1.0] * 20_000}  # ~100 KB of JSON against the 64 KB default
+
+    async def chunked(client: httpx.AsyncClient) -> httpx.Response:
+        async def parts() -> Any:
+            for _ in range(100):
+                yield b" " * 1024  # no Content-Length: counted as it arrives
+            yield b'{"features": [1, 2, 3, 4]}'
+
+        return await client.post(
+            "/predict", content=parts(), headers={"content-type": "application/json"}
+        )
+
+    declared = call(ctx, lambda c: c.post("/predict", json=big))
+    assert declared.status_code == 413 and "65536" in declared.text
+    streamed = call(ctx, chunked)
+    assert streamed.status_code == 413
+    small = call(ctx, lambda c: c.post("/predict", json={"features": ROW}))
+    assert small.status_code == 200
+
+
+def test_a_bearer_token_guards_predict_and_model_but_not_probes(ctx: ApiContext) -> None:
+    guarded = dataclasses.replace(ctx, token=SecretStr("s3cret"))
+
+    async def calls(client: httpx.AsyncClient) -> dict[str, int]:
+        good = {"authorization": "Bearer s3cret"}
+        return {
+            "none": (await client.post("/predict", json={"features": ROW})).status_code,
+            "wrong": (
+                await client.post(
+                    "/predict", json={"features": ROW}, headers={"authorization": "Bearer nope"}
+                )
+            ).status_code,
+            "good": (
+                await client.post("/predict", json={"features": ROW}, headers=good)
+            ).status_code,
+            "model": (await client.get("/model")).status_code,
+            "model_good": (await client.get("/model", headers=good)).status_code,
+            "health": (await client.get("/health")).status_code,
+            "metrics": (await client.get("/metrics")).status_code,
+        }
+
+    assert call(guarded, calls) == {
+        "none": 401, "wrong": 401, "good": 200, "model": 401, "model_good": 200,
+        "health": 200, "metrics": 200,
+    }  # fmt: skip
+    doc = create_app(guarded).openapi()
+    assert "401" in doc["paths"]["/predict"]["post"]["responses"]
+
+
+def test_openapi_says_exactly_one_of_features_or_symbol(ctx: ApiContext) -> None:
+    schema = create_app(ctx).openapi()["components"]["schemas"]["PredictRequest"]
+    assert schema["oneOf"] == [{"required": ["features"]}, {"required": ["symbol"]}]
+
+
+def test_metrics_can_leave_the_api_port(ctx: ApiContext) -> None:
+    apart = dataclasses.replace(ctx, metrics_route=False)
+    assert call(apart, lambda c: c.get("/metrics")).status_code == 404

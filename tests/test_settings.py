@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deploy.settings import Settings, load_settings
@@ -35,3 +37,21 @@ def test_a_bad_value_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("REDIS_URL", "http://nowhere")
     with pytest.raises(ConfigError, match="^bad setting REDIS_URL: "):
         load_settings()
+
+
+def test_the_api_token_comes_from_the_environment_or_a_mounted_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    monkeypatch.setenv("TICKSERVE_API_TOKEN_FILE", str(secret))
+    token = load_settings().bearer_token
+    assert token is not None and token.get_secret_value() == "from-file"
+    assert "from-file" not in repr(load_settings())
+    monkeypatch.setenv("TICKSERVE_API_TOKEN", "from-env")
+    token = load_settings().bearer_token
+    assert token is not None and token.get_secret_value() == "from-env"
+    monkeypatch.delenv("TICKSERVE_API_TOKEN")
+    secret.unlink()
+    with pytest.raises(ConfigError, match="TICKSERVE_API_TOKEN_FILE: cannot read"):
+        _ = load_settings().bearer_token
