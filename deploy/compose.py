@@ -146,6 +146,7 @@ def build_service(settings: Settings, online_store: bool = True) -> Service:
         config.threshold,
         webhook,
         token=settings.bearer_token,
+        stream_not_ready=worker.not_ready_reason,
         max_body_bytes=settings.max_body_bytes,
         metrics_route=not settings.metrics_port,
     )

@@ -52,6 +52,8 @@ class ApiContext:
         threshold: P(up) at or above which the direction is 1 (else -1).
         webhook: Who may trigger a registry poll through `POST /webhooks/mlflow`; None
             (no secret configured) refuses every delivery with 403.
+        stream_not_ready: Why the stream cannot serve yet (e.g. replaying to its
+            committed offsets after a restore), or None.
         token: Bearer token that `POST /predict` and `GET /model` require; None: open.
         max_body_bytes: Larger request bodies get 413 before they are read.
         metrics_route: Serve `GET /metrics` here (False: it has a port of its own).
@@ -64,6 +66,7 @@ class ApiContext:
     threshold: float = 0.5
     webhook: WebhookConfig | None = None
     token: SecretStr | None = None
+    stream_not_ready: Callable[[], str | None] = lambda: None
     max_body_bytes: int = MAX_BODY_BYTES
     metrics_route: bool = True
 
@@ -116,6 +119,7 @@ class Readiness(BaseModel):
     ready: bool
     model_loaded: bool
     consumer_assigned: bool
+    reason: str | None = Field(None, description="why not ready, when the stream says why")
 
 
 class WebhookAnswer(BaseModel):
@@ -292,7 +296,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
             model_loaded=ctx.batcher.model is not None,
             consumer_assigned=ctx.consumer_ready(),
         )
-        state.ready = state.model_loaded and state.consumer_assigned
+        state.reason = ctx.stream_not_ready()
+        state.ready = state.model_loaded and state.consumer_assigned and state.reason is None
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     _add_webhook_route(app, ctx.webhook)

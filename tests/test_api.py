@@ -234,3 +234,15 @@ def test_openapi_says_exactly_one_of_features_or_symbol(ctx: ApiContext) -> None
 def test_metrics_can_leave_the_api_port(ctx: ApiContext) -> None:
     apart = dataclasses.replace(ctx, metrics_route=False)
     assert call(apart, lambda c: c.get("/metrics")).status_code == 404
+
+
+def test_ready_says_why_the_stream_holds_back(ctx: ApiContext) -> None:
+    why = "replaying partitions 3 up to their committed offsets"
+    replaying = dataclasses.replace(ctx, consumer_ready=lambda: True, stream_not_ready=lambda: why)
+    response = call(replaying, lambda c: c.get("/ready"))
+    assert response.status_code == 503
+    assert response.json()["reason"] == why
+    serving = dataclasses.replace(ctx, consumer_ready=lambda: True)
+    assert call(serving, lambda c: c.get("/ready")).json() == {
+        "ready": True, "model_loaded": True, "consumer_assigned": True, "reason": None,
+    }  # fmt: skip

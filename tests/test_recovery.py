@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 from aiokafka import TopicPartition
 
 from features.engine import FeatureEngine
 from features.spec import FeatureSpec
 from features.testing import MemorySnapshots
 from stream.kafka.testing import FakeSource, fetched_of
-from stream.worker.recovery import OFFSET_GAPS, Recovery
+from stream.worker import recovery
+from stream.worker.recovery import OFFSET_GAPS, STALE_POSITIONS, Recovery
 
 TP0, TP1 = TopicPartition("ticks", 0), TopicPartition("ticks", 1)
 
@@ -84,3 +86,54 @@ def test_a_batch_that_skips_offsets_is_counted() -> None:
     assert OFFSET_GAPS._value.get() == before
     recovery.check_gaps(fetched_of("ticks", [(0, 12, None, b"a")]))
     assert OFFSET_GAPS._value.get() == before + 1
+
+
+def test_positions_past_the_log_are_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker restarted empty: snapshot at 38378 and commit at 38400, log ends at 8400."""
+    monkeypatch.setattr(recovery, "RANGE_RECHECK_S", 0.0)
+
+    async def main() -> None:
+        store = MemorySnapshots()
+        engine = _engine_with(["A", "B"])
+        before = Recovery(engine, store, interval_s=10.0)
+        before.pin(["A", "B"], [0, 1])
+        before.applied({TP0: 38_378, TP1: 500})
+        await before.write(before.take())
+
+        after = Recovery(FeatureEngine(FeatureSpec()), store, interval_s=10.0)
+        source = FakeSource()
+        source.committed_offsets = {TP0: 38_400, TP1: 600}
+        source.log_ranges = {TP0: (0, 8_400), TP1: (0, 9_000)}  # TP1's positions hold
+        stale = STALE_POSITIONS.labels("snapshot")._value.get()
+        starts = await after.restore(source, {TP0, TP1})
+        # TP0 is rebuilt from the log's start and every record it holds gets a signal
+        assert starts == {TP0: 0, TP1: 500}
+        assert sorted(source.seeks) == [(TP0, -1), (TP1, 500)]
+        assert after.replay_until == {TP1: 600}
+        assert "committed offset 38400 outside the log [0, 8400]" in after.rebuilt[TP0]
+        assert TP1 not in after.rebuilt
+        assert STALE_POSITIONS.labels("snapshot")._value.get() == stale + 1
+        assert "A" not in after.engine.slot_of  # the stale snapshot was not restored
+
+    asyncio.run(main())
+
+
+def test_a_snapshot_the_log_no_longer_holds_is_rebuilt_up_to_a_good_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(recovery, "RANGE_RECHECK_S", 0.0)
+
+    async def main() -> None:
+        store = MemorySnapshots()
+        before = Recovery(_engine_with(["A"]), store, interval_s=10.0)
+        before.pin(["A"], [0])
+        before.applied({TP0: 9_000})
+        await before.write(before.take())
+        after = Recovery(FeatureEngine(FeatureSpec()), store, interval_s=10.0)
+        source = FakeSource()
+        source.committed_offsets = {TP0: 800}  # an offset reset moved the group back
+        source.log_ranges = {TP0: (0, 1_000)}
+        assert await after.restore(source, {TP0}) == {TP0: 0}
+        assert after.replay_until == {TP0: 800}  # no duplicates before the commit
+
+    asyncio.run(main())

@@ -90,6 +90,12 @@ class GroupSource:
         """Read `tp` from its first offset on."""
         await self.consumer.seek_to_beginning(tp)
 
+    async def log_range(self, tp: TopicPartition) -> tuple[int, int]:
+        """The partition's log start offset and its end (ListOffsets, public API)."""
+        start = await self.consumer.beginning_offsets([tp])
+        end = await self.consumer.end_offsets([tp])
+        return int(start[tp]), int(end[tp])
+
     async def close(self) -> None:
         """Leave the group."""
         await self.consumer.stop()

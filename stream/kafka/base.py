@@ -81,6 +81,9 @@ class TickSource(Protocol):
     async def seek_to_beginning(self, tp: TopicPartition) -> None:
         """Read `tp` from its first offset on."""
 
+    async def log_range(self, tp: TopicPartition) -> tuple[int, int]:
+        """The partition's log start offset and its end (high watermark) now."""
+
     async def close(self) -> None:
         """Leave the group and close the connections."""
 

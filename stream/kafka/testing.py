@@ -74,6 +74,7 @@ class FakeSource:
         self.seeks: list[tuple[TopicPartition, int]] = []
         self.refuse_commits = False
         self.closed = False
+        self.log_ranges: dict[TopicPartition, tuple[int, int]] = {}  # default: (0, 2**62)
 
     def push(self, fetched: Fetched) -> None:
         """Queue a batch for `poll`."""
@@ -112,6 +113,10 @@ class FakeSource:
     async def seek_to_beginning(self, tp: TopicPartition) -> None:
         """Record the seek (offset -1)."""
         self.seeks.append((tp, -1))
+
+    async def log_range(self, tp: TopicPartition) -> tuple[int, int]:
+        """The range set in `log_ranges`, else one that holds every offset."""
+        return self.log_ranges.get(tp, (0, 2**62))
 
     async def close(self) -> None:
         """Mark closed."""

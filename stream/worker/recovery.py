@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 REPLAYED = Counter("replayed_ticks_total", "Records re-applied to feature state without signals")
 OFFSET_GAPS = Counter("consumer_offset_gaps_total", "Fetched batches that skipped offsets")
+STALE_POSITIONS = Counter(
+    "stale_positions_total",
+    "Snapshots or committed offsets found outside their partition's log at assignment",
+    ["kind"],
+)
+RANGE_RECHECK_S = 1.0  # ListOffsets may lag a produce for a moment: look again before acting
 
 # (partition, its snapshot), taken now and written once its offset is committed
 Snapshots = list[tuple[TopicPartition, Snapshot]]
@@ -55,6 +61,8 @@ class Recovery:
         positions: Per partition, the next offset applied to the feature state.
         replay_until: Per partition being replayed, the committed offset it replays to.
         partition_of: The partition each symbol arrives on (keys pin a symbol to one).
+        rebuilt: Partitions whose snapshot or committed offset lay outside their log at
+            assignment, and why (rebuilt from the log's start).
     """
 
     def __init__(
@@ -72,6 +80,7 @@ class Recovery:
         self.positions: dict[TopicPartition, int] = {}
         self.replay_until: dict[TopicPartition, int] = {}
         self.partition_of: dict[str, int] = {}
+        self.rebuilt: dict[TopicPartition, str] = {}  # partitions whose positions were stale
         self._last_snapshot = clock()
 
     def pin(self, symbols: list[str], partitions: list[int]) -> None:
@@ -154,16 +163,18 @@ class Recovery:
             return {}
         starts = {}
         for tp in assigned:
-            committed = await source.committed(tp)
-            snap = self.store.load(tp.topic, tp.partition)
+            committed, snap = await self._trusted(
+                source, tp, await source.committed(tp), self.store.load(tp.topic, tp.partition)
+            )
             if snap is not None and snap.spec_hash == self.engine.spec.hash:
                 snapshot.restore(self.engine, snap)
                 for symbol in snap.symbols:
                     self.partition_of[symbol] = tp.partition
                 source.seek(tp, snap.next_offset)
                 start = snap.next_offset
-            elif committed:
-                # no usable snapshot: rebuild the state from the start of the partition
+            elif committed is not None or tp in self.rebuilt:
+                # no usable snapshot, or positions the log no longer holds: rebuild
+                # the state from the start of the partition
                 await source.seek_to_beginning(tp)
                 start = 0
             else:
@@ -182,9 +193,60 @@ class Recovery:
             )
         return starts
 
+    async def _trusted(
+        self,
+        source: TickSource,
+        tp: TopicPartition,
+        committed: int | None,
+        snap: Snapshot | None,
+    ) -> tuple[int | None, Snapshot | None]:
+        """The committed offset and snapshot, each dropped if the log does not hold it.
+
+        A broker restarted with empty storage, a topic deleted and recreated, or an
+        offset reset leave positions past the log's end (or before its start): reading
+        from there gets nothing, so the worker would wait silently. A dropped committed
+        offset means every record the log holds gets its signal again (the group's
+        commit no longer describes this log); a dropped snapshot means a rebuild.
+        """
+        wanted = [o for o in (committed, None if snap is None else snap.next_offset) if o]
+        if not wanted:
+            return committed, snap
+        low, high = await source.log_range(tp)
+        if all(low <= o <= high for o in wanted):
+            return committed, snap
+        await asyncio.sleep(RANGE_RECHECK_S)
+        low, high = await source.log_range(tp)
+        checks = (
+            ("committed", committed),
+            ("snapshot", None if snap is None else snap.next_offset),
+        )
+        for kind, offset in checks:
+            if offset and not low <= offset <= high:
+                STALE_POSITIONS.labels(kind).inc()
+                why = f"{kind} offset {offset} outside the log [{low}, {high}]"
+                self.rebuilt[tp] = f"{self.rebuilt[tp]}; {why}" if tp in self.rebuilt else why
+                logger.error(
+                    "position outside the partition's log: rebuilding from what it holds",
+                    extra={
+                        "partition": tp.partition,
+                        "kind": kind,
+                        "offset": offset,
+                        "log_start": low,
+                        "log_end": high,
+                    },
+                )
+                if kind == "committed":
+                    committed = None
+                else:
+                    snap = None
+        if committed is None and snap is not None:
+            snap = None  # state from offsets the group's commit no longer vouches for
+        return committed, snap
+
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Partitions taken away (after their last snapshot)."""
         for tp in partitions:
+            self.rebuilt.pop(tp, None)
             self.positions.pop(tp, None)
             self.replay_until.pop(tp, None)
 

@@ -112,6 +112,16 @@ class StreamWorker:
         """The champion serving now (a swap lands between two micro-batches)."""
         return self.batcher.model
 
+    def not_ready_reason(self) -> str | None:
+        """Why signals are held back now (`/ready` says it), or None."""
+        replaying = self.recovery.replay_until
+        if not replaying:
+            return None
+        parts = ", ".join(str(tp.partition) for tp in sorted(replaying))
+        rebuilt = "; ".join(self.recovery.rebuilt.values())
+        why = f"replaying partitions {parts} up to their committed offsets"
+        return f"{why} ({rebuilt})" if rebuilt else why
+
     def latest(self, symbol: str) -> tuple[int, np.ndarray] | None:
         """The newest ready feature row of `symbol` and its event time, None if none yet."""
         return self.latest_rows.latest(symbol)
