@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -215,3 +216,62 @@ def test_a_rebalance_moves_symbols_with_their_state(pipeline: Pipeline, tmp_path
                 proc.wait(30)
     want, _ = _expected_scores(settings, ticks)
     assert _assert_scores(signals, want) == 0  # a rebalance commits before it moves anything
+
+
+def test_a_recreated_topic_is_read_from_its_start_not_from_stale_positions(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """The ticks topic deleted and recreated under a worker's committed offsets and snapshots."""
+    settings = pipeline.settings.model_copy(
+        update={
+            "ticks_topic": unique("ticks"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "group_id": unique("worker"),
+            "partitions": 1,
+        }
+    )
+    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
+    run(ensure_topics(settings.bootstrap, topics, 1))
+    ticks = pipeline.ticks[:3000]
+    log = tmp_path / "worker.log"
+    run(publish(ticks, settings.bootstrap, settings.ticks_topic))
+    worker = _worker(settings, log)
+    try:
+        assert len({s.trade_id for s in _signals(settings, len(ticks))}) == len(ticks)
+        time.sleep(1.0)  # a snapshot after the last commit
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+
+    run(_recreate(settings.bootstrap, settings.ticks_topic))
+    again = [{**t, "trade_id": f"again-{t['trade_id']}"} for t in ticks[:1000]]
+    run(publish(again, settings.bootstrap, settings.ticks_topic))
+    worker = _worker(settings, log)
+    try:
+        signals = _signals(settings, len(ticks) + len(again), timeout_s=90)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    got = {s.trade_id for s in signals if s.trade_id.startswith("again-")}
+    assert got == {str(t["trade_id"]) for t in again}, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "position outside the partition's log" in text, text[-3000:]
+
+
+async def _recreate(bootstrap: str, topic: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+    for _ in range(50):  # the broker may take a moment to let the name go
+        try:
+            await ensure_topics(bootstrap, [topic], 1)
+            return
+        except Exception:
+            await asyncio.sleep(0.1)
+    await ensure_topics(bootstrap, [topic], 1)
