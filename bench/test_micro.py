@@ -73,7 +73,10 @@ def test_encode_tickserve(benchmark: pytest.FixtureRequest) -> None:
     ids = [t["trade_id"] for t in TICKS]
     ev = [t["event_ns"] for t in TICKS]
     scores: list[float | None] = [0.5] * N
-    benchmark(lambda: encode_signals(symbols, ids, ev, ev, NOW, "m", "1", scores, 0.5))  # type: ignore[arg-type]
+    zeros = [0] * N
+    benchmark(
+        lambda: encode_signals(symbols, ids, ev, ev, zeros, zeros, NOW, "m", "1", scores, 0.5)
+    )  # type: ignore[arg-type]
 
 
 SIGNALS = 2000
@@ -104,6 +107,7 @@ class SignalRows:
             self.text, sym_start=self.starts[:n], sym_len=self.lens[:n],
             key_start=self.starts[:n], key_len=self.lens[:n], tid_start=self.starts[n:],
             tid_len=self.lens[n:], event_ns=self.event_ns, recv_ns=self.event_ns + 1_000,
+            tick_partition=self.partition, tick_offset=self.event_ns - NOW,
             emit_ns=NOW, model="model", version="7", scores=self.scores, threshold=0.5,
             partition=self.partition, timestamp_ms=NOW // 10**6, headers=TIMING_HEADER,
         )  # fmt: skip
@@ -135,8 +139,9 @@ def test_encode_produce_batch_builder(benchmark: pytest.FixtureRequest) -> None:
 
     def encode_produce() -> list[bytes]:
         values = encode_signals(
-            r.symbols, r.trade_ids, r.event_ns.tolist(), (r.event_ns + 1_000).tolist(), NOW,
-            "model", "7", [None if s != s else s for s in scores], 0.5,
+            r.symbols, r.trade_ids, r.event_ns.tolist(), (r.event_ns + 1_000).tolist(),
+            partitions, (r.event_ns - NOW).tolist(), NOW, "model", "7",
+            [None if s != s else s for s in scores], 0.5,
         )  # fmt: skip
         builders: dict[int, BatchBuilder] = {}
         for p, key, value in zip(partitions, r.keys, values, strict=True):

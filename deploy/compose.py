@@ -99,6 +99,7 @@ def watcher_config(settings: Settings) -> WatcherConfig:
         onnx_threads=settings.onnx_threads,
         numba_kernels=settings.numba_kernels,
         tensorrt=settings.tensorrt,
+        max_non_finite_rate=settings.max_non_finite_rate,
     )
 
 

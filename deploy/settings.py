@@ -171,6 +171,13 @@ class Settings(BaseSettings):
         "ticks dead-lettered (reason stale); 0: never",
     )
     model_poll_s: float = Field(5.0, gt=0, description="Registry poll interval for alias changes")
+    max_non_finite_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="A champion whose share of NaN/infinite scores passes this (over 1,000 "
+        "rows or more) is rolled back to the version it replaced",
+    )
     challenger_alias: str = Field(
         "", description="Alias scored in shadow to shadow_topic, never to signals; empty: none"
     )

@@ -93,6 +93,31 @@ class RowScore:
     queued_ns: int
 
 
+class ScoreHealth:
+    """How many rows the serving version scored, and how many of them came out non-finite.
+
+    A version can pass every check on its golden rows and still return NaN for inputs
+    the stream brings; the watcher rolls such a version back (`ModelWatcher`).
+    """
+
+    def __init__(self, version: str) -> None:
+        """Counts for `version`, from zero."""
+        self.version = version
+        self.scored = 0
+        self.non_finite = 0
+
+    def count(self, version: str, scores: np.ndarray) -> None:
+        """Add a batch's scores (of the rows the model saw) if they are `version`'s."""
+        if version == self.version:
+            self.scored += len(scores)
+            self.non_finite += len(scores) - int(np.isfinite(scores).sum())
+
+    @property
+    def rate(self) -> float:
+        """Share of scored rows that were not finite (0 before any)."""
+        return self.non_finite / self.scored if self.scored else 0.0
+
+
 class MicroBatcher:
     """A deadline-aware micro-batcher over a swappable champion and optional challenger."""
 
@@ -119,12 +144,14 @@ class MicroBatcher:
         self._queued_since = 0
         self._timer: asyncio.TimerHandle | None = None
         self._delay_s = self.config.max_delay_us / 1e6
+        self.health = ScoreHealth(model.version)
 
     # -- model references (call on the loop thread: a swap lands between two batches) --
 
     def swap(self, model: LoadedModel) -> LoadedModel:
         """Serve `model` from the next batch on; returns the one it replaces."""
         old, self.model = self.model, model
+        self.health = ScoreHealth(model.version)
         logger.info(
             "champion swapped",
             extra={"model": model.name, "version": model.version, "previous": old.version},
@@ -157,6 +184,7 @@ class MicroBatcher:
             np.copyto(batch, rows, casting="same_kind")
             fresh_scores = model.scorer.score(batch)
             BATCHES.inc()
+            self.health.count(model.version, fresh_scores)
             return BatchScores(fresh_scores, self._none_stale[:n], model)
         scores = np.full(n, np.nan)
         stale = np.zeros(n, np.bool_)
@@ -173,6 +201,7 @@ class MicroBatcher:
                 stale[start:end],
                 None if shadow is None else shadow[start:end],
             )
+        self.health.count(model.version, scores[~stale])
         return BatchScores(scores, stale, model, shadow, challenger)
 
     # -- the request path --------------------------------------------------------------

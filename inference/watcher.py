@@ -38,6 +38,10 @@ REJECTIONS = Counter(
 )
 SWAPS = Counter("model_swaps_total", "Model versions swapped in", ["role"])
 POLL_ERRORS = Counter("model_poll_errors_total", "Registry polls that failed")
+ROLLBACKS = Counter(
+    "model_rollbacks_total",
+    "Champions rolled back because too many of their scores were not finite",
+)
 SERVING = Gauge("model_serving_version", "Version number being served", ["role"])
 
 
@@ -58,6 +62,10 @@ class WatcherConfig:
         numba_kernels: Score tree ensembles with `inference.trees` and logistic
             regressions with `inference.linear` where they cover them.
         tensorrt: Put TensorRT before CUDA where it is usable.
+        max_non_finite_rate: A champion whose share of non-finite scores passes this
+            (once it scored `min_rows_for_rate` rows) is rolled back to the version
+            it replaced.
+        min_rows_for_rate: Rows scored before the rate counts.
     """
 
     tracking_uri: str
@@ -71,6 +79,8 @@ class WatcherConfig:
     onnx_threads: int = 1
     numba_kernels: bool = True
     tensorrt: bool = False
+    max_non_finite_rate: float = 0.01
+    min_rows_for_rate: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +154,7 @@ class ModelWatcher:
         contract = validate(model.scorer, golden, cfg.policy, self.contract)
         if self.contract is None:
             self.contract = contract
-        self._checked[ref.version] = model
-        while len(self._checked) > cfg.keep_versions:
-            self._checked.popitem(last=False)
+        self.remember(model)
         logger.info(
             "model version checked",
             extra={
@@ -184,6 +192,7 @@ class ModelWatcher:
 
     async def poll_once(self, batcher: MicroBatcher) -> None:
         """Follow the champion (and challenger) alias once; never raises."""
+        self.roll_back_if_failing(batcher)
         roles = [(CHAMPION, self.config.alias)]
         if self.config.challenger_alias:
             roles.append((CHALLENGER, self.config.challenger_alias))
@@ -237,6 +246,51 @@ class ModelWatcher:
                 return
         self._rejected.pop(role, None)
         self._apply(batcher, role, dataclasses.replace(model, alias=alias))
+
+    def remember(self, model: LoadedModel) -> None:
+        """Keep a checked version loaded (the newest `keep_versions`), for rollbacks."""
+        self._checked[model.version] = model
+        while len(self._checked) > self.config.keep_versions:
+            self._checked.popitem(last=False)
+
+    def refused(self, role: str) -> str | None:
+        """The version `role`'s alias points at that is refused until the alias moves."""
+        return self._rejected.get(role)
+
+    def roll_back_if_failing(self, batcher: MicroBatcher) -> bool:
+        """Swap the champion back to the version it replaced if its scores fail too often.
+
+        The failing version is refused from then on, as a rejected one is: the alias
+        must move to another version before anything new serves.
+        """
+        health, cfg = batcher.health, self.config
+        if health.scored < cfg.min_rows_for_rate or health.rate <= cfg.max_non_finite_rate:
+            return False
+        failing = batcher.model
+        previous = next(
+            (e.previous for e in reversed(self.history) if e.role == CHAMPION),
+            None,
+        )
+        model = self._checked.get(previous) if previous else None
+        self._rejected[CHAMPION] = failing.version
+        REJECTIONS.labels(CHAMPION, "non_finite").inc()
+        detail = {
+            "model": failing.name,
+            "version": failing.version,
+            "non_finite_rate": round(health.rate, 4),
+            "scored": health.scored,
+            "rolled_back_to": model.version if model else None,
+        }
+        if model is None:  # nothing checked to go back to: keep serving, loudly
+            logger.error(
+                "champion scores non-finite values; no version to roll back to", extra=detail
+            )
+            batcher.health.scored = batcher.health.non_finite = 0  # look again after as many rows
+            return False
+        logger.error("champion scores non-finite values: rolled back", extra=detail)
+        ROLLBACKS.inc()
+        self._apply(batcher, CHAMPION, model)
+        return True
 
     def _apply(self, batcher: MicroBatcher, role: str, model: LoadedModel | None) -> None:
         """Swap on the loop thread: the batcher scores nothing while this runs."""

@@ -167,8 +167,8 @@ async def _send(settings: Settings, ticks: list[dict[str, object]], n_signals: i
     async def signals() -> None:
         for i in range(n_signals):
             now = time.time_ns()
-            (value,) = encode_signals([f"SYN{i % 5:03d}/USD"], [f"syn-{i}"], [now], [now], now,
-                                      "m", "1", [0.6], 0.5)  # fmt: skip
+            (value,) = encode_signals([f"SYN{i % 5:03d}/USD"], [f"syn-{i}"], [now], [now], [0],
+                                      [i], now, "m", "1", [0.6], 0.5)  # fmt: skip
             await producer.send(settings.signals_topic, value, key=b"k")
             if i % 500 == 0:
                 await asyncio.sleep(500 / rate)

@@ -41,11 +41,23 @@ class Rows:
     recv_ns: np.ndarray
     scores: np.ndarray
     partition: np.ndarray
+    ready: np.ndarray | None = None  # None: where the score is not NaN
+
+    @property
+    def is_ready(self) -> np.ndarray:
+        return ~np.isnan(self.scores) if self.ready is None else self.ready
+
+    @property
+    def offsets(self) -> np.ndarray:  # the ticks' offsets: any int64 will do
+        return np.arange(len(self.scores), dtype=np.int64) * 977 + 2**40
 
     def values(self, emit_ns: int, model: str, version: str, threshold: float) -> list[bytes]:
-        scores = [None if np.isnan(s) else s for s in self.scores.tolist()]
+        scores = [
+            s if r else None for s, r in zip(self.scores.tolist(), self.is_ready, strict=True)
+        ]
         return encode_signals(self.symbols, self.trade_ids, self.event_ns.tolist(),
-                              self.recv_ns.tolist(), emit_ns, model, version, scores,
+                              self.recv_ns.tolist(), self.partition.tolist(),
+                              self.offsets.tolist(), emit_ns, model, version, scores,
                               threshold)  # fmt: skip
 
     def batches(self, emit_ns: int, model: str, version: str, threshold: float,
@@ -66,7 +78,8 @@ class Rows:
         return encode_signal_batches(
             np.frombuffer(text, np.uint8), sym_start=spans[0][0], sym_len=spans[0][1],
             key_start=spans[2][0], key_len=key_len, tid_start=spans[1][0], tid_len=spans[1][1],
-            event_ns=self.event_ns, recv_ns=self.recv_ns, emit_ns=emit_ns, model=model,
+            event_ns=self.event_ns, recv_ns=self.recv_ns, tick_partition=self.partition,
+            tick_offset=self.offsets, ready=self.is_ready, emit_ns=emit_ns, model=model,
             version=version, scores=self.scores, threshold=threshold, partition=self.partition,
             timestamp_ms=timestamp_ms, headers=HEADERS, max_batch_bytes=max_batch_bytes,
         )  # fmt: skip
@@ -90,8 +103,10 @@ def random_rows(n: int, seed: int, partitions: int = 4) -> Rows:
     ]
     event_ns = NOW_NS + rng.integers(0, 10**12, n)
     event_ns[::97] = rng.choice([0, -1, -10, 9, 10, 2**63 - 1, -(2**63)], len(event_ns[::97]))
+    ready = kind != 0
+    scores[kind == 6] = rng.choice([np.nan, np.inf, -np.inf], n)[kind == 6]  # model errors
     return Rows(symbols, trade_ids, keys, event_ns, event_ns + rng.integers(0, 10**6, n), scores,
-                rng.integers(0, partitions, n))  # fmt: skip
+                rng.integers(0, partitions, n), ready)  # fmt: skip
 
 
 def aiokafka_batches(rows: Rows, values: list[bytes], timestamp_ms: int,
@@ -176,6 +191,15 @@ def test_values_equal_encode_signals(seed: int) -> None:
     signals = [Signal.decode(r.value) for r in by_row]
     assert {s.direction for s in signals} == {-1, 0, 1}
     assert not any(s.ready for s in signals if s.score is None and s.version == "")
+    errors = [s for s in signals if s.error is not None]
+    assert errors and all(
+        (s.ready, s.score, s.direction, s.version, s.error)
+        == (True, None, 0, version, "non_finite")
+        for s in errors
+    )
+    assert [(s.partition, s.offset) for s in signals] == [
+        (int(rows.partition[i]), int(rows.offsets[i])) for i in order
+    ]
 
 
 def test_nan_is_not_ready_and_threshold_is_up() -> None:
@@ -196,13 +220,15 @@ def test_empty_and_mismatched_inputs() -> None:
     with pytest.raises(ValueError, match="one entry per row"):
         encode_signal_batches(
             np.zeros(4, np.uint8), sym_start=one, sym_len=one, key_start=one, key_len=one,
-            tid_start=one, tid_len=one, event_ns=one, recv_ns=one, emit_ns=1, model="m",
+            tid_start=one, tid_len=one, event_ns=one, recv_ns=one, tick_partition=one,
+            tick_offset=one, emit_ns=1, model="m",
             version="1", scores=np.zeros(2), threshold=0.5, partition=one, timestamp_ms=1,
         )  # fmt: skip
     with pytest.raises(ValueError, match="outside the text buffer"):
         encode_signal_batches(
             np.zeros(4, np.uint8), sym_start=one + 3, sym_len=one + 2, key_start=one,
-            key_len=one, tid_start=one, tid_len=one, event_ns=one, recv_ns=one, emit_ns=1,
+            key_len=one, tid_start=one, tid_len=one, event_ns=one, recv_ns=one, tick_partition=one,
+            tick_offset=one, emit_ns=1,
             model="m", version="1", scores=np.zeros(1), threshold=0.5, partition=one,
             timestamp_ms=1,
         )  # fmt: skip
@@ -303,7 +329,8 @@ def test_stamp_last_writes_the_encoded_time_into_every_record() -> None:
     batches = encode_signal_batches(
         np.frombuffer(text, np.uint8), sym_start=starts, sym_len=lens, key_start=starts,
         key_len=lens, tid_start=starts, tid_len=lens, event_ns=rows.event_ns,
-        recv_ns=rows.recv_ns, emit_ns=1, model="m", version="1", scores=rows.scores,
+        recv_ns=rows.recv_ns, tick_partition=rows.partition, tick_offset=rows.offsets,
+        emit_ns=1, model="m", version="1", scores=rows.scores,
         threshold=0.5, partition=rows.partition, timestamp_ms=5, headers=placeholder,
         max_batch_bytes=16 * 1024, stamp_last=lambda: stamped,
     )  # fmt: skip
@@ -317,6 +344,7 @@ def test_stamp_last_writes_the_encoded_time_into_every_record() -> None:
         encode_signal_batches(
             np.frombuffer(text, np.uint8), sym_start=starts, sym_len=lens, key_start=starts,
             key_len=lens, tid_start=starts, tid_len=lens, event_ns=rows.event_ns,
-            recv_ns=rows.recv_ns, emit_ns=1, model="m", version="1", scores=rows.scores,
+            recv_ns=rows.recv_ns, tick_partition=rows.partition, tick_offset=rows.offsets,
+        emit_ns=1, model="m", version="1", scores=rows.scores,
             threshold=0.5, partition=rows.partition, timestamp_ms=5, stamp_last=lambda: 1,
         )  # fmt: skip

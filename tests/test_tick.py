@@ -90,12 +90,13 @@ def test_signals_round_trip() -> None:
     from stream.contracts.signal import DOWN, FLAT, UP, Signal, encode_signals
 
     raw = encode_signals(
-        ['we"ird', "B", "C"], ["1", "2", "3"], [10, 11, 12], [20, 21, 22], 30, "m", "7",
-        [0.9, None, 0.1], 0.5,
+        ['we"ird', "B", "C"], ["1", "2", "3"], [10, 11, 12], [20, 21, 22], [0, 1, 1],
+        [5, 6, 7], 30, "m", "7", [0.9, None, 0.1], 0.5,
     )  # fmt: skip
     got = [Signal.decode(r) for r in raw]
     assert [s.symbol for s in got] == ['we"ird', "B", "C"]
     assert [s.direction for s in got] == [UP, FLAT, DOWN]
     assert [s.version for s in got] == ["7", "", "7"]
     assert [s.ready for s in got] == [True, False, True]
-    assert got[0] == Signal('we"ird', "1", 10, 20, 30, "m", "7", 0.9, UP, True)
+    assert got[0] == Signal('we"ird', "1", 10, 20, 30, "m", "7", 0.9, UP, True, 0, 5)
+    assert [(s.partition, s.offset) for s in got] == [(0, 5), (1, 6), (1, 7)]

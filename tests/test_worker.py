@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from typing import Any
 
+import numpy as np
 import orjson
 from aiokafka import TopicPartition
+from aiokafka.record.default_records import DefaultRecordBatch
 
 from features.engine import FeatureEngine
 from features.spec import FeatureSpec
 from features.testing import MemorySnapshots, RecordingWriter
 from inference.batcher import BatcherConfig, MicroBatcher
 from inference.testing import loaded, make_onnx_classifier
+from stream.contracts.signal import Signal
 from stream.contracts.tick import Tick
 from stream.kafka.base import DataPlane, DataPlaneConfig
 from stream.kafka.testing import FakeSink, FakeSource, fetched_of
 from stream.worker import StreamWorker, WorkerConfig
+from stream.worker.worker import PREDICTION_ERRORS
 
 
 def test_a_micro_batch_gives_signals_dead_letters_a_commit_and_a_snapshot() -> None:
@@ -111,3 +117,59 @@ def test_symbols_past_max_symbols_become_dead_letters_and_the_worker_goes_on() -
     assert [reason for _, reason in dead] == [b"capacity"] * 4
     assert [orjson.loads(value)["symbol"] for value, _ in dead] == ["C", "D", "C", "E"]
     assert b"max_symbols=2" in sink.records[0].headers["detail"]
+
+
+class _NanForSomeRows:
+    """A scorer that fails (NaN) on every third row it is given, as a model can in production."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.provider, self.engine = inner, inner.provider, inner.engine
+
+    def score(self, batch: np.ndarray) -> np.ndarray:
+        scores = np.asarray(self.inner.score(batch), np.float64).copy()
+        scores[::3] = np.nan
+        return scores
+
+
+def test_non_finite_scores_are_errors_not_not_ready() -> None:
+    spec = FeatureSpec(bar_ns=100_000)
+    good = loaded(make_onnx_classifier(spec.n_features, "logistic", seed=1), spec.n_features)
+    model = dataclasses.replace(good, scorer=_NanForSomeRows(good.scorer), version="5")
+    batcher = MicroBatcher(model, spec.n_features, BatcherConfig(max_batch=100))
+    source, sink = FakeSource(), FakeSink()
+    config = WorkerConfig(DataPlaneConfig("nowhere:1", "ticks", "g"), "signals", "dlq")
+    worker = StreamWorker(config, FeatureEngine(spec), batcher, lambda _: DataPlane(source, sink))
+    start = time.time_ns() - 10**9
+    ticks = [
+        Tick("A", start + i * 100_000, 1.0 + i / 100, 1.0, "buy", f"t{i}", start).encode()
+        for i in range(60)
+    ]
+    source.push(fetched_of("ticks", [(2, 100 + i, b"A", v) for i, v in enumerate(ticks)]))
+    errors = PREDICTION_ERRORS.labels("m", "5", "non_finite")
+    before = errors._value.get()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        run = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while worker.processed < 60 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await run
+
+    asyncio.run(main())
+    signals = [
+        Signal.decode(r.value)
+        for _, data, _ in (b[1:] for b in sink.batches if b[0] == "signals")
+        for r in DefaultRecordBatch(data)
+    ]
+    assert [(s.partition, s.offset) for s in signals] == [(2, 100 + i) for i in range(60)]
+    ready = [s for s in signals if s.ready]
+    failed = [s for s in ready if s.error is not None]
+    assert ready and len(failed) == len(ready[::3])
+    assert all((s.score, s.direction, s.version, s.error) == (None, 0, "5", "non_finite")
+               for s in failed)  # fmt: skip
+    assert all(s.score is not None and s.error is None for s in ready if s not in failed)
+    assert not any(s.error for s in signals if not s.ready)
+    assert errors._value.get() == before + len(failed)
+    assert batcher.health.scored == len(ready) and batcher.health.non_finite == len(failed)

@@ -60,6 +60,10 @@ class DataError(TickserveError):
     """Input data for features or training is unusable (empty, too short, malformed)."""
 
 
+class UnsupportedSchema(DataError):
+    """A record written under a schema major version newer than this reader knows."""
+
+
 class BudgetExceeded(TickserveError):
     """This month's logged training cost is over the configured budget."""
 

@@ -13,6 +13,7 @@ cuts that array's text into per-row spans.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ import orjson
 from aiokafka.record.util import encode_varint
 from numba import njit
 
-from stream.contracts.signal import DOWN, FLAT, UP
+from stream.contracts.signal import DOWN, ERROR_FIELD, FLAT, SCHEMA_VERSION, UP
 from stream.kafka.recordbatch import (
     COPY_BLOCK,
     DEFAULT_MAX_BATCH_BYTES,
@@ -35,9 +36,9 @@ from stream.kafka.recordbatch import (
 )
 
 # Pieces of the signal template around the per-row fields (see stream.contracts.signal._TEMPLATE).
-P_SYMBOL, P_TRADE_ID, P_EVENT_NS, P_RECV_NS = 0, 1, 2, 3
-P_READY_MID, P_FLAT_MID = 4, 5  # emit_ns .. "score": with the version or ""
-P_UP_TAIL, P_DOWN_TAIL, P_FLAT_TAIL = 6, 7, 8  # direction and ready, closing brace
+P_SYMBOL, P_TRADE_ID, P_EVENT_NS, P_RECV_NS, P_PARTITION, P_OFFSET = 0, 1, 2, 3, 4, 5
+P_READY_MID, P_FLAT_MID = 6, 7  # emit_ns .. "score": with the version or ""
+P_UP_TAIL, P_DOWN_TAIL, P_FLAT_TAIL, P_ERROR_TAIL = 8, 9, 10, 11  # direction .. closing brace
 
 _DIGIT_PAIRS = np.frombuffer(b"".join(b"%02d" % i for i in range(100)), np.uint8)
 _POW10 = np.array([10**k for k in range(19)], np.int64)
@@ -114,17 +115,22 @@ def _value_sizes(
     tid_len: np.ndarray,
     event_ns: np.ndarray,
     recv_ns: np.ndarray,
+    tick_partition: np.ndarray,
+    tick_offset: np.ndarray,
+    ready: np.ndarray,
     scores: np.ndarray,
     threshold: float,
     score_len: np.ndarray,
     piece_at: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: the tail piece (direction), value size, and the sizes of both times."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the tail piece (direction), value size, and the sizes of its integers."""
     n = len(scores)
     tail = np.empty(n, np.int64)
     value_len = np.empty(n, np.int64)
     ev_size = np.empty(n, np.int64)
     rv_size = np.empty(n, np.int64)
+    tp_size = np.empty(n, np.int64)
+    to_size = np.empty(n, np.int64)
     fixed = piece_at[P_READY_MID] - piece_at[P_SYMBOL]  # the symbol .. recv_ns pieces
     size_of = piece_at[1:] - piece_at[:-1]
     for i in range(n):
@@ -135,25 +141,32 @@ def _value_sizes(
         ):
             raise ValueError("a text span lies outside the text buffer")
         s = scores[i]
-        if s != s:  # NaN: not ready
+        if not ready[i]:
             tail[i] = P_FLAT_TAIL
             mid = size_of[P_FLAT_MID]
+        elif not -math.inf < s < math.inf:  # NaN or infinite: the model failed on the row
+            tail[i] = P_ERROR_TAIL
+            mid = size_of[P_READY_MID]
         else:
             tail[i] = P_UP_TAIL if s >= threshold else P_DOWN_TAIL
             mid = size_of[P_READY_MID]
         ev_size[i] = _int_size(event_ns[i])
         rv_size[i] = _int_size(recv_ns[i])
+        tp_size[i] = _int_size(tick_partition[i])
+        to_size[i] = _int_size(tick_offset[i])
         value_len[i] = (
             fixed
             + sym_len[i]
             + tid_len[i]
             + ev_size[i]
             + rv_size[i]
+            + tp_size[i]
+            + to_size[i]
             + mid
             + score_len[i]
             + size_of[tail[i]]
         )
-    return tail, value_len, ev_size, rv_size
+    return tail, value_len, ev_size, rv_size, tp_size, to_size
 
 
 @njit(cache=True, inline="always")
@@ -172,6 +185,9 @@ def _encode(
     tid_len: np.ndarray,
     event_ns: np.ndarray,
     recv_ns: np.ndarray,
+    tick_partition: np.ndarray,
+    tick_offset: np.ndarray,
+    ready: np.ndarray,
     scores: np.ndarray,
     threshold: float,
     scores_json: np.ndarray,
@@ -188,7 +204,7 @@ def _encode(
     Returns the buffer and, per batch: partition, byte offset, byte size, record count.
     """
     score_start, score_len = _score_spans(scores_json, len(scores))
-    tail, value_len, ev_size, rv_size = _value_sizes(
+    tail, value_len, ev_size, rv_size, tp_size, to_size = _value_sizes(
         len(text) - COPY_BLOCK,
         sym_start,
         sym_len,
@@ -198,6 +214,9 @@ def _encode(
         tid_len,
         event_ns,
         recv_ns,
+        tick_partition,
+        tick_offset,
+        ready,
         scores,
         threshold,
         score_len,
@@ -232,6 +251,10 @@ def _encode(
             pos = _put_int(out, pos, event_ns[i], ev_size[i])
             pos = copy_bytes(out, pos, pieces, piece_at[P_RECV_NS], size_of[P_RECV_NS])
             pos = _put_int(out, pos, recv_ns[i], rv_size[i])
+            pos = copy_bytes(out, pos, pieces, piece_at[P_PARTITION], size_of[P_PARTITION])
+            pos = _put_int(out, pos, tick_partition[i], tp_size[i])
+            pos = copy_bytes(out, pos, pieces, piece_at[P_OFFSET], size_of[P_OFFSET])
+            pos = _put_int(out, pos, tick_offset[i], to_size[i])
             mid = P_FLAT_MID if tail[i] == P_FLAT_TAIL else P_READY_MID
             pos = copy_bytes(out, pos, pieces, piece_at[mid], size_of[mid])
             pos = copy_bytes(out, pos, scores_json, score_start[i], score_len[i])
@@ -245,15 +268,18 @@ def _template_pieces(emit_ns: int, model: str, version: str) -> tuple[np.ndarray
     dumps = orjson.dumps
     mid = b',"emit_ns":%d,"model":%b,"version":' % (emit_ns, dumps(model))
     pieces = (
-        b'{"symbol":"',
+        b'{"schema_version":"%b","symbol":"' % SCHEMA_VERSION.encode(),
         b'","trade_id":"',
         b'","event_ns":',
         b',"recv_ns":',
+        b',"partition":',
+        b',"offset":',
         mid + dumps(version) + b',"score":',
         mid + dumps("") + b',"score":',
         b',"direction":%d,"ready":true}' % UP,
         b',"direction":%d,"ready":true}' % DOWN,
         b',"direction":%d,"ready":false}' % FLAT,
+        b',"direction":%d,"ready":true%b}' % (FLAT, ERROR_FIELD),
     )
     at = np.zeros(len(pieces) + 1, np.int64)
     np.cumsum([len(p) for p in pieces], out=at[1:])
@@ -287,6 +313,8 @@ def encode_signal_batches(
     tid_len: np.ndarray,
     event_ns: np.ndarray,
     recv_ns: np.ndarray,
+    tick_partition: np.ndarray,
+    tick_offset: np.ndarray,
     emit_ns: int,
     model: str,
     version: str,
@@ -294,6 +322,7 @@ def encode_signal_batches(
     threshold: float,
     partition: np.ndarray,
     timestamp_ms: int,
+    ready: np.ndarray | None = None,
     headers: Sequence[tuple[str, bytes | None]] = (),
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     stamp_last: Callable[[], int] | None = None,
@@ -301,7 +330,8 @@ def encode_signal_batches(
     """Kafka record batches (magic 2, uncompressed) holding one signal per row.
 
     Each value is byte for byte what `stream.contracts.signal.encode_signals` writes for the
-    row (a NaN score stands for None: not ready). Rows go to their `partition`, in
+    row (a row not `ready` stands for a score of None; a ready row's NaN score for a
+    model error). Rows go to their `partition`, in
     row order; a partition's rows fill as many batches as `max_batch_bytes` needs,
     split where aiokafka's `BatchBuilder` would split them.
 
@@ -316,13 +346,18 @@ def encode_signal_batches(
         tid_len: Its length.
         event_ns: int64 event times.
         recv_ns: int64 receive times.
+        tick_partition: int64, the partition each row's tick was read from.
+        tick_offset: int64, its offset there.
         emit_ns: When the micro-batch was scored (the same for every row).
         model: Model name.
         version: Model version (written for scored rows; "" for the others).
-        scores: float64 P(up), NaN where the features were not ready.
+        scores: float64 P(up), NaN where the features were not ready or the model
+            gave no finite score.
         threshold: UP at or above it, DOWN below.
         partition: int64 output partition per row.
         timestamp_ms: The records' timestamp (the same for every record).
+        ready: bool per row, the features were complete; None: where `scores` is
+            not NaN.
         headers: Headers of every record, such as the stage timing header.
         max_batch_bytes: A batch stays smaller than this (a record that alone does not
             still goes, alone).
@@ -339,7 +374,8 @@ def encode_signal_batches(
     >>> [(p, data, n)] = encode_signal_batches(
     ...     np.frombuffer(b"BTC7", np.uint8), sym_start=at[0], sym_len=at[1],
     ...     key_start=at[0], key_len=at[1], tid_start=at[1], tid_len=at[1] - 2,
-    ...     event_ns=at[1], recv_ns=at[1], emit_ns=9, model="m", version="4",
+    ...     event_ns=at[1], recv_ns=at[1], tick_partition=at[0], tick_offset=at[1],
+    ...     emit_ns=9, model="m", version="4",
     ...     scores=np.array([0.75]), threshold=0.5, partition=np.array([2]), timestamp_ms=5)
     >>> [record] = DefaultRecordBatch(data)
     >>> signal = Signal.decode(record.value)
@@ -356,11 +392,14 @@ def encode_signal_batches(
         tid_len,
         event_ns,
         recv_ns,
+        tick_partition,
+        tick_offset,
         partition,
     )
     columns = [np.ascontiguousarray(c, np.int64) for c in per_row]
     scores = np.ascontiguousarray(scores, np.float64)
-    if any(len(c) != n for c in columns) or len(scores) != n:
+    ready = ~np.isnan(scores) if ready is None else np.ascontiguousarray(ready, np.bool_)
+    if any(len(c) != n for c in columns) or len(scores) != n or len(ready) != n:
         raise ValueError("every per-row array must have one entry per row")
     if n == 0:
         return []
@@ -370,7 +409,7 @@ def encode_signal_batches(
     padded_text = np.empty(len(text) + COPY_BLOCK, np.uint8)  # sources are padded: see copy_bytes
     padded_text[: len(text)] = text
     pieces, piece_at = _template_pieces(emit_ns, model, version)
-    s_start, s_len, k_start, k_len, t_start, t_len, ev, rv, part = columns
+    s_start, s_len, k_start, k_len, t_start, t_len, ev, rv, tick_p, tick_o, part = columns
     out, b_part, b_at, b_size, b_count = _encode(
         padded_text,
         s_start,
@@ -381,6 +420,9 @@ def encode_signal_batches(
         t_len,
         ev,
         rv,
+        tick_p,
+        tick_o,
+        ready,
         scores,
         float(threshold),
         scores_json,
@@ -432,6 +474,8 @@ def warm_up() -> None:
         tid_len=one,
         event_ns=one,
         recv_ns=one,
+        tick_partition=one,
+        tick_offset=one,
         emit_ns=1,
         model="m",
         version="1",

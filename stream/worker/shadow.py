@@ -43,6 +43,8 @@ class ShadowSignals:
             spans.trade_ids(rows),
             spans.event_ns[rows].tolist(),
             spans.recv_ns[rows].tolist(),
+            fetched.partition[spans.index[rows]].tolist(),
+            fetched.offset[spans.index[rows]].tolist(),
             emit_ns,
             challenger.name,
             challenger.version,

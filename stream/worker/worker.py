@@ -21,7 +21,7 @@ from features.online import OnlineWriter
 from inference.batcher import MicroBatcher
 from inference.registry import LoadedModel
 from stream.contracts import tickcodec
-from stream.contracts.signal import STAGES
+from stream.contracts.signal import NON_FINITE, STAGES
 from stream.contracts.tick import Rejected
 from stream.contracts.tickcodec import SymbolTable, TickSpans, decode_columns
 from stream.kafka import signalbatch
@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 TICKS = Counter("ticks_total", "Tick records consumed")
 PREDICTIONS = Counter("predictions_total", "Signals emitted", ["model", "version", "ready"])
+PREDICTION_ERRORS = Counter(
+    "prediction_errors_total",
+    "Ready rows the model gave no finite score (their signals carry the error)",
+    ["model", "version", "reason"],
+)
 LATENCY = Histogram(
     "prediction_latency_seconds",
     "In-process service time of a micro-batch: records received -> signals handed to the producer",
@@ -261,7 +266,8 @@ class StreamWorker:
             batches = self._signal_batches(
                 spans,
                 rows,
-                fetched.partition[spans.index[rows]],
+                fetched,
+                ready[rows],
                 scores[rows],
                 model,
                 started_ns,
@@ -279,10 +285,13 @@ class StreamWorker:
 
         n_ready = int(ready.sum())
         n_stale = int(stale.sum())
+        n_errors = int((ready & ~stale).sum()) - int(np.isfinite(scores).sum())
+        if n_errors:
+            PREDICTION_ERRORS.labels(model.name, model.version, NON_FINITE).inc(n_errors)
         TICKS.inc(len(fetched))
         BATCH_SIZE.observe(len(fetched))
         served, not_ready = self._prediction_counters(model)
-        served.inc(n_ready - n_stale)
+        served.inc(n_ready - n_stale - n_errors)
         not_ready.inc(len(spans) - n_ready - int(late.sum()))
         self.processed += len(fetched)
         self.latest_rows.publish(spans.event_ns, feats.values, ready, slots)
@@ -342,7 +351,8 @@ class StreamWorker:
         self,
         spans: TickSpans,
         rows: np.ndarray,
-        partition: np.ndarray,
+        fetched: Fetched,
+        ready: np.ndarray,
         scores: np.ndarray,
         model: LoadedModel,
         received_ns: int,
@@ -350,12 +360,15 @@ class StreamWorker:
     ) -> list[tuple[int, bytes, int]]:
         """The signals of `rows` as record batches, one or more per partition.
 
-        A signal goes to the partition number of its tick (mod the signals topic's
+        A signal names its tick by (partition, offset), so consumers can drop a
+        redelivered one. It goes to the partition number of its tick (mod the signals topic's
         partition count): symbols keep their order, since a symbol's ticks share a
         partition. Every signal carries header `t`: when its micro-batch was received,
         decoded, featured, scored and encoded (ns since the epoch), the in-process
         latency breakdown; "encoded" is stamped once the records are built.
         """
+        records = spans.index[rows]
+        partition = fetched.partition[records]
         return encode_signal_batches(
             spans.text,
             sym_start=spans.sym_start[rows],
@@ -366,12 +379,15 @@ class StreamWorker:
             tid_len=spans.tid_len[rows],
             event_ns=spans.event_ns[rows],
             recv_ns=spans.recv_ns[rows],
+            tick_partition=partition,
+            tick_offset=fetched.offset[records],
             emit_ns=stamps[2],
             model=model.name,
             version=model.version,
             scores=scores,
             threshold=self.config.threshold,
             partition=partition % self._signal_partitions,
+            ready=ready,
             timestamp_ms=time.time_ns() // 1_000_000,
             headers=[("t", STAGES.pack(received_ns, *stamps, 0))],
             stamp_last=time.time_ns,
