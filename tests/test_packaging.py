@@ -56,3 +56,10 @@ def test_benchmarks_have_their_own_command() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "usage: python -m bench e2e" in done.stdout and "--rounds" in done.stdout
+
+
+def test_the_record_schemas_ship_as_package_data() -> None:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data["package-data"]["stream.contracts"]
+    shipped = {p.name for pattern in patterns for p in (ROOT / "stream/contracts").glob(pattern)}
+    assert shipped == {"signal-1.0.json", "tick-1.0.json", "deadletter-headers-1.0.json"}
