@@ -113,7 +113,7 @@ def fetch_version(
     try:
         # looked up here, not in every poll: it cost ~3x the alias lookup (sqlite store)
         uri = open_client(tracking_uri).get_model_version_download_uri(ref.name, ref.version)
-        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri)
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
         onnx_paths = sorted(a.path for a in listed if a.path.endswith(".onnx"))
         if not onnx_paths:
             raise ModelRejected(
