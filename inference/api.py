@@ -323,7 +323,7 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
     body_schema = WebhookPayload.model_json_schema()
     refusals: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorBody, "description": "signed, but not an MLflow webhook body"},
-        401: {"model": ErrorBody, "description": "missing headers, bad signature, or stale"},
+        401: {"model": ErrorBody, "description": "missing headers, bad signature, stale or replayed"},
         403: {"model": ErrorBody, "description": "no webhook secret configured"},
     }
 
@@ -364,6 +364,7 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
                 time.time(),
                 config.max_age_s,
             )
+            config.seen.admit(x_mlflow_delivery_id or "", time.time(), config.max_age_s)
             ignored = ignore_reason(payload, config.model_name, config.aliases)
         except WebhookRejected as exc:
             WEBHOOKS.labels(exc.reason).inc()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
@@ -22,6 +23,7 @@ OUTCOMES = (
     "bad_headers",
     "bad_signature",
     "stale",
+    "replayed",
     "malformed",
 )
 
@@ -40,6 +42,8 @@ class WebhookConfig:
         aliases: Aliases the worker follows (champion, and the challenger if any).
         wake: Makes the watcher poll now (`ModelWatcher.wake`); called on the loop.
         max_age_s: Deliveries signed further from now than this are refused (replays).
+        seen: Delivery ids accepted within `max_age_s`: a second delivery of one is a
+            replay, refused.
     """
 
     secret: SecretStr
@@ -47,6 +51,7 @@ class WebhookConfig:
     aliases: tuple[str, ...]
     wake: Callable[[], None]
     max_age_s: float = 300.0
+    seen: SeenDeliveries = field(default_factory=lambda: SeenDeliveries())
 
 
 class WebhookPayload(BaseModel):
@@ -58,6 +63,30 @@ class WebhookPayload(BaseModel):
     action: str = Field(description="created or deleted (moving an alias is 'created')")
     timestamp: str = Field(description="ISO 8601 time of the event")
     data: dict[str, Any] = Field(description="event fields: name, alias, version")
+
+
+class SeenDeliveries:
+    """Delivery ids accepted recently, so that a captured delivery cannot be replayed.
+
+    Ids older than the age limit need not be kept: `verify` refuses those anyway.
+    Bounded: past `limit` ids the oldest go first.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        """Remember at most `limit` ids."""
+        self.limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def admit(self, delivery_id: str, now_s: float, max_age_s: float) -> None:
+        """Remember `delivery_id`, or raise WebhookRejected("replayed") if seen already."""
+        seen = self._seen
+        while seen and (
+            next(iter(seen.values())) < now_s - 2 * max_age_s or len(seen) >= self.limit
+        ):
+            seen.popitem(last=False)
+        if delivery_id in seen:
+            raise WebhookRejected(f"delivery {delivery_id!r} was accepted already", "replayed")
+        seen[delivery_id] = now_s
 
 
 def signature(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:

@@ -25,8 +25,9 @@ from inference.api import ApiContext, create_app, serve_http
 from inference.batcher import BatcherConfig, MicroBatcher
 from inference.testing import golden_for, loaded, make_onnx_classifier, register_version
 from inference.watcher import ModelWatcher, WatcherConfig
-from inference.webhook import WEBHOOKS, WebhookConfig, signature
+from inference.webhook import WEBHOOKS, SeenDeliveries, WebhookConfig, signature
 from tests.helpers import LoopThread
+from tickserve.errors import WebhookRejected
 
 SECRET = "whsec-test-0123456789"
 NAME = "tickserve-test"
@@ -414,3 +415,24 @@ def test_an_alias_moved_on_the_server_serves_long_before_the_next_poll(
 
 async def _event() -> asyncio.Event:
     return asyncio.Event()
+
+
+def test_a_delivery_replayed_inside_the_window_is_refused(ctx: ApiContext, wakes: Wakes) -> None:
+    body, headers = signed(event())
+    assert post(ctx, body, headers).status_code == 200
+    before = outcome("replayed")
+    again = post(ctx, body, headers)  # captured and sent again, signature still valid
+    assert again.status_code == 401 and "accepted already" in again.text
+    assert wakes.count == 1
+    assert outcome("replayed") == before + 1
+    assert post(ctx, *signed(event())).status_code == 200  # a new delivery still passes
+
+
+def test_seen_deliveries_stay_bounded() -> None:
+    seen = SeenDeliveries(limit=3)
+    for i in range(5):
+        seen.admit(f"d{i}", 1000.0, 300.0)
+    seen.admit("d0", 1000.0, 300.0)  # forgotten (over the limit): verify's age check remains
+    with pytest.raises(WebhookRejected, match="accepted already"):
+        seen.admit("d4", 1000.0, 300.0)
+    seen.admit("d4", 1000.0 + 601, 300.0)  # long past the age window
