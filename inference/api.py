@@ -323,7 +323,10 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
     body_schema = WebhookPayload.model_json_schema()
     refusals: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorBody, "description": "signed, but not an MLflow webhook body"},
-        401: {"model": ErrorBody, "description": "missing headers, bad signature, stale or replayed"},
+        401: {
+            "model": ErrorBody,
+            "description": "missing headers, bad signature, stale or replayed",
+        },
         403: {"model": ErrorBody, "description": "no webhook secret configured"},
     }
 
