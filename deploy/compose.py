@@ -46,7 +46,9 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Create missing topics, then run worker, watcher and HTTP API until `stop` is set."""
         settings = self.settings
-        await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions)
+        await ensure_topics(
+            settings.bootstrap, list(self.topics), settings.partitions, settings.kafka_security
+        )
         others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
         if settings.http_port:
             app = create_app(self.api)
@@ -70,6 +72,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
             max_batch=settings.max_batch,
             linger_ms=settings.linger_ms,
+            security=settings.kafka_security,
         ),
         signals_topic=settings.signals_topic,
         dlq_topic=settings.dlq_topic,
