@@ -561,12 +561,14 @@ DATAPLANES = pytest.mark.parametrize(
 )
 
 
+@pytest.mark.services
 @DATAPLANES
 def test_tls_carries_ticks_and_signals(open_dataplane: OpenDataPlane, tls: str, pki: Pki) -> None:
     security = KafkaSecurity("SSL", ca_file=pki.ca)
     assert _bounded(_round_trip(open_dataplane, tls, security)) == 12
 
 
+@pytest.mark.services
 def test_tls_with_the_wrong_ca_is_one_clear_line(tls: str, pki: Pki) -> None:
     security = KafkaSecurity("SSL", ca_file=pki.other_ca)
     with pytest.raises(BrokerAuthError) as info:
@@ -584,6 +586,7 @@ async def _open_and_close(host: str, port: int, security: KafkaSecurity) -> None
     await conn.close()
 
 
+@pytest.mark.services
 def test_tls_checks_the_hostname_by_default(tls: str, pki: Pki, processes: Processes) -> None:
     port = free_port()  # a certificate of the right CA, for another name
     processes.stunnel(port, int(tls.split(":")[1]), pki, False, cert=pki.elsewhere_cert)
@@ -594,6 +597,7 @@ def test_tls_checks_the_hostname_by_default(tls: str, pki: Pki, processes: Proce
     _bounded(_open_and_close("localhost", int(tls.split(":")[1]), security))
 
 
+@pytest.mark.services
 @DATAPLANES
 def test_mutual_tls_carries_ticks_with_a_client_certificate(
     open_dataplane: OpenDataPlane, mtls: str, pki: Pki
@@ -604,6 +608,7 @@ def test_mutual_tls_carries_ticks_with_a_client_certificate(
     assert _bounded(_round_trip(open_dataplane, mtls, security)) == 12
 
 
+@pytest.mark.services
 def test_mutual_tls_refuses_a_client_without_certificate(mtls: str, pki: Pki) -> None:
     security = KafkaSecurity("SSL", ca_file=pki.ca)
     with pytest.raises(BrokerAuthError) as info:
@@ -623,6 +628,7 @@ def _sasl_security(
     )
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
 def test_sasl_login_then_ticks_on_the_wire(mechanism: str, sasl: SaslEndpoints) -> None:
     gate = sasl.gates[0]
@@ -633,12 +639,14 @@ def test_sasl_login_then_ticks_on_the_wire(mechanism: str, sasl: SaslEndpoints) 
     assert gate.logins[before:].count(mechanism) >= 4
 
 
+@pytest.mark.services
 def test_sasl_ssl_scram_through_tls_then_the_gate(sasl: SaslEndpoints, pki: Pki) -> None:
     security = _sasl_security("SASL_SSL", "SCRAM-SHA-512", ca_file=pki.ca)
     assert _bounded(_round_trip(wire_io.open_dataplane, sasl.ssl, security)) == 12
     assert "SCRAM-SHA-512" in sasl.gates[1].logins
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256"])
 def test_a_wrong_password_is_one_clear_line(mechanism: str, sasl: SaslEndpoints) -> None:
     security = _sasl_security("SASL_PLAINTEXT", mechanism, password="wrong")
@@ -651,6 +659,7 @@ def test_a_wrong_password_is_one_clear_line(mechanism: str, sasl: SaslEndpoints)
         _bounded(Connection.open(host, int(port), security))
 
 
+@pytest.mark.services
 def test_a_mechanism_the_broker_lacks_is_named(sasl: SaslEndpoints) -> None:
     security = _sasl_security("SASL_PLAINTEXT", "PLAIN")
     with pytest.raises(BrokerAuthError) as info:
@@ -660,6 +669,7 @@ def test_a_mechanism_the_broker_lacks_is_named(sasl: SaslEndpoints) -> None:
     )
 
 
+@pytest.mark.services
 def test_cli_exits_2_with_one_line_on_a_refused_login(sasl: SaslEndpoints, tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("not-the-password-42")
