@@ -256,7 +256,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the stream worker, the model watcher and the HTTP API until SIGTERM/SIGINT."""
     from deploy.compose import build_service
     from deploy.stack import port_free
+    from stream.kafka.transport import diagnose
 
+    if settings.kafka_security.protocol != "PLAINTEXT":  # a refused login, before models load
+        _run(diagnose(settings.bootstrap, settings.kafka_security))
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     realtime_priority(settings.realtime_priority)
     if settings.http_port and not port_free(settings.http_port):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from deploy.settings import Settings
@@ -21,6 +22,8 @@ from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +49,11 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Create missing topics, then run worker, watcher and HTTP API until `stop` is set."""
         settings = self.settings
-        await ensure_topics(
-            settings.bootstrap, list(self.topics), settings.partitions, settings.kafka_security
+        security = settings.kafka_security
+        logger.info(
+            "kafka", extra={"bootstrap": settings.bootstrap, "security": security.describe()}
         )
+        await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions, security)
         others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
         if settings.http_port:
             app = create_app(self.api)

@@ -670,7 +670,10 @@ def test_a_mechanism_the_broker_lacks_is_named(sasl: SaslEndpoints) -> None:
 
 
 @pytest.mark.services
-def test_cli_exits_2_with_one_line_on_a_refused_login(sasl: SaslEndpoints, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [("feed", "--count", "10"), ("serve",)], ids=["feed", "serve"])
+def test_cli_exits_2_with_one_line_on_a_refused_login(
+    command: tuple[str, ...], sasl: SaslEndpoints, tmp_path: Path
+) -> None:
     secret = tmp_path / "password"
     secret.write_text("not-the-password-42")
     env = {
@@ -680,8 +683,10 @@ def test_cli_exits_2_with_one_line_on_a_refused_login(sasl: SaslEndpoints, tmp_p
         "TICKSERVE_KAFKA_SASL_USERNAME": "alice",
         "TICKSERVE_KAFKA_SASL_PASSWORD_FILE": str(secret),
         "TICKSERVE_TICKS_TOPIC": unique("ticks"),
+        "TICKSERVE_HTTP_PORT": "0",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",  # empty: no model either
     }
-    done = tickserve("feed", "--count", "10", env=env, cwd=tmp_path)
+    done = tickserve(*command, env=env, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = error_lines(done)
     assert len(lines) == 1 and "refused the SASL login" in lines[0], done.stderr
