@@ -18,6 +18,7 @@ import time
 from aiokafka import TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from deploy.settings import load_settings
 from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlaneConfig
 from stream.kafka.fetched import Fetched
@@ -47,6 +48,7 @@ async def echo(args: argparse.Namespace) -> None:
         args.fetch_max_wait_ms,
         args.max_batch,
         args.linger_ms,
+        load_settings().kafka_security,  # TICKSERVE_KAFKA_*, as the worker reads them
     )
     plane = (wire_io if args.wire else aiokafka_io).open_dataplane(config)
     source, sink = plane.source, plane.sink

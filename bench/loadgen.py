@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from deploy.settings import load_settings
 from stream.kafka.clients import make_producer, start_client
 
 SIDES = ("sell", "buy")
@@ -41,8 +42,9 @@ async def send(args: argparse.Namespace) -> tuple[int, float]:
     side = rng.random(len(mine)) < 0.5
     due_ns = args.start_ns + (mine * 1_000_000_000) // int(args.rate)
 
-    producer = make_producer(args.bootstrap, args.linger_ms)
-    await start_client(producer, args.bootstrap)
+    security = load_settings().kafka_security  # TICKSERVE_KAFKA_*, as the worker reads them
+    producer = make_producer(args.bootstrap, args.linger_ms, security)
+    await start_client(producer, args.bootstrap, security)
     partitions = len(await producer.partitions_for(args.topic))
     worst_lag = 0.0
     pending = []

@@ -21,6 +21,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from numba import njit
 
+from deploy.settings import load_settings
 from stream.contracts.signal import STAGES
 from stream.kafka import wire
 from stream.kafka.recordbatch import read_varint
@@ -80,9 +81,11 @@ def fields(buf, value_start, value_len, trade_id, recv_ns, stages, has_stages): 
 async def collect(args: argparse.Namespace) -> None:
     """Read until `expect` records arrived or nothing came for `idle_s` after the deadline."""
     wire.warm_up()
+    security = load_settings().kafka_security  # TICKSERVE_KAFKA_*, as the worker reads them
     consumer = AIOKafkaConsumer(bootstrap_servers=args.bootstrap, enable_auto_commit=False,
                                 fetch_max_wait_ms=args.fetch_max_wait_ms,
-                                max_partition_fetch_bytes=4 * 1024 * 1024)  # fmt: skip
+                                max_partition_fetch_bytes=4 * 1024 * 1024,
+                                **security.aiokafka_kwargs())  # fmt: skip
     await consumer.start()
     ids: list[np.ndarray] = []
     sent: list[np.ndarray] = []
@@ -94,7 +97,7 @@ async def collect(args: argparse.Namespace) -> None:
         parts = [TopicPartition(args.topic, p) for p in range(args.partitions)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
-        fetcher = WireFetcher(consumer, args.topic, args.fetch_max_wait_ms)
+        fetcher = WireFetcher(consumer, args.topic, args.fetch_max_wait_ms, security=security)
         print("ready", flush=True)
         last = time.monotonic()
         deadline = time.monotonic() + args.timeout

@@ -64,13 +64,17 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
         source = SyntheticMarket(symbols=args.symbols, seed=args.seed).ticks(args.count)
 
     async def main() -> int:
-        await ensure_topics(settings.bootstrap, [settings.ticks_topic], settings.partitions)
+        security = settings.kafka_security
+        await ensure_topics(
+            settings.bootstrap, [settings.ticks_topic], settings.partitions, security
+        )
         return await publish(
             source,  # type: ignore[arg-type]
             settings.bootstrap,
             settings.ticks_topic,
             Pacing(args.speed, args.rate),
             settings.linger_ms,
+            security,
         )
 
     sent = _run(main())
@@ -89,6 +93,7 @@ def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
         settings.archive_group_id,
         max_future_ns=settings.max_future_ms * 1_000_000,
         signals_topic=settings.signals_topic,
+        security=settings.kafka_security,
     )
     counts = ArchiveCounts()
 
@@ -251,7 +256,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the stream worker, the model watcher and the HTTP API until SIGTERM/SIGINT."""
     from deploy.compose import build_service
     from deploy.stack import port_free
+    from stream.kafka.transport import diagnose
 
+    if settings.kafka_security.protocol != "PLAINTEXT":  # a refused login, before models load
+        _run(diagnose(settings.bootstrap, settings.kafka_security))
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     realtime_priority(settings.realtime_priority)
     if settings.http_port and not port_free(settings.http_port):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 from prometheus_client import start_http_server
@@ -23,6 +24,8 @@ from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,11 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Create missing topics, then run worker, watcher and HTTP API until `stop` is set."""
         settings = self.settings
-        await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions)
+        security = settings.kafka_security
+        logger.info(
+            "kafka", extra={"bootstrap": settings.bootstrap, "security": security.describe()}
+        )
+        await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions, security)
         others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
         if settings.metrics_port:  # scrapes on a thread of their own, off the stream's loop
             start_http_server(settings.metrics_port, addr=settings.http_host)
@@ -74,6 +81,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
             max_batch=settings.max_batch,
             linger_ms=settings.linger_ms,
+            security=settings.kafka_security,
         ),
         signals_topic=settings.signals_topic,
         dlq_topic=settings.dlq_topic,

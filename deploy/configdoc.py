@@ -123,6 +123,8 @@ def type_name(field: FieldInfo) -> str:
         annotation = kept[0] if len(kept) == 1 else annotation
     names: dict[object, str] = {bool: "bool", int: "int", float: "float", str: "str", Path: "path"}
     shown = names.get(annotation) or str(getattr(annotation, "__name__", annotation))
+    if typing.get_origin(annotation) is typing.Literal:
+        shown = " | ".join(str(choice) for choice in typing.get_args(annotation))
     if shown == "SecretStr":
         shown = "secret"
     low = high = ""

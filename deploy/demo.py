@@ -41,6 +41,7 @@ class SignalSink:
             bootstrap_servers=self.settings.bootstrap,
             enable_auto_commit=False,
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+            **self.settings.kafka_security.aiokafka_kwargs(),
         )
         await self.consumer.start()
         parts = [
@@ -106,13 +107,16 @@ def run_demo(settings: Settings, data: Path, live_rate: float) -> int:
         cut = int(len(ticks) * HISTORY_FRACTION)
         history, live = ticks[:cut], ticks[cut:]
         topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-        asyncio.run(ensure_topics(settings.bootstrap, topics, settings.partitions))
+        security = settings.kafka_security
+        asyncio.run(ensure_topics(settings.bootstrap, topics, settings.partitions, security))
 
         print(f"demo: publishing {len(history)} historical ticks from {data.name}", flush=True)
-        asyncio.run(publish(history, settings.bootstrap, settings.ticks_topic))
+        asyncio.run(publish(history, settings.bootstrap, settings.ticks_topic, security=security))
 
         archive = ClickHouseArchive.open(settings.clickhouse)
-        config = ArchiverConfig(settings.bootstrap, settings.ticks_topic, settings.archive_group_id)
+        config = ArchiverConfig(
+            settings.bootstrap, settings.ticks_topic, settings.archive_group_id, security=security
+        )
         inserted = asyncio.run(run_archiver(archive, config, asyncio.Event(), idle_exit_s=2.0))
         print(
             f"demo: archived {inserted} ticks ({archive.count_ticks()} in ClickHouse)", flush=True
@@ -169,7 +173,13 @@ async def _measure(
         )
         live_since = time.time_ns()
         sender = asyncio.create_task(
-            publish(live, settings.bootstrap, settings.ticks_topic, Pacing(rate=live_rate))
+            publish(
+                live,
+                settings.bootstrap,
+                settings.ticks_topic,
+                Pacing(rate=live_rate),
+                security=settings.kafka_security,
+            )
         )
         while not sender.done():
             await sink.poll(live_since, show_every=250)

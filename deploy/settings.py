@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from features.spec import NS_PER_SECOND, FeatureSpec
+from stream.kafka.security import KafkaSecurity
 from tickserve.errors import ConfigError
 
 
@@ -85,7 +88,38 @@ class Settings(BaseSettings):
     wire: bool = Field(
         True,
         description="Ticks and signals over tickserve's own Fetch/Produce connections "
-        "(plaintext); false: aiokafka's data path",
+        "(TLS and SASL as below); false: aiokafka's data path",
+    )
+
+    # Kafka security: one set for every client (worker, feed, archiver, bench)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How every Kafka client connects (Kafka's security.protocol)"
+    )
+    kafka_ssl_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CAs that sign the brokers' certificates; unset: the "
+        "system's trust store",
+    )
+    kafka_ssl_cert_file: Path | None = Field(
+        None, description="Client certificate (PEM) for mutual TLS; may hold the key too"
+    )
+    kafka_ssl_key_file: Path | None = Field(
+        None, description="Private key (PEM, unencrypted) of the client certificate"
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="The broker's certificate must name the host dialled"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism; required with SASL_PLAINTEXT and SASL_SSL"
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL username")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password; or TICKSERVE_KAFKA_SASL_PASSWORD_FILE, not both"
+    )
+    kafka_sasl_password_file: Path | None = Field(
+        None,
+        description="File holding the SASL password (a mounted Kubernetes secret); "
+        "surrounding whitespace is stripped",
     )
 
     # Redis / Feast
@@ -259,6 +293,39 @@ class Settings(BaseSettings):
             raise ConfigError(f"TICKSERVE_API_TOKEN_FILE: {self.api_token_file} is empty")
         return SecretStr(token)
 
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        problem = _security_problem(self)
+        if problem:
+            raise PydanticCustomError("kafka_security", problem)
+        return self
+
+    @property
+    def kafka_security(self) -> KafkaSecurity:
+        """TLS and SASL of every Kafka client (reads the password file, if one is set).
+
+        Raises:
+            ConfigError: The password file cannot be read.
+        """
+        password = self.kafka_sasl_password
+        if self.kafka_sasl_password_file is not None:
+            try:
+                text = self.kafka_sasl_password_file.read_text().strip()
+            except OSError as exc:
+                msg = f"bad setting TICKSERVE_KAFKA_SASL_PASSWORD_FILE: {exc.strerror}"
+                raise ConfigError(f"{msg} ({self.kafka_sasl_password_file})") from None
+            password = SecretStr(text)
+        return KafkaSecurity(
+            protocol=self.kafka_security_protocol,
+            ca_file=self.kafka_ssl_ca_file,
+            cert_file=self.kafka_ssl_cert_file,
+            key_file=self.kafka_ssl_key_file,
+            check_hostname=self.kafka_ssl_check_hostname,
+            sasl_mechanism=self.kafka_sasl_mechanism or "PLAIN",
+            username=self.kafka_sasl_username or "",
+            password=password,
+        )
+
     @property
     def bootstrap(self) -> str:
         """Kafka bootstrap servers: explicit, else the local broker."""
@@ -290,13 +357,61 @@ class Settings(BaseSettings):
         return FeatureSpec(bar_ns=int(self.bar_seconds * NS_PER_SECOND))
 
 
+def _security_problem(s: Settings) -> str:
+    """What is wrong with the Kafka security settings taken together ('' if nothing)."""
+    protocol = s.kafka_security_protocol
+    tls, sasl = protocol in ("SSL", "SASL_SSL"), protocol.startswith("SASL_")
+    tls_files = [
+        ("KAFKA_SSL_CA_FILE", s.kafka_ssl_ca_file),
+        ("KAFKA_SSL_CERT_FILE", s.kafka_ssl_cert_file),
+        ("KAFKA_SSL_KEY_FILE", s.kafka_ssl_key_file),
+    ]
+    set_tls = [name for name, value in tls_files if value is not None]
+    set_sasl = [
+        name
+        for name, value in [
+            ("KAFKA_SASL_MECHANISM", s.kafka_sasl_mechanism),
+            ("KAFKA_SASL_USERNAME", s.kafka_sasl_username),
+            ("KAFKA_SASL_PASSWORD", s.kafka_sasl_password),
+            ("KAFKA_SASL_PASSWORD_FILE", s.kafka_sasl_password_file),
+        ]
+        if value is not None
+    ]
+    where = f"with TICKSERVE_KAFKA_SECURITY_PROTOCOL={protocol}"
+    if set_tls and not tls:
+        return f"TICKSERVE_{set_tls[0]} is set {where}, which has no TLS (SSL or SASL_SSL?)"
+    if set_sasl and not sasl:
+        return f"TICKSERVE_{set_sasl[0]} is set {where}, which has no SASL"
+    if s.kafka_ssl_key_file is not None and s.kafka_ssl_cert_file is None:
+        return "TICKSERVE_KAFKA_SSL_KEY_FILE is set without TICKSERVE_KAFKA_SSL_CERT_FILE"
+    for name, path in tls_files:
+        if path is not None and not path.is_file():
+            return f"TICKSERVE_{name} is not a file: {path}"
+    if not sasl:
+        return ""
+    if s.kafka_sasl_mechanism is None:
+        return f"TICKSERVE_KAFKA_SASL_MECHANISM is required {where}"
+    if not s.kafka_sasl_username:
+        return f"TICKSERVE_KAFKA_SASL_USERNAME is required {where}"
+    if (s.kafka_sasl_password is None) == (s.kafka_sasl_password_file is None):
+        return (
+            "set exactly one of TICKSERVE_KAFKA_SASL_PASSWORD and "
+            f"TICKSERVE_KAFKA_SASL_PASSWORD_FILE {where}"
+        )
+    if s.kafka_sasl_password_file is not None and not s.kafka_sasl_password_file.is_file():
+        return f"TICKSERVE_KAFKA_SASL_PASSWORD_FILE is not a file: {s.kafka_sasl_password_file}"
+    return ""
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment; raise ConfigError with one readable line."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        where = ".".join(str(p) for p in first["loc"])
+        if not where:  # a check of several settings together: its message names them
+            raise ConfigError(f"bad settings: {first['msg']}") from None
         if where in Settings.model_fields:  # name the variable the user sets
             where = f"TICKSERVE_{where.upper()}"
         raise ConfigError(f"bad setting {where}: {first['msg']}") from None

@@ -134,6 +134,14 @@ class BrokerUnavailable(BrokerError):
         self.bootstrap = bootstrap
 
 
+class BrokerAuthError(BrokerError):
+    """The broker refused our TLS handshake or SASL login: retrying cannot help.
+
+    The message names what failed (certificate, mechanism, login) and never holds the
+    password.
+    """
+
+
 class OnlineStoreError(ServiceError):
     """Redis failed a read or write of online features or of state snapshots.
 

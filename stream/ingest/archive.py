@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from stream.contracts.tick import TickColumns, decode_batch
 from stream.kafka.clients import make_consumer, start_client, wait_assigned
+from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import ArchiveError, BrokerError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -277,6 +278,7 @@ class ArchiverConfig:
     fetch_max_wait_ms: int = 50
     max_future_ns: int = 5_000_000_000
     signals_topic: str | None = None
+    security: KafkaSecurity = PLAINTEXT
 
 
 @dataclass(slots=True)
@@ -325,9 +327,14 @@ async def run_archiver(
     counts = counts if counts is not None else ArchiveCounts()
     topics = [config.topic] + ([config.signals_topic] if config.signals_topic else [])
     consumer = make_consumer(
-        config.bootstrap, config.group_id, topics, config.fetch_max_wait_ms, config.max_batch
+        config.bootstrap,
+        config.group_id,
+        topics,
+        config.fetch_max_wait_ms,
+        config.max_batch,
+        security=config.security,
     )
-    await start_client(consumer, config.bootstrap)
+    await start_client(consumer, config.bootstrap, config.security)
     try:
         await wait_assigned(consumer)
         last_record = time.monotonic()

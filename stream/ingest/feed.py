@@ -19,6 +19,7 @@ import pandas as pd
 from aiokafka.errors import KafkaError
 
 from stream.kafka.clients import make_producer, start_client
+from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import BrokerError, DataError
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ async def publish(
     topic: str,
     pacing: Pacing = Pacing(),
     linger_ms: int = 5,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> int:
     """Send raw tick dicts to `topic`, keyed by symbol, stamping recv_ns (and missing event_ns).
 
@@ -212,10 +214,11 @@ async def publish(
 
     Raises:
         BrokerUnavailable: Nothing answered at `bootstrap`.
+        BrokerAuthError: The broker refused the TLS handshake or the SASL login.
         BrokerError: The producer failed to send or the broker refused a record.
     """
-    producer = make_producer(bootstrap, linger_ms)
-    await start_client(producer, bootstrap)
+    producer = make_producer(bootstrap, linger_ms, security)
+    await start_client(producer, bootstrap, security)
     sent = 0
     pending: list[asyncio.Future[Any]] = []
     try:

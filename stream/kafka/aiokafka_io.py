@@ -51,6 +51,7 @@ class GroupSource:
             config.fetch_max_wait_ms,
             config.max_batch,
             listener=_Listener(self),
+            security=config.security,
         )
 
     async def start(self, rebalance: Rebalance) -> None:
@@ -59,7 +60,7 @@ class GroupSource:
         # the first micro-batch while ticks pile up
         aiokafka_adapter.warm_up()
         self.rebalance = rebalance
-        await start_client(self.consumer, self.config.bootstrap)
+        await start_client(self.consumer, self.config.bootstrap, self.config.security)
 
     async def wait_assigned(self) -> None:
         """Return once the group has assigned partitions."""
@@ -107,11 +108,11 @@ class ProducerSink:
     def __init__(self, config: DataPlaneConfig) -> None:
         """Make the producer (in the running event loop); `start` connects it."""
         self.config = config
-        self.producer = make_producer(config.bootstrap, config.linger_ms)
+        self.producer = make_producer(config.bootstrap, config.linger_ms, config.security)
 
     async def start(self) -> None:
         """Connect."""
-        await start_client(self.producer, self.config.bootstrap)
+        await start_client(self.producer, self.config.bootstrap, self.config.security)
 
     async def partitions(self, topic: str) -> int:
         """How many partitions `topic` has (asks the broker once)."""

@@ -1,10 +1,10 @@
 """The data plane as the worker sees it: a tick source and a signal sink.
 
 Two implementations: `stream.kafka.wire_io` (Fetch and Produce on connections of our
-own, the default) and `stream.kafka.aiokafka_io` (aiokafka's data path; tickserve has
-no TLS or SASL settings yet, and they would go there). Both keep aiokafka as the
-control plane (group, assignment, commits, metadata) and are held to the same
-contract by tests/test_dataplane_contract.py.
+own, the default) and `stream.kafka.aiokafka_io` (aiokafka's data path). Both connect
+as `DataPlaneConfig.security` says (TLS, SASL), keep aiokafka as the control plane
+(group, assignment, commits, metadata) and are held to the same contract by
+tests/test_dataplane_contract.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from aiokafka import TopicPartition
 
 from stream.kafka.fetched import Fetched
+from stream.kafka.security import PLAINTEXT, KafkaSecurity
 
 # (partition, record batch, record count), as `stream.kafka.signalbatch` builds them
 RecordBatches = Sequence[tuple[int, bytes, int]]
@@ -34,6 +35,7 @@ class DataPlaneConfig:
         fetch_max_wait_ms: How long the broker may hold a fetch for records.
         max_batch: Most records a poll hands out (aiokafka's data path).
         linger_ms: The producer's linger for the records sent one by one.
+        security: TLS and SASL of every connection, aiokafka's and our own.
     """
 
     bootstrap: str
@@ -42,6 +44,7 @@ class DataPlaneConfig:
     fetch_max_wait_ms: int = 20
     max_batch: int = 2000
     linger_ms: int = 5
+    security: KafkaSecurity = PLAINTEXT
 
 
 class Rebalance(Protocol):

@@ -1,4 +1,7 @@
-"""Kafka clients configured for this job (and for the local broker's known defects)."""
+"""Kafka clients configured for this job (and for the local broker's known defects).
+
+Every factory takes the process's `KafkaSecurity` (TLS, SASL); PLAINTEXT by default.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +15,20 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from stream.kafka import transport
+from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import BrokerError, BrokerUnavailable
 
 logger = logging.getLogger(__name__)
 MAX_PARTITION_FETCH_BYTES = 4 * 1024 * 1024
 
 
-def make_producer(bootstrap: str, linger_ms: int = 5) -> AIOKafkaProducer:
+def make_producer(
+    bootstrap: str, linger_ms: int = 5, security: KafkaSecurity = PLAINTEXT
+) -> AIOKafkaProducer:
     """A producer for ticks/signals: acks=all, no idempotence (Tansu rejects InitProducerId)."""
     return AIOKafkaProducer(
+        **security.aiokafka_kwargs(),
         bootstrap_servers=bootstrap,
         acks="all",
         linger_ms=linger_ms,
@@ -37,9 +45,11 @@ def make_consumer(
     fetch_max_wait_ms: int = 20,
     max_batch: int = 2000,
     listener: ConsumerRebalanceListener | None = None,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> AIOKafkaConsumer:
     """A group consumer with manual commits; reads from the earliest offset when new."""
     consumer = AIOKafkaConsumer(
+        **security.aiokafka_kwargs(),
         bootstrap_servers=bootstrap,
         group_id=group_id,
         enable_auto_commit=False,
@@ -65,30 +75,38 @@ def _quiet_bootstrap() -> Iterator[None]:
 
 
 async def start_client(
-    client: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient, bootstrap: str
+    client: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaAdminClient,
+    bootstrap: str,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> None:
-    """Start a client, turning 'no broker there' into one clear error.
+    """Start a client, turning 'no broker there' or 'refused us' into one clear error.
 
     Raises:
         BrokerUnavailable: Nothing answered at `bootstrap`.
+        BrokerAuthError: The broker refused the TLS handshake or the SASL login.
     """
     try:
         with _quiet_bootstrap():
             await client.start()
     except KafkaConnectionError as exc:
         await client.close() if isinstance(client, AIOKafkaAdminClient) else await client.stop()
+        if security.protocol != "PLAINTEXT":  # aiokafka logged why; find out ourselves
+            await transport.diagnose(bootstrap, security)
         raise BrokerUnavailable(bootstrap, str(exc)) from exc
 
 
-async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+async def ensure_topics(
+    bootstrap: str, topics: list[str], partitions: int, security: KafkaSecurity = PLAINTEXT
+) -> None:
     """Create topics that do not exist yet (the partition count matters for keyed order).
 
     Raises:
         BrokerUnavailable: Nothing answered at `bootstrap`.
+        BrokerAuthError: The broker refused the TLS handshake or the SASL login.
         BrokerError: The broker failed to list or create the topics.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await start_client(admin, bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security.aiokafka_kwargs())
+    await start_client(admin, bootstrap, security)
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]

@@ -11,9 +11,10 @@ batches are parsed as columns by `stream.kafka.aiokafka_adapter`'s Numba kernels
 prebuilt record batches of `stream.kafka.signalbatch` behind a ~40-byte request header.
 
 Protocol: Fetch v4 and Produce v3 (message format v2), non-flexible versions that
-Kafka >= 0.11, Redpanda and the local broker all accept. Plaintext only
-(tickserve has no TLS or SASL settings yet); `wire=False` runs the worker on aiokafka's
-own data path (`stream.kafka.aiokafka_adapter.drain` and `send_batch`).
+Kafka >= 0.11, Redpanda and the local broker all accept. Connections are opened with
+TLS and a SASL login as the clients' `KafkaSecurity` says (`stream.kafka.transport`);
+`wire=False` runs the worker on aiokafka's own data path
+(`stream.kafka.aiokafka_adapter.drain` and `send_batch`).
 
 Responses on one connection come back in request order (the protocol guarantees
 it), so a deque of futures is the whole correlation table. Fetches and produces use
@@ -45,8 +46,10 @@ from aiokafka.errors import (
 from numba import njit
 from prometheus_client import Counter
 
+from stream.kafka import transport
 from stream.kafka.fetched import Fetched, FetchedParts, GapRetries, parse_records
 from stream.kafka.recordbatch import HEADER_SIZE, batch_bounds, first_bad_crc, parse_into, read_be
+from stream.kafka.security import PLAINTEXT, KafkaSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +99,14 @@ class Connection(asyncio.Protocol):
         self._lost = self._loop.create_future()
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        """Connect (TCP_NODELAY is asyncio's default for TCP)."""
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
-        except OSError as exc:
-            raise KafkaConnectionError(f"cannot connect to {host}:{port}: {exc}") from exc
-        return conn
+    async def open(cls, host: str, port: int, security: KafkaSecurity = PLAINTEXT) -> Connection:
+        """Connect, with TLS and a SASL login as `security` says (`stream.kafka.transport`).
+
+        Raises:
+            KafkaConnectionError: Nothing answered (retriable).
+            BrokerAuthError: The TLS handshake or the login was refused (not retriable).
+        """
+        return await transport.open_connection(cls, host, port, security)
 
     @property
     def alive(self) -> bool:
@@ -214,8 +217,9 @@ class Connection(asyncio.Protocol):
 class _Connections:
     """One connection per broker node, opened on first use and again after a failure."""
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: Any, security: KafkaSecurity = PLAINTEXT) -> None:
         self._cluster = cluster  # aiokafka's ClusterMetadata (kept current by aiokafka)
+        self._security = security
         self._conns: dict[int, Connection] = {}
         self._opening: dict[int, asyncio.Task[Connection]] = {}  # one dial per node at a time
         self._closed = False
@@ -236,7 +240,9 @@ class _Connections:
             broker = self._cluster.broker_metadata(node_id)
             if broker is None:
                 raise KafkaConnectionError(f"no metadata for broker node {node_id}")
-            opening = asyncio.ensure_future(Connection.open(broker.host, broker.port))
+            opening = asyncio.ensure_future(
+                Connection.open(broker.host, broker.port, self._security)
+            )
             self._opening[node_id] = opening
             opening.add_done_callback(functools.partial(self._opened, node_id))
         return await asyncio.shield(opening)  # a caller that gives up leaves the dial alone
@@ -444,10 +450,15 @@ class WireProducer:
     written yet, and both leave in one write); otherwise on its own connection.
     """
 
-    def __init__(self, producer: AIOKafkaProducer, share: WireFetcher | None = None):
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        share: WireFetcher | None = None,
+        security: KafkaSecurity = PLAINTEXT,
+    ):
         """Borrow `producer`'s metadata; it must stay started while this is used."""
         self._client = producer.client
-        self._conns = _Connections(producer.client.cluster)
+        self._conns = _Connections(producer.client.cluster, security)
         self._shared = share._conns if share is not None else None
 
     def send(
@@ -582,14 +593,15 @@ class WireFetcher:
         max_bytes: int = 50 * 1024 * 1024,
         partition_max_bytes: int = 4 * 1024 * 1024,
         gaps: GapRetries | None = None,
+        security: KafkaSecurity = PLAINTEXT,
     ):
-        """Fetch `topic` for `consumer` (started, subscribed to it)."""
+        """Fetch `topic` for `consumer` (started, subscribed to it), connecting as `security`."""
         self.consumer = consumer
         self.topic = topic
         self._limits = (max_wait_ms, min_bytes, max_bytes, partition_max_bytes)
         self.gaps = gaps if gaps is not None else GapRetries(limit=0)
         self._client = consumer._client
-        self._conns = _Connections(consumer._client.cluster)
+        self._conns = _Connections(consumer._client.cluster, security)
         self._assignment: Any = None  # the aiokafka Assignment whose partitions are paused
         self._inflight: dict[int, tuple[asyncio.Future[bytes], dict[int, int]]] = {}
         self._ready: deque[tuple[dict[int, int], bytes]] = deque()

@@ -2,7 +2,8 @@
 
 aiokafka stays the control plane (`stream.kafka.aiokafka_io.GroupSource`: group,
 assignment, commits, metadata) and sends the rare single records (dead letters,
-shadow scores). Plaintext only; `stream.kafka.aiokafka_io` is aiokafka's own data path.
+shadow scores). Both connect as `DataPlaneConfig.security` says; `stream.kafka.aiokafka_io`
+is aiokafka's own data path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class WireSource(GroupSource):
             config.fetch_max_wait_ms,
             partition_max_bytes=MAX_PARTITION_FETCH_BYTES,
             gaps=self.gaps,
+            security=config.security,
         )
 
     async def start(self, rebalance: Rebalance) -> None:
@@ -59,7 +61,7 @@ class WireSink(ProducerSink):
     def __init__(self, config: DataPlaneConfig, share: WireSource) -> None:
         """Borrow the producer's metadata and the source's fetch connections."""
         super().__init__(config)
-        self.wire = WireProducer(self.producer, share=share.fetcher)
+        self.wire = WireProducer(self.producer, share=share.fetcher, security=config.security)
 
     async def send(self, topic: str, batches: RecordBatches) -> list[asyncio.Future[Any]]:
         """One Produce per leader, no task on a connection that is up."""
