@@ -6,7 +6,7 @@ data path aiokafka's fetcher and sender build and decode request structs field b
 field in Python, with a future and a timeout per request and a sender task woken per
 batch: in a do-nothing echo worker that alone cost more CPU per tick than the
 worker's whole budget (docs/architecture.md has the figures). Here a fetch is one
-pre-laid request, its response is walked with `struct` over a handful of partitions and the record
+pre-laid request, its response is walked per partition (`stream.kafka.protocol`) and the record
 batches are parsed as columns by `stream.kafka.aiokafka_adapter`'s Numba kernels; a produce is the
 prebuilt record batches of `stream.kafka.signalbatch` behind a ~40-byte request header.
 
