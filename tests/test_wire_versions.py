@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from kio.schema.api_versions.v0.response import ApiVersion as ApiVersionV0
 from kio.schema.api_versions.v0.response import ApiVersionsResponse as ApiVersionsResponseV0
 from kio.schema.api_versions.v3.response import ApiVersion as ApiVersionV3
@@ -23,7 +24,7 @@ from kio.serial import entity_writer
 
 from deploy import cli
 from deploy.settings import Settings
-from stream.kafka import protocol
+from stream.kafka import protocol, wire
 from stream.kafka.clients import ensure_topics, make_producer
 from stream.kafka.protocol import API_VERSIONS, FETCH, METADATA, PRODUCE, SUPPORTED, Versions
 from stream.kafka.topic_ids import TopicIds
@@ -39,9 +40,10 @@ _MS = datetime.timedelta(milliseconds=1)
 class StubBroker:
     """Answers ApiVersions (v3, or refuses it in the v0 layout) and nothing else."""
 
-    def __init__(self, ranges: Ranges, knows_v3: bool = True) -> None:
+    def __init__(self, ranges: Ranges, knows_v3: bool = True, silent: bool = False) -> None:
         self.ranges = {API_VERSIONS: (0, 3 if knows_v3 else 2), **ranges}
         self.knows_v3 = knows_v3
+        self.silent = silent  # reads requests, answers none
         self.asked: list[int] = []  # ApiVersions versions received
         self.closed = asyncio.Event()
 
@@ -53,6 +55,8 @@ class StubBroker:
                 api, version, correlation = struct.unpack_from(">hhi", frame)
                 assert api == API_VERSIONS, f"the stub got api {api}"
                 self.asked.append(version)
+                if self.silent:
+                    continue
                 body = self._answer(version)
                 writer.write(struct.pack(">ii", len(body) + 4, correlation) + body)
         except asyncio.IncompleteReadError:
@@ -154,6 +158,17 @@ def test_serve_stops_with_one_line_and_status_2(
         "tickserve serve: error: broker: b:9092 serves Fetch versions 0..3,"
         " tickserve implements 4..18: no version in common\n"
     )
+
+
+def test_a_broker_that_never_answers_api_versions_is_a_connection_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No hang: the dial fails as a connection error (the data path dials again)."""
+    monkeypatch.setattr(wire, "NEGOTIATE_TIMEOUT_S", 0.2)
+    stub = StubBroker({PRODUCE: (0, 11), FETCH: (0, 17)}, silent=True)
+    with pytest.raises(KafkaConnectionError, match="no ApiVersions answer within 0.2 s"):
+        run(_negotiate_with(stub))
+    assert stub.asked == [3]
 
 
 # --- the real local broker --------------------------------------------------------------

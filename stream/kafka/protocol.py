@@ -29,10 +29,19 @@ from dataclasses import dataclass
 from tickserve.errors import BrokerIncompatible
 
 PRODUCE, FETCH, METADATA, API_VERSIONS = 0, 1, 3, 18  # api keys
+SASL_HANDSHAKE, SASL_AUTHENTICATE = 17, 36  # api keys of a connection's authentication
 API_NAMES = {PRODUCE: "Produce", FETCH: "Fetch", METADATA: "Metadata", API_VERSIONS: "ApiVersions"}
 # (lowest, highest) version implemented here, per api
 SUPPORTED: Mapping[int, tuple[int, int]] = {FETCH: (4, 18), PRODUCE: (3, 13), METADATA: (10, 12)}
-FLEXIBLE_FROM = {PRODUCE: 9, FETCH: 12, METADATA: 9, API_VERSIONS: 3}
+NEVER = 1 << 15  # no flexible version
+FLEXIBLE_FROM = {
+    PRODUCE: 9,
+    FETCH: 12,
+    METADATA: 9,
+    API_VERSIONS: 3,
+    SASL_HANDSHAKE: NEVER,
+    SASL_AUTHENTICATE: 2,
+}
 TOPIC_IDS_FROM = 13  # Fetch and Produce both name topics by id from version 13
 API_VERSIONS_VERSION = 3  # the first flexible one; v0 is the fallback every broker reads
 UNSUPPORTED_VERSION = 35  # error code
@@ -44,7 +53,10 @@ _API_RANGE = struct.Struct(">hhh")  # api key, min version, max version
 
 
 def is_flexible(api_key: int, version: int) -> bool:
-    """Whether `version` of `api_key` uses the compact encoding and a header v2 request."""
+    """Whether `version` of `api_key` uses the compact encoding and a header v2 request.
+
+    An api missing from `FLEXIBLE_FROM` is a KeyError: its header must not be guessed.
+    """
     return version >= FLEXIBLE_FROM[api_key]
 
 

@@ -67,6 +67,7 @@ CLIENT_ID = b"tickserve"
 PRODUCE_RETRIES = 5
 RETRY_BACKOFF_S = 0.1
 REQUEST_TIMEOUT_MS = 30_000
+NEGOTIATE_TIMEOUT_S = 10.0  # a broker that never answers ApiVersions: dial again
 
 WIRE_RETRIES = Counter("wire_retries_total", "Produce or fetch rounds retried", ["api", "error"])
 
@@ -114,7 +115,11 @@ class Connection(asyncio.Protocol):
         except OSError as exc:
             raise KafkaConnectionError(f"cannot connect to {host}:{port}: {exc}") from exc
         try:
-            await conn.negotiate(ours)
+            await asyncio.wait_for(conn.negotiate(ours), NEGOTIATE_TIMEOUT_S)
+        except TimeoutError as exc:
+            await conn.close()
+            what = f"{conn.address}: no ApiVersions answer within {NEGOTIATE_TIMEOUT_S:g} s"
+            raise KafkaConnectionError(what) from exc
         except BaseException:
             await conn.close()
             raise
@@ -133,7 +138,14 @@ class Connection(asyncio.Protocol):
         if error:
             raise for_code(error)(f"{self.address}: ApiVersions refused")
         self.versions = protocol.negotiate(ranges, ours, self.address)
-        logger.debug("versions settled", extra={"broker": self.address, "versions": self.versions})
+        logger.info(
+            "kafka versions settled",
+            extra={
+                "broker": self.address,
+                "fetch": self.versions.fetch,
+                "produce": self.versions.produce,
+            },
+        )
         return self.versions
 
     @property
@@ -206,7 +218,7 @@ class Connection(asyncio.Protocol):
             future.set_exception(self._error or KafkaConnectionError(f"{self.address} closed"))
             return future
         self._next_id = correlation = (self._next_id + 1) & 0x7FFFFFFF
-        tags = b"\0" if version >= protocol.FLEXIBLE_FROM[api_key] else b""  # header v2
+        tags = b"\0" if protocol.is_flexible(api_key, version) else b""  # header v2
         size = _HEADER.size - 4 + len(CLIENT_ID) + len(tags) + sum(len(p) for p in parts)
         header = _HEADER.pack(size, api_key, version, correlation, len(CLIENT_ID)) + CLIENT_ID
         header += tags
