@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 from kio.schema.api_versions.v0.response import ApiVersion as ApiVersionV0
 from kio.schema.api_versions.v0.response import ApiVersionsResponse as ApiVersionsResponseV0
@@ -29,6 +30,7 @@ from stream.kafka.clients import ensure_topics, make_producer
 from stream.kafka.protocol import API_VERSIONS, FETCH, METADATA, PRODUCE, SUPPORTED, Versions
 from stream.kafka.topic_ids import TopicIds
 from stream.kafka.wire import Connection, WireFetcher, WireProducer
+from tests.helpers import produce_records as _produce
 from tests.helpers import record_batch as _batch
 from tests.helpers import run, unique
 from tickserve.errors import BrokerIncompatible
@@ -330,8 +332,59 @@ def test_topic_ids_come_from_metadata_else_the_topic_is_named(
         assert conn.asked == 1 and ids.ready("t", 17)
         assert ids.pick("t", 17) == picked
         assert ids.pick("t", 11) == (11, "t")
+        assert ids.matches("t", "t") and not ids.matches("t", "u")
+        # the null id: how Tansu answers an id it does not know (one topic per request)
+        assert ids.matches("t", protocol.NO_TOPIC_ID)
+        assert ids.matches("t", topic_id.bytes) == (picked[1] == topic_id.bytes)
         ids.forget("t")
         await ids.resolve(conn, "t", 17)  # type: ignore[arg-type]
         assert conn.asked == 2
 
     run(go())
+
+
+def test_a_topic_made_again_is_fetched_by_its_new_id(stack_settings: Settings) -> None:
+    """The topic is deleted and created again under the fetcher: its old id is refused, the
+    fetcher asks Metadata again and reads on by the new id."""
+    bootstrap = stack_settings.bootstrap
+    topic = unique("again")
+    fetch = min(_broker_ranges(bootstrap)[FETCH][1], SUPPORTED[FETCH][1])
+    assert fetch >= protocol.TOPIC_IDS_FROM, "the local broker no longer serves Fetch v13+"
+
+    async def read(fetcher: WireFetcher, n: int) -> list[bytes | None]:
+        got: list[bytes | None] = []
+        deadline = time.monotonic() + 30
+        while len(got) < n and time.monotonic() < deadline:
+            fetched = await fetcher.poll(200)
+            got += [fetched.value(i) for i in range(len(fetched))]
+        return got
+
+    async def go() -> tuple[list[bytes | None], list[bytes | None], Any, Any]:
+        await ensure_topics(bootstrap, [topic], 1)
+        await _produce(bootstrap, topic, [(b"k", b"a%d" % i, 0) for i in range(10)], None)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        fetcher = WireFetcher(consumer, topic, 20)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            consumer.assign([TopicPartition(topic, 0)])
+            first = await read(fetcher, 10)
+            old = fetcher._ids.pick(topic, fetch)
+            await admin.delete_topics([topic])
+            await admin.create_topics([NewTopic(topic, 1, 1)])
+            await _produce(bootstrap, topic, [(b"k", b"b%d" % i, 0) for i in range(15)], None)
+            second = await read(fetcher, 5)  # from offset 10, where the fetcher stood
+            return first, second, old, fetcher._ids.pick(topic, fetch)
+        finally:
+            await admin.close()
+            await fetcher.close()
+            await consumer.stop()
+
+    first, second, old, new = run(go())
+    assert first == [b"a%d" % i for i in range(10)]
+    assert second == [b"b%d" % i for i in range(10, 15)]
+    assert old[0] == new[0] == fetch
+    assert isinstance(old[1], bytes) and isinstance(new[1], bytes) and old[1] != new[1]

@@ -395,7 +395,8 @@ def _outcome(
     failed = [(p, d) for p, d in batches if errors.get((topic, p), -1) != 0]
     if not failed:
         return [], None
-    code = errors.get((topic, failed[0][0]), -1)
+    partition = failed[0][0]
+    code = errors.get((topic, partition), errors.get((protocol.NO_TOPIC_ID, partition), -1))
     by_id = isinstance(topic, bytes)
     return failed, _error(code, by_id) if code >= 0 else KafkaError(f"no ack for {topic!r}")
 
