@@ -360,13 +360,12 @@ def test_online_write_tickserve(benchmark: pytest.FixtureRequest, feast_store: o
     benchmark(write)
 
 
-def _fetch_response() -> bytes:
-    """A Fetch v4 response: 4 partitions x 7 record batches x 25 ticks (the e2e's shape)."""
-    from aiokafka.protocol.fetch import FetchResponse_v4
+def _record_sets() -> list[bytes]:
+    """4 partitions x 7 record batches x 25 ticks (the e2e's shape)."""
     from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-    partitions = []
-    for p in range(4):
+    out = []
+    for _ in range(4):
         sets = []
         for b in range(7):
             builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
@@ -376,8 +375,48 @@ def _fetch_response() -> bytes:
             raw = bytearray(builder.build())
             raw[0:8] = (b * 25).to_bytes(8, "big")
             sets.append(bytes(raw))
-        partitions.append((p, 0, 175, 175, [], b"".join(sets)))
-    return bytes(FetchResponse_v4(0, [("ticks", partitions)]).encode())
+        out.append(b"".join(sets))
+    return out
+
+
+def _fetch_response(version: int = 4) -> bytes:
+    """A Fetch response of `_record_sets`: v4 by aiokafka, v17 (flexible, topic ids) by kio."""
+    if version == 4:
+        from aiokafka.protocol.fetch import FetchResponse_v4
+
+        partitions = [(p, 0, 175, 175, [], data) for p, data in enumerate(_record_sets())]
+        return bytes(FetchResponse_v4(0, [("ticks", partitions)]).encode())
+    import datetime
+    import io
+    import uuid
+
+    from kio.schema.errors import ErrorCode
+    from kio.schema.fetch.v17 import response as r
+    from kio.serial import entity_writer
+
+    response = r.FetchResponse(
+        throttle_time=datetime.timedelta(0),
+        error_code=ErrorCode(0),
+        responses=(
+            r.FetchableTopicResponse(
+                topic_id=uuid.uuid4(),
+                partitions=tuple(
+                    r.PartitionData(
+                        partition_index=p,
+                        error_code=ErrorCode(0),
+                        high_watermark=175,
+                        aborted_transactions=None,
+                        records=data,
+                    )  # fmt: skip
+                    for p, data in enumerate(_record_sets())
+                ),
+            ),
+        ),
+    )
+    buf = io.BytesIO(b"\0")  # the response header's tagged fields
+    buf.seek(1)
+    entity_writer(r.FetchResponse)(buf, response)
+    return buf.getvalue()
 
 
 @pytest.mark.benchmark(group="fetch response, 4 partitions x 175 ticks")
@@ -404,16 +443,18 @@ def test_fetch_response_aiokafka(benchmark: pytest.FixtureRequest) -> None:
 
 
 @pytest.mark.benchmark(group="fetch response, 4 partitions x 175 ticks")
-def test_fetch_response_tickserve(benchmark: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("version", [4, 17])
+def test_fetch_response_tickserve(benchmark: pytest.FixtureRequest, version: int) -> None:
     """stream.kafka.wire: the response walked, every partition parsed and CRC-checked at once."""
+    from stream.kafka.protocol import parse_fetch_response
     from stream.kafka.recordbatch import first_bad_crc
-    from stream.kafka.wire import parse_fetch_response, parse_partitions, warm_up
+    from stream.kafka.wire import parse_partitions, warm_up
 
-    body = _fetch_response()
+    body = _fetch_response(version)
     warm_up()
 
     def parse() -> int:
-        data = [d for _, d in parse_fetch_response(body)]
+        data = [d for _, d in parse_fetch_response(body, version)[1]]
         buf = np.frombuffer(body, np.uint8)
         cols, _, _, status, starts, ends = parse_partitions(
             buf, np.array([d.start for d in data]), np.array([d.end for d in data]),

@@ -4,63 +4,85 @@ its fetcher and producer against aiokafka's own clients on the real broker."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.protocol.fetch import FetchRequest_v4, FetchResponse_v4
-from aiokafka.protocol.produce import ProduceRequest_v3, ProduceResponse_v3
+from aiokafka.protocol.fetch import FetchResponse_v4
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
+from stream.kafka import protocol
 from stream.kafka.clients import ensure_topics, make_consumer, make_producer
-from stream.kafka.wire import (
-    Connection,
-    WireFetcher,
-    WireProducer,
-    fetch_request,
-    parse_fetch_response,
-    parse_produce_response,
-    produce_request,
-)
+from stream.kafka.protocol import parse_fetch_response
+from stream.kafka.wire import Connection, WireFetcher, WireProducer
 from tests.helpers import PARTITIONS, read_topic, run, unique
 from tests.helpers import mixed_records as _records
 from tests.helpers import produce_records as _produce
 from tests.helpers import record_batch as _batch
 
 
-def test_fetch_request_is_aiokafkas_v4() -> None:
-    positions = [(0, 5), (2, 1 << 40)]
-    ours = fetch_request("ticks", positions, 20, 1, 1 << 20, 4096)
-    theirs = FetchRequest_v4(
-        -1, 20, 1, 1 << 20, 0, [("ticks", [(p, o, 4096) for p, o in positions])]
+def _aiokafka(kind: str, version: int) -> Any:
+    module = importlib.import_module(
+        f"aiokafka.protocol.{kind.removesuffix('Request').removesuffix('Response').lower()}"
     )
+    return getattr(module, f"{kind}_v{version}")
+
+
+@pytest.mark.parametrize("version", range(4, 12))  # the non-flexible ones aiokafka has
+def test_fetch_request_is_aiokafkas(version: int) -> None:
+    positions = [(0, 5), (2, 1 << 40)]
+    ours = protocol.fetch_request(version, "ticks", positions, 20, 1, 1 << 20, 4096)
+    partitions = [
+        (p, *([-1] if version >= 9 else []), o, *([-1] if version >= 5 else []), 4096)
+        for p, o in positions
+    ]
+    head: list[Any] = [-1, 20, 1, 1 << 20, 0, *([0, -1] if version >= 7 else [])]
+    tail: list[Any] = ([[]] if version >= 7 else []) + ([""] if version >= 11 else [])
+    theirs = _aiokafka("FetchRequest", version)(*head, [("ticks", partitions)], *tail)
     assert ours == theirs.encode()
 
 
-def test_fetch_response_walk_matches_aiokafkas_decoder() -> None:
+@pytest.mark.parametrize("version", range(4, 12))
+def test_fetch_response_walk_matches_aiokafkas_decoder(version: int) -> None:
     records = [_batch(3, 7), b"", None]
-    response = FetchResponse_v4(
-        0,
-        [("ticks", [(0, 0, 10, 10, [], records[0]), (1, 1, 4, 4, [(9, 2)], records[1]),
-                    (2, 0, 0, 0, None, records[2])])],
-    )  # fmt: skip
-    body = response.encode()
-    parsed = parse_fetch_response(body)
+    rows = [(0, 0, 10, 10, [], records[0]), (1, 1, 4, 4, [(9, 2)], records[1]),
+            (2, 0, 0, 0, None, records[2])]  # fmt: skip
+    if version >= 5:  # log start offset
+        rows = [(*row[:4], 0, *row[4:]) for row in rows]
+    if version >= 11:  # preferred read replica
+        rows = [(*row[:-1], -1, row[-1]) for row in rows]
+    head = [0, 0, 0] if version >= 7 else [0]  # throttle time, error, session id
+    body = _aiokafka("FetchResponse", version)(*head, [("ticks", rows)]).encode()
+    error, parsed = protocol.parse_fetch_response(body, version)
+    assert error == 0
     assert [(t, d.partition, d.error, d.high_watermark) for t, d in parsed] == [
         ("ticks", 0, 0, 10), ("ticks", 1, 1, 4), ("ticks", 2, 0, 0)
     ]  # fmt: skip
     assert [body[d.start : d.end] for _, d in parsed] == [records[0], b"", b""]
 
 
-def test_produce_request_is_aiokafkas_v3_and_its_response_is_read() -> None:
+@pytest.mark.parametrize("version", range(3, 9))
+def test_produce_request_is_aiokafkas_and_its_response_is_read(version: int) -> None:
     a, b, c = _batch(2, 0), _batch(1, 0), _batch(4, 0)
-    ours = b"".join(produce_request("signals", [(1, a), (3, b), (1, c)]))
-    theirs = ProduceRequest_v3(None, -1, 30_000, [("signals", [(1, a + c), (3, b)])])
+    ours = b"".join(protocol.produce_request(version, "signals", [(1, a), (3, b), (1, c)], 30_000))
+    theirs = _aiokafka("ProduceRequest", version)(
+        None, -1, 30_000, [("signals", [(1, a + c), (3, b)])]
+    )
     assert ours == theirs.encode()
-    response = ProduceResponse_v3([("signals", [(1, 0, 40, -1), (3, 6, -1, -1)])], 0)
-    assert parse_produce_response(response.encode()) == {("signals", 1): 0, ("signals", 3): 6}
+    rows = [(1, 0, 40, -1), (3, 6, -1, -1)]
+    if version >= 5:  # log start offset
+        rows = [(*row, 0) for row in rows]
+    if version >= 8:  # record errors, error message
+        rows = [(*rows[0], [], None), (*rows[1], [(0, "bad")], "not the leader")]
+    response = _aiokafka("ProduceResponse", version)([("signals", rows)], 0)
+    assert protocol.parse_produce_response(response.encode(), version) == {
+        ("signals", 1): 0,
+        ("signals", 3): 6,
+    }
 
 
 class _Transport:
@@ -146,7 +168,7 @@ def test_one_pass_over_a_response_equals_the_per_partition_parse() -> None:
     body = FetchResponse_v4(
         0, [("t", [(p, 0, 99, 99, [], r) for p, r in enumerate(sets)])]
     ).encode()
-    data = [d for _, d in parse_fetch_response(body)]
+    data = [d for _, d in parse_fetch_response(body, 4)[1]]
     fetch_offsets = np.array([12, 0, 0, 8], np.int64)  # two of them start mid-batch
     buf = np.frombuffer(body, np.uint8)
     cols, part, next_offsets, status, starts, ends = parse_partitions(
@@ -166,7 +188,7 @@ def test_one_pass_over_a_response_equals_the_per_partition_parse() -> None:
     assert cols[0, part == 0].tolist() == [12, 13, 14, 15, 16, 17, 18]
     # a gap (offsets 9 and up arrive before 7-8 are readable) is flagged, not skipped
     gap = FetchResponse_v4(0, [("t", [(0, 0, 99, 99, [], _batch(2, 9))])]).encode()
-    gap_data = parse_fetch_response(gap)[0][1]
+    gap_data = parse_fetch_response(gap, 4)[1][0][1]
     *_, gap_next, gap_status, _, _ = parse_partitions(
         np.frombuffer(gap, np.uint8), np.array([gap_data.start]), np.array([gap_data.end]),
         np.array([7]),

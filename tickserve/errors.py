@@ -142,6 +142,30 @@ class BrokerAuthError(BrokerError):
     """
 
 
+class BrokerIncompatible(BrokerError):
+    """The broker serves no version of a data-path api that tickserve implements.
+
+    Attributes:
+        api: The api, e.g. `Fetch` or `Produce`.
+        ours: The (lowest, highest) versions tickserve implements.
+        theirs: The (lowest, highest) versions the broker serves; None if it lacks the api.
+        address: The broker's `host:port`.
+    """
+
+    def __init__(
+        self, api: str, ours: tuple[int, int], theirs: tuple[int, int] | None, address: str
+    ) -> None:
+        offered = f"versions {theirs[0]}..{theirs[1]}" if theirs else "no version"
+        super().__init__(
+            f"{address} serves {api} {offered}, tickserve implements {ours[0]}..{ours[1]}:"
+            " no version in common"
+        )
+        self.api = api
+        self.ours = ours
+        self.theirs = theirs
+        self.address = address
+
+
 class OnlineStoreError(ServiceError):
     """Redis failed a read or write of online features or of state snapshots.
 

@@ -6,14 +6,16 @@ data path aiokafka's fetcher and sender build and decode request structs field b
 field in Python, with a future and a timeout per request and a sender task woken per
 batch: in a do-nothing echo worker that alone cost more CPU per tick than the
 worker's whole budget (docs/architecture.md has the figures). Here a fetch is one
-pre-laid request, its response is walked with `struct` over a handful of partitions and the record
+pre-laid request, its response is walked per partition (`stream.kafka.protocol`) and the record
 batches are parsed as columns by `stream.kafka.aiokafka_adapter`'s Numba kernels; a produce is the
 prebuilt record batches of `stream.kafka.signalbatch` behind a ~40-byte request header.
 
-Protocol: Fetch v4 and Produce v3 (message format v2), non-flexible versions that
-Kafka >= 0.11, Redpanda and the local broker all accept. Connections are opened with
-TLS and a SASL login as the clients' `KafkaSecurity` says (`stream.kafka.transport`);
-`wire=False` runs the worker on aiokafka's own data path
+Protocol: each connection first asks the broker's ApiVersions and settles on the
+highest Fetch (4..18) and Produce (3..13) versions both sides speak; the messages
+themselves are `stream.kafka.protocol`'s, and a broker with no version in common is
+`BrokerIncompatible` (docs/architecture.md says why these ranges). Connections are
+opened with TLS and a SASL login as the clients' `KafkaSecurity` says
+(`stream.kafka.transport`); `wire=False` runs the worker on aiokafka's own data path
 (`stream.kafka.aiokafka_adapter.drain` and `send_batch`).
 
 Responses on one connection come back in request order (the protocol guarantees
@@ -30,8 +32,7 @@ import functools
 import logging
 import struct
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,32 +47,34 @@ from aiokafka.errors import (
 from numba import njit
 from prometheus_client import Counter
 
-from stream.kafka import transport
+from stream.kafka import protocol, transport
 from stream.kafka.fetched import Fetched, FetchedParts, GapRetries, parse_records
+from stream.kafka.protocol import (
+    API_VERSIONS,
+    FETCH,
+    PRODUCE,
+    SUPPORTED,
+    UNSUPPORTED_VERSION,
+    Versions,
+    parse_fetch_response,
+    parse_produce_response,
+)
 from stream.kafka.recordbatch import HEADER_SIZE, batch_bounds, first_bad_crc, parse_into, read_be
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
+from stream.kafka.topic_ids import STALE_ID_ERRORS, TopicIds
 
 logger = logging.getLogger(__name__)
 
-FETCH, PRODUCE = 1, 0  # api keys
-FETCH_VERSION, PRODUCE_VERSION = 4, 3
 CLIENT_ID = b"tickserve"
 PRODUCE_RETRIES = 5
 RETRY_BACKOFF_S = 0.1
 REQUEST_TIMEOUT_MS = 30_000
+NEGOTIATE_TIMEOUT_S = 10.0  # a broker that never answers ApiVersions: dial again
 
 WIRE_RETRIES = Counter("wire_retries_total", "Produce or fetch rounds retried", ["api", "error"])
 
-_I16, _I32, _I64 = struct.Struct(">h"), struct.Struct(">i"), struct.Struct(">q")
 _FRAME = struct.Struct(">ii")  # response size, correlation id
 _HEADER = struct.Struct(">ihhih")  # size, api_key, api_version, correlation_id, client_id length
-_FETCH_HEAD = struct.Struct(">iiiibi")  # replica, max_wait, min_bytes, max_bytes, isolation, topics
-_FETCH_PARTITION = struct.Struct(">iqi")  # partition, offset, partition max bytes
-# partition, error, high watermark, last stable offset, aborted transactions count
-_FETCHED_PARTITION = struct.Struct(">ihqqi")
-_PRODUCE_HEAD = struct.Struct(">hhii")  # transactional id (null), acks, timeout, topics
-_PRODUCE_PARTITION = struct.Struct(">ii")  # partition, record set size
-_PRODUCED_PARTITION = struct.Struct(">ihqq")  # partition, error, base offset, append time
 
 
 class Connection(asyncio.Protocol):
@@ -97,16 +100,64 @@ class Connection(asyncio.Protocol):
         self._error: Exception | None = None
         self._loop = asyncio.get_running_loop()
         self._lost = self._loop.create_future()
+        self.versions: Versions | None = None  # settled by `negotiate`
 
     @classmethod
-    async def open(cls, host: str, port: int, security: KafkaSecurity = PLAINTEXT) -> Connection:
-        """Connect, with TLS and a SASL login as `security` says (`stream.kafka.transport`).
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        security: KafkaSecurity = PLAINTEXT,
+        ours: Mapping[int, tuple[int, int]] = SUPPORTED,
+    ) -> Connection:
+        """Connect with TLS and a SASL login as `security` says, then settle the versions.
 
         Raises:
-            KafkaConnectionError: Nothing answered (retriable).
+            KafkaConnectionError: Nothing answered, or not in time (retriable).
             BrokerAuthError: The TLS handshake or the login was refused (not retriable).
+            BrokerIncompatible: The broker speaks no Fetch or Produce version of `ours`.
         """
-        return await transport.open_connection(cls, host, port, security)
+        conn = await transport.open_connection(cls, host, port, security)
+        try:
+            await asyncio.wait_for(conn.negotiate(ours), NEGOTIATE_TIMEOUT_S)
+        except TimeoutError as exc:
+            await conn.close()
+            what = f"{conn.address}: no ApiVersions answer within {NEGOTIATE_TIMEOUT_S:g} s"
+            raise KafkaConnectionError(what) from exc
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def negotiate(self, ours: Mapping[int, tuple[int, int]] = SUPPORTED) -> Versions:
+        """Ask the broker's ApiVersions (v3, else v0) and keep the versions settled on."""
+        version = protocol.API_VERSIONS_VERSION
+        request = protocol.api_versions_request
+        body = await self.request(API_VERSIONS, version, [request(version)])
+        error, ranges = protocol.parse_api_versions_response(body, version)
+        if error == UNSUPPORTED_VERSION:  # an older broker: v0 is the one every broker reads
+            version = 0
+            body = await self.request(API_VERSIONS, version, [request(version)])
+            error, ranges = protocol.parse_api_versions_response(body, version)
+        if error:
+            raise for_code(error)(f"{self.address}: ApiVersions refused")
+        self.versions = protocol.negotiate(ranges, ours, self.address)
+        logger.info(
+            "kafka versions settled",
+            extra={
+                "broker": self.address,
+                "fetch": self.versions.fetch,
+                "produce": self.versions.produce,
+            },
+        )
+        return self.versions
+
+    @property
+    def settled(self) -> Versions:
+        """The versions `negotiate` settled on (every connection from `open` has them)."""
+        if self.versions is None:
+            raise KafkaError(f"{self.address}: no versions negotiated")
+        return self.versions
 
     @property
     def alive(self) -> bool:
@@ -171,8 +222,10 @@ class Connection(asyncio.Protocol):
             future.set_exception(self._error or KafkaConnectionError(f"{self.address} closed"))
             return future
         self._next_id = correlation = (self._next_id + 1) & 0x7FFFFFFF
-        size = _HEADER.size - 4 + len(CLIENT_ID) + sum(len(p) for p in parts)
+        tags = b"\0" if protocol.is_flexible(api_key, version) else b""  # header v2
+        size = _HEADER.size - 4 + len(CLIENT_ID) + len(tags) + sum(len(p) for p in parts)
         header = _HEADER.pack(size, api_key, version, correlation, len(CLIENT_ID)) + CLIENT_ID
+        header += tags
         if not self._pending:
             self._loop.call_soon(self._write)
         self._pending.append((parks, correlation, future, [header, *parts]))
@@ -217,9 +270,15 @@ class Connection(asyncio.Protocol):
 class _Connections:
     """One connection per broker node, opened on first use and again after a failure."""
 
-    def __init__(self, cluster: Any, security: KafkaSecurity = PLAINTEXT) -> None:
+    def __init__(
+        self,
+        cluster: Any,
+        security: KafkaSecurity = PLAINTEXT,
+        ours: Mapping[int, tuple[int, int]] = SUPPORTED,
+    ) -> None:
         self._cluster = cluster  # aiokafka's ClusterMetadata (kept current by aiokafka)
         self._security = security
+        self._ours = ours  # the versions to settle within
         self._conns: dict[int, Connection] = {}
         self._opening: dict[int, asyncio.Task[Connection]] = {}  # one dial per node at a time
         self._closed = False
@@ -241,7 +300,7 @@ class _Connections:
             if broker is None:
                 raise KafkaConnectionError(f"no metadata for broker node {node_id}")
             opening = asyncio.ensure_future(
-                Connection.open(broker.host, broker.port, self._security)
+                Connection.open(broker.host, broker.port, self._security, self._ours)
             )
             self._opening[node_id] = opening
             opening.add_done_callback(functools.partial(self._opened, node_id))
@@ -263,63 +322,6 @@ class _Connections:
             with contextlib.suppress(Exception):
                 conns.add(await asyncio.shield(opening))
         await asyncio.gather(*(conn.close() for conn in conns))
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return _I16.pack(len(raw)) + raw
-
-
-def fetch_request(
-    topic: str,
-    positions: Sequence[tuple[int, int]],
-    max_wait_ms: int,
-    min_bytes: int,
-    max_bytes: int,
-    partition_max_bytes: int,
-) -> bytes:
-    """A Fetch v4 request body for one topic: `positions` are (partition, offset)."""
-    parts = [
-        _FETCH_HEAD.pack(-1, max_wait_ms, min_bytes, max_bytes, 0, 1),
-        _string(topic),
-        _I32.pack(len(positions)),
-    ]
-    parts += [_FETCH_PARTITION.pack(p, offset, partition_max_bytes) for p, offset in positions]
-    return b"".join(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class PartitionData:
-    """One partition of a Fetch response: its records are `body[start:end]`."""
-
-    partition: int
-    error: int
-    high_watermark: int
-    start: int
-    end: int
-
-
-def parse_fetch_response(body: bytes) -> list[tuple[str, PartitionData]]:
-    """Walk a Fetch v4 response body (after the correlation id)."""
-    out = []
-    pos = 4  # throttle time
-    (topics,) = _I32.unpack_from(body, pos)
-    pos += 4
-    for _ in range(topics):
-        (name_len,) = _I16.unpack_from(body, pos)
-        topic = body[pos + 2 : pos + 2 + name_len].decode()
-        pos += 2 + name_len
-        (partitions,) = _I32.unpack_from(body, pos)
-        pos += 4
-        for _ in range(partitions):
-            partition, error, high, _, aborted = _FETCHED_PARTITION.unpack_from(body, pos)
-            pos += _FETCHED_PARTITION.size + 16 * max(aborted, 0)
-            (size,) = _I32.unpack_from(body, pos)
-            pos += 4
-            size = max(size, 0)  # -1: null records
-            out.append((topic, PartitionData(partition, error, high, pos, pos + size)))
-            pos += size
-    return out
 
 
 @njit(cache=True)
@@ -370,44 +372,30 @@ def parse_partitions(
     return cols[:, :k], part[:k], next_offsets, status, starts[:n_batches], ends[:n_batches]
 
 
-def produce_request(topic: str, batches: Sequence[tuple[int, bytes]]) -> list[bytes]:
-    """A Produce v3 request body (acks=all) as parts: the record batches are not copied."""
-    by_partition: dict[int, list[bytes]] = {}
-    for partition, data in batches:
-        by_partition.setdefault(partition, []).append(data)
-    parts = [
-        _PRODUCE_HEAD.pack(-1, -1, REQUEST_TIMEOUT_MS, 1),
-        _string(topic),
-        _I32.pack(len(by_partition)),
-    ]
-    for partition, datas in by_partition.items():
-        parts.append(_PRODUCE_PARTITION.pack(partition, sum(len(d) for d in datas)))
-        parts += datas  # several v2 batches of one partition concatenate into one record set
-    return parts
+class StaleTopicId(KafkaError):  # type: ignore[misc]  # aiokafka is untyped
+    """A request named a topic by an id its broker no longer holds: the id is asked again."""
+
+    retriable = True
+    invalid_metadata = True
 
 
-def parse_produce_response(body: bytes) -> dict[tuple[str, int], int]:
-    """Error code per (topic, partition) of a Produce v3 response body."""
-    out = {}
-    (topics,) = _I32.unpack_from(body, 0)
-    pos = 4
-    for _ in range(topics):
-        (name_len,) = _I16.unpack_from(body, pos)
-        topic = body[pos + 2 : pos + 2 + name_len].decode()
-        pos += 2 + name_len
-        (partitions,) = _I32.unpack_from(body, pos)
-        pos += 4
-        for _ in range(partitions):
-            partition, error, _, _ = _PRODUCED_PARTITION.unpack_from(body, pos)
-            pos += _PRODUCED_PARTITION.size
-            out[(topic, partition)] = error
-    return out
+def _error(code: int, by_id: bool) -> KafkaError:
+    """The aiokafka error for `code`; an unknown id (`by_id`: the request named one) is stale."""
+    if by_id and code in STALE_ID_ERRORS:
+        return StaleTopicId(f"error {code} for a topic id")
+    return for_code(code)()
 
 
 def _outcome(
-    topic: str, batches: list[tuple[int, bytes]], response: asyncio.Future[bytes]
+    topic: str | bytes,
+    version: int,
+    batches: list[tuple[int, bytes]],
+    response: asyncio.Future[bytes],
 ) -> tuple[list[tuple[int, bytes]], KafkaError | None]:
-    """The batches whose partitions were not acknowledged, and why (None: all were)."""
+    """The batches whose partitions were not acknowledged, and why (None: all were).
+
+    `topic`: its name or id as the request named it; `version`: the request's.
+    """
     if response.cancelled():
         return batches, KafkaConnectionError("produce request cancelled")
     exc = response.exception()
@@ -415,12 +403,14 @@ def _outcome(
         if not isinstance(exc, KafkaError):
             raise exc
         return batches, exc
-    errors = parse_produce_response(response.result())
+    errors = parse_produce_response(response.result(), version)
     failed = [(p, d) for p, d in batches if errors.get((topic, p), -1) != 0]
     if not failed:
         return [], None
-    code = errors.get((topic, failed[0][0]), -1)
-    return failed, for_code(code)() if code >= 0 else KafkaError(f"no ack for {topic}")
+    partition = failed[0][0]
+    code = errors.get((topic, partition), errors.get((protocol.NO_TOPIC_ID, partition), -1))
+    by_id = isinstance(topic, bytes)
+    return failed, _error(code, by_id) if code >= 0 else KafkaError(f"no ack for {topic!r}")
 
 
 def _settle(ack: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
@@ -455,11 +445,16 @@ class WireProducer:
         producer: AIOKafkaProducer,
         share: WireFetcher | None = None,
         security: KafkaSecurity = PLAINTEXT,
+        versions: Mapping[int, tuple[int, int]] = SUPPORTED,
     ):
-        """Borrow `producer`'s metadata; it must stay started while this is used."""
+        """Borrow `producer`'s metadata; it must stay started while this is used.
+
+        `versions`: the ranges to settle within with each broker (tests narrow them).
+        """
         self._client = producer.client
-        self._conns = _Connections(producer.client.cluster, security)
+        self._conns = _Connections(producer.client.cluster, security, versions)
         self._shared = share._conns if share is not None else None
+        self._ids = TopicIds()
 
     def send(
         self, topic: str, batches: Sequence[tuple[int, bytes, int]]
@@ -477,12 +472,16 @@ class WireProducer:
         acks: list[asyncio.Future[Any]] = []
         for node, part in by_node.items():
             conn = self._ready(node)
-            if conn is None:
+            if conn is None or not self._ids.ready(topic, conn.settled.produce):
                 acks.append(asyncio.ensure_future(self._produce(topic, node, part)))
                 continue
             ack: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            response = conn.request(PRODUCE, PRODUCE_VERSION, produce_request(topic, part))
-            response.add_done_callback(functools.partial(self._acked, ack, topic, node, part))
+            version, key = self._ids.pick(topic, conn.settled.produce)
+            body = protocol.produce_request(version, key, part, REQUEST_TIMEOUT_MS)
+            response = conn.request(PRODUCE, version, body)
+            response.add_done_callback(
+                functools.partial(self._acked, ack, topic, node, part, version, key)
+            )
             acks.append(ack)
         return acks
 
@@ -500,11 +499,13 @@ class WireProducer:
         topic: str,
         node: int,
         batches: list[tuple[int, bytes]],
+        version: int,
+        key: str | bytes,
         response: asyncio.Future[bytes],
     ) -> None:
         if ack.done():
             return  # the caller gave up on it
-        failed, exc = _outcome(topic, batches, response)
+        failed, exc = _outcome(key, version, batches, response)
         if exc is None:
             ack.set_result(None)
             return
@@ -526,6 +527,8 @@ class WireProducer:
                     raise exc
                 WIRE_RETRIES.labels("produce", type(exc).__name__).inc()
                 logger.warning("produce retried", extra={"topic": topic, "error": repr(exc)})
+                if isinstance(exc, StaleTopicId):
+                    self._ids.forget(topic)
                 await asyncio.sleep(RETRY_BACKOFF_S)
                 await self._client.force_metadata_update()
                 cluster = self._client.cluster
@@ -554,9 +557,12 @@ class WireProducer:
                 if node < 0:
                     raise NotLeaderForPartitionError(f"no leader known for {topic}")
                 conn = await self._conns.get(node)
-                response = conn.request(PRODUCE, PRODUCE_VERSION, produce_request(topic, batches))
+                await self._ids.resolve(conn, topic, conn.settled.produce)
+                version, key = self._ids.pick(topic, conn.settled.produce)
+                body = protocol.produce_request(version, key, batches, REQUEST_TIMEOUT_MS)
+                response = conn.request(PRODUCE, version, body)
                 await asyncio.wait([response])
-                batches, exc = _outcome(topic, batches, response)
+                batches, exc = _outcome(key, version, batches, response)
             except KafkaError as err:
                 exc = err
             if exc is None:
@@ -594,17 +600,24 @@ class WireFetcher:
         partition_max_bytes: int = 4 * 1024 * 1024,
         gaps: GapRetries | None = None,
         security: KafkaSecurity = PLAINTEXT,
+        versions: Mapping[int, tuple[int, int]] = SUPPORTED,
     ):
-        """Fetch `topic` for `consumer` (started, subscribed to it), connecting as `security`."""
+        """Fetch `topic` for `consumer` (started, subscribed to it), connecting as `security`.
+
+        `versions`: the ranges to settle within with each broker (tests narrow them).
+        """
         self.consumer = consumer
         self.topic = topic
         self._limits = (max_wait_ms, min_bytes, max_bytes, partition_max_bytes)
         self.gaps = gaps if gaps is not None else GapRetries(limit=0)
         self._client = consumer._client
-        self._conns = _Connections(consumer._client.cluster, security)
+        self._conns = _Connections(consumer._client.cluster, security, versions)
+        self._ids = TopicIds()
         self._assignment: Any = None  # the aiokafka Assignment whose partitions are paused
-        self._inflight: dict[int, tuple[asyncio.Future[bytes], dict[int, int]]] = {}
-        self._ready: deque[tuple[dict[int, int], bytes]] = deque()
+        # per leader: the fetch (its response, or the version and response from a dial),
+        # its positions and the version it was sent at (None: chosen after the dial)
+        self._inflight: dict[int, tuple[asyncio.Future[Any], dict[int, int], int | None]] = {}
+        self._ready: deque[tuple[dict[int, int], int, bytes]] = deque()
 
     async def poll(self, timeout_ms: int) -> Fetched:
         """Records fetched since the last call (waiting up to `timeout_ms`), as columns."""
@@ -651,14 +664,17 @@ class WireFetcher:
             elif leader not in self._inflight:
                 by_node.setdefault(leader, []).append((tp.partition, state.position))
         for node, positions in by_node.items():
-            body = fetch_request(self.topic, positions, *self._limits)
             conn = self._conns.ready(node)
-            if conn is not None:
-                future = conn.request(FETCH, FETCH_VERSION, [body], parks=True)
+            future: asyncio.Future[Any]
+            version: int | None = None
+            if conn is not None and self._ids.ready(self.topic, conn.settled.fetch):
+                version, key = self._ids.pick(self.topic, conn.settled.fetch)
+                body = protocol.fetch_request(version, key, positions, *self._limits)
+                future = conn.request(FETCH, version, [body], parks=True)
             else:
-                future = asyncio.ensure_future(self._fetch(node, body))
+                future = asyncio.ensure_future(self._fetch(node, positions))
             future.add_done_callback(_retrieve)
-            self._inflight[node] = (future, dict(positions))
+            self._inflight[node] = (future, dict(positions), version)
 
     async def _first_response(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         """Until a fetch in flight completes or `deadline` (asyncio.wait, minus its tasks)."""
@@ -668,7 +684,7 @@ class WireFetcher:
             if not waiter.done():
                 waiter.set_result(None)
 
-        futures = [f for f, _ in self._inflight.values()]
+        futures = [f for f, _, _ in self._inflight.values()]
         for future in futures:
             future.add_done_callback(wake)
         timer = loop.call_at(deadline, wake)
@@ -679,19 +695,27 @@ class WireFetcher:
             for future in futures:
                 future.remove_done_callback(wake)
 
-    async def _fetch(self, node: int, body: bytes) -> bytes:
+    async def _fetch(self, node: int, positions: list[tuple[int, int]]) -> tuple[int, bytes]:
+        """Dial `node`, learn the topic's id if the version needs it, fetch: (version, body)."""
         conn = await self._conns.get(node)
-        return await conn.request(FETCH, FETCH_VERSION, [body], parks=True)
+        await self._ids.resolve(conn, self.topic, conn.settled.fetch)
+        version, key = self._ids.pick(self.topic, conn.settled.fetch)
+        body = protocol.fetch_request(version, key, positions, *self._limits)
+        return version, await conn.request(FETCH, version, [body], parks=True)
 
     def _collect(self) -> None:
         """Move finished fetches to the ready queue; failed ones are sent again next round."""
-        for node, (future, positions) in list(self._inflight.items()):
+        for node, (future, positions, version) in list(self._inflight.items()):
             if not future.done():
                 continue
             del self._inflight[node]
             exc = future.exception()
             if exc is None:
-                self._ready.append((positions, future.result()))
+                if version is None:  # a dial's `_fetch`
+                    version, body = future.result()
+                else:
+                    body = future.result()
+                self._ready.append((positions, version, body))
             elif isinstance(exc, KafkaError):
                 WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
                 logger.warning("fetch failed", extra={"node": node, "error": repr(exc)})
@@ -700,16 +724,25 @@ class WireFetcher:
                 raise exc
 
     def _take(
-        self, assignment: Any, positions: dict[int, int], body: bytes, parts: FetchedParts
+        self,
+        assignment: Any,
+        positions: dict[int, int],
+        version: int,
+        body: bytes,
+        parts: FetchedParts,
     ) -> None:
         """Parse one response into `parts` and move the consumer's positions past it."""
         taken = []  # (tp, state, requested offset, records span) of partitions still wanted
-        for topic, data in parse_fetch_response(body):
-            tp = TopicPartition(topic, data.partition)
+        error, fetched = parse_fetch_response(body, version)
+        if error:
+            self._fetch_error(error)
+            return
+        for topic, data in fetched:
+            tp = TopicPartition(self.topic, data.partition)
             requested = positions.get(data.partition)
             state = assignment.state_value(tp)
             if (
-                topic != self.topic
+                not self._ids.matches(self.topic, topic)
                 or requested is None
                 or state is None
                 or not state.has_valid_position
@@ -717,7 +750,7 @@ class WireFetcher:
             ):
                 continue  # moved while the fetch was in flight: fetched again from there
             if data.error:
-                self._partition_error(state, tp, data.error)
+                self._partition_error(state, tp, _error(data.error, isinstance(topic, bytes)))
             else:
                 taken.append((tp, state, requested, data))
         if not taken:
@@ -759,8 +792,17 @@ class WireFetcher:
                 state.consumed_to(next_offset)
                 parts.next_offsets[tp] = next_offset
 
-    def _partition_error(self, state: Any, tp: TopicPartition, code: int) -> None:
+    def _fetch_error(self, code: int) -> None:
+        """A whole response refused (top-level error, v7+): retried if retriable."""
         exc = for_code(code)()
+        if not exc.retriable:
+            raise exc
+        WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
+        self._client.force_metadata_update()
+
+    def _partition_error(self, state: Any, tp: TopicPartition, exc: KafkaError) -> None:
+        if isinstance(exc, StaleTopicId):
+            self._ids.forget(self.topic)
         if isinstance(exc, OffsetOutOfRangeError):
             # as aiokafka does: reset by the consumer's policy (its fetcher resolves it)
             logger.warning("offset out of range", extra={"partition": tp.partition})
@@ -774,7 +816,7 @@ class WireFetcher:
 
     async def close(self) -> None:
         """Close the fetch connections."""
-        for future, _ in self._inflight.values():
+        for future, _, _ in self._inflight.values():
             future.cancel()
         await self._conns.close()
         self._inflight.clear()

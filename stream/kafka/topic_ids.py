@@ -1,0 +1,82 @@
+"""Topic ids (KIP-516) for the Fetch and Produce versions that name a topic by its id.
+
+Fetch and Produce from v13 carry a topic's 16-byte id instead of its name; the id
+comes from a Metadata (v10+) answer. As the Java client does, a topic whose id the
+broker does not give (none assigned, or the topic unknown to Metadata yet) is named
+instead, at the highest version that still takes a name (12). An id the broker stops
+recognising (the topic was deleted and created again) is forgotten and asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from stream.kafka import protocol
+
+if TYPE_CHECKING:
+    from stream.kafka.wire import Connection
+
+logger = logging.getLogger(__name__)
+
+NAMES_UP_TO = protocol.TOPIC_IDS_FROM - 1
+# a request naming a topic by an id the broker no longer holds (Tansu answers 3)
+STALE_ID_ERRORS = frozenset({3, 100, 103})  # unknown topic, unknown topic id, inconsistent id
+
+
+class TopicIds:
+    """Each topic's id as a broker gave it (None: it gave none, so the topic is named)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, bytes | None] = {}
+
+    def ready(self, topic: str, version: int) -> bool:
+        """Whether a request at `version` for `topic` can be built now (no Metadata to ask)."""
+        return version < protocol.TOPIC_IDS_FROM or topic in self._ids
+
+    def pick(self, topic: str, version: int) -> tuple[int, str | bytes]:
+        """The version to send at (at most `version`) and the topic's name or id for it.
+
+        Call after `ready` (or `resolve`) for a version from 13 on.
+        """
+        if version < protocol.TOPIC_IDS_FROM:
+            return version, topic
+        topic_id = self._ids[topic]
+        return (version, topic_id) if topic_id is not None else (NAMES_UP_TO, topic)
+
+    async def resolve(self, conn: Connection, topic: str, version: int) -> None:
+        """Ask `conn`'s broker for `topic`'s id if a request at `version` needs it."""
+        if self.ready(topic, version):
+            return
+        versions = conn.settled
+        if versions.metadata is None:  # `negotiate` keeps versions below 13 then
+            self._ids[topic] = None
+            return
+        body = await conn.request(
+            protocol.METADATA,
+            versions.metadata,
+            [protocol.metadata_request([topic], versions.metadata)],
+        )
+        found = [
+            t for t in protocol.parse_metadata_response(body, versions.metadata) if t.name == topic
+        ]
+        topic_id = found[0].topic_id if found and found[0].error == 0 else None
+        if topic_id == protocol.NO_TOPIC_ID:
+            topic_id = None
+        if topic_id is None:
+            logger.info("no topic id, the topic is named", extra={"topic": topic})
+        self._ids[topic] = topic_id
+
+    def forget(self, topic: str) -> None:
+        """Ask for `topic`'s id again before the next request that needs it."""
+        self._ids.pop(topic, None)
+
+    def matches(self, topic: str, key: str | bytes) -> bool:
+        """Whether a response's topic (a name, or an id) is `topic`, asked alone by it.
+
+        A broker that does not know the id asked for may answer under the null id
+        (Tansu does; Kafka echoes the id): with one topic per request, that is ours.
+        """
+        if isinstance(key, str):
+            return key == topic
+        return key == self._ids.get(topic) or key == protocol.NO_TOPIC_ID
