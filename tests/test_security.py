@@ -589,7 +589,9 @@ async def _open_and_close(host: str, port: int, security: KafkaSecurity) -> None
 @pytest.mark.services
 def test_tls_checks_the_hostname_by_default(tls: str, pki: Pki, processes: Processes) -> None:
     port = free_port()  # a certificate of the right CA, for another name
-    processes.stunnel(port, int(tls.split(":")[1]), pki, False, cert=pki.elsewhere_cert)
+    # (connections settle protocol versions at once: the endpoint must be a broker)
+    processes.stunnel(port, processes.broker(advertised_port=port), pki, False,
+                      cert=pki.elsewhere_cert)  # fmt: skip
     security = KafkaSecurity("SSL", ca_file=pki.ca)
     with pytest.raises(BrokerAuthError, match="TICKSERVE_KAFKA_SSL_CHECK_HOSTNAME"):
         _bounded(_open_and_close("127.0.0.1", port, security))
