@@ -149,19 +149,26 @@ def consumer_spans(
     return spans
 
 
-def configure_tracing(service_name: str, sample_rate: float) -> Tracing:
-    """Export this process's spans over OTLP/HTTP, configured by the OTEL_* variables.
+def tracing_provider(service_name: str) -> TracerProvider:
+    """A provider exporting over OTLP/HTTP as the OTEL_* variables say (not made global).
 
-    Installs an SDK `TracerProvider` (resource `service.name`, merged with
-    OTEL_RESOURCE_ATTRIBUTES) as the global one, with a batching processor and the
-    OTLP/HTTP exporter, which reads its endpoint, headers and timeouts from the
-    standard OTEL_EXPORTER_OTLP_* variables itself. Spans still queued are flushed
-    when the process exits. Call once, at the process edge.
+    Resource `service.name` (merged with OTEL_RESOURCE_ATTRIBUTES), a batching
+    processor, and the OTLP/HTTP exporter, which reads its endpoint, headers and
+    timeouts from the standard OTEL_EXPORTER_OTLP_* variables itself.
     """
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+def configure_tracing(service_name: str, sample_rate: float) -> Tracing:
+    """Export this process's spans over OTLP/HTTP (`tracing_provider`), as the global provider.
+
+    Spans still queued are flushed when the process exits. Call once, at the process edge.
+    """
+    provider = tracing_provider(service_name)
     trace.set_tracer_provider(provider)
     atexit.register(provider.shutdown)
     return Tracing(provider.get_tracer("tickserve"), sample_rate)
