@@ -8,23 +8,32 @@ from typing import Any
 
 import numpy as np
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from oteltap import OtelTapHttpProtobufReceiver, OtelTapHttpProtobufReceiverSettings
 
 from deploy.settings import Settings
 from deploy.stack import free_port
 from features.engine import FeatureEngine
+from features.spec import FeatureSpec
 from inference.batcher import BatcherConfig, MicroBatcher
 from inference.testing import loaded, make_onnx_classifier
 from stream.contracts.signal import Signal
+from stream.contracts.tick import Tick
 from stream.ingest.archive import ArchiverConfig, ClickHouseArchive, run_archiver
 from stream.ingest.feed import SyntheticMarket, publish
 from stream.kafka import wire_io
-from stream.kafka.base import DataPlaneConfig
+from stream.kafka.base import DataPlane, DataPlaneConfig
 from stream.kafka.clients import ensure_topics
+from stream.kafka.fetched import Fetched
 from stream.kafka.recordbatch import batch_bounds, find_header, parse_batches
 from stream.kafka.signalbatch import encode_signal_batches
+from stream.kafka.testing import FakeSink, FakeSource
 from stream.worker import StreamWorker, WorkerConfig
 from tests.helpers import LoopThread, read_topic, run
 from tickserve.tracing import TRACEPARENT, Tracing, extract_context, span_context, tracing_provider
@@ -98,6 +107,86 @@ def test_signals_of_traced_rows_carry_their_headers_and_the_rest_are_unchanged()
         trade = Signal.decode(value).trade_id
         assert headers[-1] == ("t", stamp)  # the stage header stays last, stamped
         assert headers[:-1] == ([(TRACEPARENT, TP)] if trade == "t1" else [])
+
+
+def _worker_spans(traced: set[int]) -> tuple[list[Any], list[tuple[int, list[Any]]]]:
+    """One micro-batch of 30 ticks (those in `traced` with a traceparent) through a worker
+    with tracing on and fakes of the data plane: (finished spans, signals' headers by tick)."""
+    spec = FeatureSpec(bar_ns=100_000)
+    model = loaded(make_onnx_classifier(spec.n_features, "logistic", seed=1), spec.n_features)
+    source, sink = FakeSource(), FakeSink()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    worker = StreamWorker(
+        WorkerConfig(DataPlaneConfig("nowhere:1", "ticks", "g"), "signals", "dlq", 0.0),
+        FeatureEngine(spec),
+        MicroBatcher(model, spec.n_features, BatcherConfig(max_batch=100)),
+        lambda _: DataPlane(source, sink),
+        tracing=Tracing(provider.get_tracer("test")),
+    )
+    start = time.time_ns() - 10**9
+    ticks = [
+        (
+            b"A",
+            Tick("A", start + i * 100_000, 1.0, 1.0, "buy", f"{i}", start).encode(),
+            [(TRACEPARENT, TP)] if i in traced else [],
+        )
+        for i in range(30)
+    ]
+    buf = np.frombuffer(_batch(ticks), np.uint8)
+    offset, ks, kl, vs, vl, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, False)
+    source.push(
+        Fetched("ticks", buf, np.zeros(30, np.int32), offset, ks, kl, vs, vl,
+                {TopicPartition("ticks", 0): 30})
+    )  # fmt: skip
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        run = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while not source.commits and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await run
+
+    asyncio.run(main())
+    signals = []
+    for _, _, data, _ in sink.batches:
+        for r in DefaultRecordBatch(data):
+            signals.append((int(Signal.decode(r.value).trade_id), list(r.headers)))
+    assert len(signals) == 30
+    return list(exporter.get_finished_spans()), signals
+
+
+def test_a_traced_tick_gets_batch_spans_and_its_signal_continues_its_trace() -> None:
+    spans, signals = _worker_spans({7})
+    tick = span_context(extract_context([(TRACEPARENT, TP)]))  # type: ignore[arg-type]
+    by_name = {s.name: s for s in spans}
+    assert sorted(by_name) == sorted(
+        ["process ticks", "decode", "features", "score", "send signals", "create signals"]
+    )
+    process = by_name["process ticks"]
+    assert process.kind == SpanKind.CONSUMER and process.parent is None
+    assert [link.context.span_id for link in process.links] == [tick.span_id]
+    assert process.attributes["messaging.batch.message_count"] == 30
+    for name in ("decode", "features", "score", "send signals"):
+        assert by_name[name].parent.span_id == process.context.span_id
+    create = by_name["create signals"]
+    assert create.context.trace_id == tick.trace_id and create.parent.span_id == tick.span_id
+    assert [link.context.span_id for link in create.links] == [process.context.span_id]
+    for trade, headers in signals:
+        extra = [
+            (TRACEPARENT, f"00-{tick.trace_id:032x}-{create.context.span_id:016x}-01".encode())
+        ]
+        assert headers[:-1] == (extra if trade == 7 else [])
+        assert headers[-1][0] == "t"
+
+
+def test_a_micro_batch_without_traced_ticks_makes_no_span() -> None:
+    spans, signals = _worker_spans(set())
+    assert spans == []
+    assert all([k for k, _ in headers] == ["t"] for _, headers in signals)
 
 
 def _span_ids(span: SpanProto) -> tuple[bytes, bytes]:
