@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from stream.kafka.recordbatch import batch_bounds, find_header, parse_batches
 from stream.kafka.signalbatch import encode_signal_batches
 from stream.kafka.testing import FakeSink, FakeSource
 from stream.worker import StreamWorker, WorkerConfig
-from tests.helpers import LoopThread, read_topic, run
+from tests.helpers import LoopThread, read_topic, run, tickserve
 from tickserve.tracing import TRACEPARENT, Tracing, extract_context, span_context, tracing_provider
 
 TP = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -347,3 +348,39 @@ def test_one_trace_from_feed_through_worker_to_signal_and_archive(
 
 async def _event() -> asyncio.Event:
     return asyncio.Event()
+
+
+@pytest.mark.services
+def test_tickserve_feed_traces_only_when_an_otlp_endpoint_is_set(
+    topics: Settings, tmp_path: Path
+) -> None:
+    topic = topics.ticks_topic
+    env = {
+        "TICKSERVE_BROKER_PORT": str(topics.broker_port),
+        "TICKSERVE_TICKS_TOPIC": topic,
+        "TICKSERVE_TRACE_SAMPLE_RATE": "1",
+    }
+    done = tickserve("feed", "--count", "3", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    receiver = Receiver()
+    try:
+        endpoint = f"http://127.0.0.1:{receiver.port}"
+        done = tickserve(
+            "feed",
+            "--count",
+            "4",
+            env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        deadline = time.monotonic() + 20  # the process flushed its spans as it exited
+        while len(receiver.spans) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        spans = list(receiver.spans)
+    finally:
+        receiver.close()
+    assert [s.name for s in spans] == [f"send {topic}"] * 4
+    records = run(read_topic(topics.bootstrap, topic, topics.partitions, 7, 30))
+    traced = [_header_ids(r.headers) for r in records if r.headers]  # type: ignore[attr-defined]
+    assert len(records) == 7 and len(traced) == 4  # type: ignore[arg-type]
+    assert set(traced) == {_span_ids(s) for s in spans}
