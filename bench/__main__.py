@@ -2,6 +2,7 @@
 
 Run from a source checkout (benchmarks are not installed with the package):
     python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --rounds 3]
+    python -m bench e2e --trace-sample-rate 0.001   (tracing on, for CPU per tick)
     python -m bench compare A.json B.json
 """
 
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="measure floor and system this many times, alternating; figures pool the rounds",
     )
+    e2e.add_argument(
+        "--trace-sample-rate",
+        type=float,
+        default=0.0,
+        help="tracing on: this fraction of ticks carries a traceparent and the worker exports "
+        "spans to a local OTLP receiver (0: tracing off; the feed's default is 0.001)",
+    )
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     cmp_ = sub.add_parser("compare", help="print the differences between two reports")
     cmp_.add_argument("a")
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         realtime_priority=args.realtime_priority,
         against=args.against,
         rounds=args.rounds,
+        trace_sample_rate=args.trace_sample_rate,
     )
     path = run_e2e(config)
     print(summary(path))

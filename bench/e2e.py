@@ -59,6 +59,9 @@ class E2EConfig:
     # floor and system measured this many times, alternating, each on a fresh broker;
     # the figures pool every round's ticks (see `pool`), the report keeps each round
     rounds: int = 1
+    # fraction of ticks sent with a traceparent; > 0 also points the worker's OTLP
+    # exporter at a local receiver (bench.otlp_sink), so tracing is on; 0: tracing off
+    trace_sample_rate: float = 0.0
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -109,6 +112,17 @@ class Bench:
         self.stack.start_redis()
         self.stack.check_mlflow()
         self._register_model()
+        self.otlp: subprocess.Popen[str] | None = None
+        self.otlp_spans = 0
+        if config.trace_sample_rate > 0:
+            self.otlp_port = free_port()
+            self.otlp = subprocess.Popen(
+                [sys.executable, "-m", "bench.otlp_sink", "--port", str(self.otlp_port)],
+                env=self._env(), cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert self.otlp.stdout is not None
+            if self.otlp.stdout.readline().strip() != "ready":
+                raise RuntimeError("the OTLP receiver did not start")
 
     def _register_model(self) -> None:
         """Train a small model on synthetic ticks (the bench measures serving, not skill)."""
@@ -146,9 +160,19 @@ class Bench:
         self.stack.start_broker()
 
     def _env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TICKSERVE_")}
+        # OTEL_* of the caller's shell would turn tracing on behind the benchmark's back
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSERVE_", "OTEL_"))}
         env.update(PYTHONPATH=str(ROOT), **extra)
         return env
+
+    def _tracing_env(self) -> dict[str, str]:
+        """The worker's tracing: the OTLP receiver and the sample rate, or nothing (off)."""
+        if self.otlp is None:
+            return {}
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.otlp_port}",
+            "TICKSERVE_TRACE_SAMPLE_RATE": str(self.config.trace_sample_rate),
+        }
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[Any, Path]:
         log = self.workdir / f"{name}.log"
@@ -186,6 +210,7 @@ class Bench:
                 TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
                 TICKSERVE_PREFER_GPU="false",
                 TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
+                **self._tracing_env(),
             )  # fmt: skip
             proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
             ready_text = "worker consuming"
@@ -244,6 +269,8 @@ class Bench:
                         str(k),
                         "--senders",
                         str(n_senders),
+                        "--trace-sample-rate",
+                        str(cfg.trace_sample_rate),
                     ],
                     env=self._env(),
                     cwd=ROOT,
@@ -373,7 +400,11 @@ class Bench:
         return result
 
     def close(self) -> None:
-        """Stop the stack."""
+        """Stop the stack (and the OTLP receiver, counting the spans it received)."""
+        if self.otlp is not None:
+            self.otlp.terminate()
+            out = self.otlp.communicate(timeout=30)[0]
+            self.otlp_spans = int(out.rsplit("spans=", 1)[1]) if "spans=" in out else -1
         self.stack.down()
 
 
@@ -507,6 +538,7 @@ def run_e2e(config: E2EConfig) -> Path:
         "machine": _machine(), "config": {k: str(v) for k, v in asdict(config).items()},
         "floor": _public(floor), "tickserve": _public(svc), "ratio_over_floor": _ratios(floor, svc),
         "sweep": sweep, "max_sustainable": _max_rates(sweep, config.p99_bound_ms),
+        "otlp_spans": bench.otlp_spans,
     }  # fmt: skip
     if len(floors) > 1:
         report["rounds"] = [
@@ -541,6 +573,9 @@ def summary(path: Path) -> str:
     priority = int(rep.get("config", {}).get("realtime_priority", 0))  # stored as text
     if priority:
         lines[0] += f", stream threads SCHED_FIFO {priority}"
+    sampled = float(rep.get("config", {}).get("trace_sample_rate", 0))
+    if sampled:
+        lines[0] += f", tracing on at {sampled:g} ({rep.get('otlp_spans', 0)} spans exported)"
     second = "echo again" if rep.get("config", {}).get("against") == "echo" else "tickserve"
     for name, res in (("echo floor", f), (second, t)):
         lat = res["latency_ms"]

@@ -2,7 +2,9 @@
 
 Each tick's `recv_ns` is its *intended* send time, so a sender that falls behind
 shows up as latency (no coordinated omission). Several senders split one schedule:
-sender k of m sends ticks i with i % m == k.
+sender k of m sends ticks i with i % m == k. With --trace-sample-rate, that fraction
+of the ticks carries a `traceparent` header (a fresh random trace each), as the feed
+sends them.
 
 Run: python -m bench.loadgen --bootstrap HOST:PORT --topic T --rate R --duration S --start-ns T0
 """
@@ -20,8 +22,15 @@ import orjson
 
 from deploy.settings import load_settings
 from stream.kafka.clients import make_producer, start_client
+from tickserve.tracing import TRACEPARENT
 
 SIDES = ("sell", "buy")
+
+
+def _traceparent(rng: np.random.Generator) -> bytes:
+    """A W3C traceparent of a new sampled trace (random trace and span ids)."""
+    trace_id, span_id = rng.bytes(16).hex(), rng.bytes(8).hex()
+    return f"00-{trace_id}-{span_id}-01".encode()
 
 
 async def send(args: argparse.Namespace) -> tuple[int, float]:
@@ -40,6 +49,7 @@ async def send(args: argparse.Namespace) -> tuple[int, float]:
     price = np.round(base[sym_of] * np.exp(np.cumsum(steps)), 2)
     qty = np.maximum(np.round(rng.exponential(1.0, len(mine)), 6), 1e-6)
     side = rng.random(len(mine)) < 0.5
+    traced = rng.random(len(mine)) < args.trace_sample_rate
     due_ns = args.start_ns + (mine * 1_000_000_000) // int(args.rate)
 
     security = load_settings().kafka_security  # TICKSERVE_KAFKA_*, as the worker reads them
@@ -86,12 +96,16 @@ async def send(args: argparse.Namespace) -> tuple[int, float]:
                 if builder is None:
                     builder = builders[p] = producer.create_batch()
                     opened[p] = now
-                if builder.append(timestamp=None, key=symbols[s], value=value) is None:
+                headers = [(TRACEPARENT, _traceparent(rng))] if traced[j] else []
+                if (
+                    builder.append(timestamp=None, key=symbols[s], value=value, headers=headers)
+                    is None
+                ):
                     builder.close()
                     pending.append(await producer.send_batch(builder, args.topic, partition=p))
                     builder = builders[p] = producer.create_batch()
                     opened[p] = now
-                    builder.append(timestamp=None, key=symbols[s], value=value)
+                    builder.append(timestamp=None, key=symbols[s], value=value, headers=headers)
             k = end
             last = k == len(mine)
             for p in [p for p, at in opened.items() if last or now - at >= linger_ns]:
@@ -121,6 +135,9 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=1)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument(
+        "--trace-sample-rate", type=float, default=0.0, help="fraction of ticks with a traceparent"
+    )
     args = parser.parse_args()
     args.seed += args.sender
     import uvloop

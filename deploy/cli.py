@@ -52,6 +52,7 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
     """Publish ticks from a file or the synthetic market."""
+    from deploy.tracing import start_tracing
     from stream.ingest.feed import Pacing, SyntheticMarket, publish, read_trades
     from stream.kafka.clients import ensure_topics
 
@@ -74,7 +75,8 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
             settings.ticks_topic,
             Pacing(args.speed, args.rate),
             settings.linger_ms,
-            security,
+            security=security,
+            tracing=start_tracing("tickserve-feed", settings),
         )
 
     sent = _run(main())
@@ -84,6 +86,7 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
     """Consume `ticks` and `signals` into the ClickHouse archive."""
+    from deploy.tracing import start_tracing
     from stream.ingest.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
 
     archive = ClickHouseArchive.open(settings.clickhouse)
@@ -100,7 +103,8 @@ def cmd_archive(settings: Settings, args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        return await run_archiver(archive, config, stop, args.idle_exit, counts)
+        tracing = start_tracing("tickserve-archive", settings)
+        return await run_archiver(archive, config, stop, args.idle_exit, counts, tracing)
 
     _run(main())
     print(
@@ -256,6 +260,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     """Run the stream worker, the model watcher and the HTTP API until SIGTERM/SIGINT."""
     from deploy.compose import build_service
     from deploy.stack import port_free
+    from deploy.tracing import start_tracing
     from stream.kafka.transport import diagnose
 
     if settings.kafka_security.protocol != "PLAINTEXT":  # a refused login, before models load
@@ -264,7 +269,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     realtime_priority(settings.realtime_priority)
     if settings.http_port and not port_free(settings.http_port):
         raise ConfigError(f"HTTP port {settings.http_port} is already in use")
-    service = build_service(settings)
+    service = build_service(settings, tracing=start_tracing("tickserve-worker", settings))
     # Everything imported and built so far (mlflow, feast, onnxruntime: ~200k objects)
     # lives as long as the process; frozen, the cyclic GC stops re-scanning it, and its
     # full collections stop showing up as latency spikes on the stream.

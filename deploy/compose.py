@@ -24,6 +24,7 @@ from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
+from tickserve.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +112,16 @@ def watcher_config(settings: Settings) -> WatcherConfig:
     )
 
 
-def build_service(settings: Settings, online_store: bool = True) -> Service:
+def build_service(
+    settings: Settings, online_store: bool = True, tracing: Tracing | None = None
+) -> Service:
     """Load the champion (one that fails its checks never serves) and build the service.
 
     Args:
         settings: The process's settings.
         online_store: Write the newest feature rows to the online store (Redis via
             Feast); False keeps them for the HTTP API only.
+        tracing: Where the worker's spans go (`deploy.tracing.start_tracing`); None: off.
     """
     spec = settings.feature_spec
     watcher = ModelWatcher(watcher_config(settings), spec)
@@ -142,6 +146,7 @@ def build_service(settings: Settings, online_store: bool = True) -> Service:
         wire_io.open_dataplane if settings.wire else aiokafka_io.open_dataplane,
         writer,
         SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}"),
+        tracing=tracing,
     )
     webhook = None  # without a secret, POST /webhooks/mlflow refuses every delivery
     if settings.webhook_secret is not None:

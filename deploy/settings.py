@@ -260,6 +260,13 @@ class Settings(BaseSettings):
         "of the API's port; 0: on the API's port",
     )
     log_level: str = Field("INFO", description="Level of the JSON log lines on stderr")
+    trace_sample_rate: float = Field(
+        0.001,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of ticks the feed traces (W3C `traceparent` header); traces "
+        "are exported only where OTEL_EXPORTER_OTLP_ENDPOINT (or _TRACES_ENDPOINT) is set",
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -20,6 +20,7 @@ from stream.contracts.tick import TickColumns, decode_batch
 from stream.kafka.clients import make_consumer, start_client, wait_assigned
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import ArchiveError, BrokerError, ConfigError
+from tickserve.tracing import Tracing, consumer_spans
 
 logger = logging.getLogger(__name__)
 
@@ -310,6 +311,7 @@ async def run_archiver(
     stop: asyncio.Event,
     idle_exit_s: float | None = None,
     counts: ArchiveCounts | None = None,
+    tracing: Tracing | None = None,
 ) -> int:
     """Consume ticks (and signals) in large batches into ClickHouse; commit after each insert.
 
@@ -317,7 +319,9 @@ async def run_archiver(
     crash replays the batch (deduplicated by the tables' keys) and never skips it.
     Invalid records are skipped and counted (the worker dead-letters bad ticks).
     Returns the number of ticks inserted; `counts`, if given, receives all totals.
-    With `idle_exit_s`, returns once no record has arrived for that long.
+    With `idle_exit_s`, returns once no record has arrived for that long. With
+    `tracing`, each traced tick or signal gets a `process` span in its trace, from
+    its batch's arrival to its commit.
 
     Raises:
         BrokerUnavailable: Nothing answered at the bootstrap address.
@@ -351,6 +355,13 @@ async def run_archiver(
             signal_records = [
                 m for tp, ms in batches.items() if tp.topic != config.topic for m in ms
             ]
+            traced = []
+            if tracing is not None:
+                now, group = time.time_ns(), config.group_id
+                traced = consumer_spans(tracing, tick_records, config.topic, group, now)
+                if config.signals_topic:
+                    topic = config.signals_topic
+                    traced += consumer_spans(tracing, signal_records, topic, group, now)
             # Blocking inserts: the archiver has nothing else to do meanwhile.
             if tick_records:
                 inserted, skipped = _archive_ticks(archive, tick_records, config.max_future_ns)
@@ -366,6 +377,8 @@ async def run_archiver(
             }
             await consumer.commit(offsets)
             counts.last_commit_s = time.monotonic()
+            for span in traced:
+                span.end()
             logger.debug("archived", extra={"ticks": counts.ticks, "signals": counts.signals})
     except KafkaError as exc:
         raise BrokerError(f"archiving failed: {exc}", topic=config.topic) from exc

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -17,10 +18,12 @@ import numpy as np
 import orjson
 import pandas as pd
 from aiokafka.errors import KafkaError
+from opentelemetry.trace import SpanKind
 
 from stream.kafka.clients import make_producer, start_client
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import BrokerError, DataError
+from tickserve.tracing import TRACEPARENT, Tracing, messaging, traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +210,12 @@ async def publish(
     pacing: Pacing = Pacing(),
     linger_ms: int = 5,
     security: KafkaSecurity = PLAINTEXT,
+    tracing: Tracing | None = None,
 ) -> int:
     """Send raw tick dicts to `topic`, keyed by symbol, stamping recv_ns (and missing event_ns).
+
+    With `tracing`, a fraction `tracing.sample_rate` of the ticks is traced: each gets
+    a `send <topic>` span, ended on the broker's ack, and its `traceparent` header.
 
     Returns the number of records acknowledged by the broker.
 
@@ -221,6 +228,7 @@ async def publish(
     await start_client(producer, bootstrap, security)
     sent = 0
     pending: list[asyncio.Future[Any]] = []
+    draw = random.Random().random
     try:
         async for tick in _paced(ticks, pacing):
             now = time.time_ns()
@@ -232,7 +240,10 @@ async def publish(
                 value = orjson.dumps({**tick, "recv_ns": now})
                 symbol = tick.get("symbol")
                 key = symbol.encode() if isinstance(symbol, str) else None
-            pending.append(await producer.send(topic, value, key=key))
+            if tracing is not None and draw() < tracing.sample_rate:
+                pending.append(await _send_traced(producer, tracing, topic, value, key))
+            else:
+                pending.append(await producer.send(topic, value, key=key))
             if len(pending) >= 5000:
                 await asyncio.gather(*pending)
                 sent += len(pending)
@@ -244,4 +255,18 @@ async def publish(
         raise BrokerError(message, topic=topic) from exc
     finally:
         await producer.stop()
+    return sent
+
+
+async def _send_traced(
+    producer: Any, tracing: Tracing, topic: str, value: bytes, key: bytes | None
+) -> asyncio.Future[Any]:
+    """Send one tick with a `traceparent` header; its span ends when the broker acks it."""
+    span = tracing.tracer.start_span(
+        f"send {topic}", kind=SpanKind.PRODUCER, attributes=messaging(topic, "send", "send")
+    )
+    sent: asyncio.Future[Any] = await producer.send(
+        topic, value, key=key, headers=[(TRACEPARENT, traceparent(span))]
+    )
+    sent.add_done_callback(lambda _: span.end())
     return sent

@@ -198,10 +198,12 @@ def plan_batches(
     partition: np.ndarray,
     key_len: np.ndarray,
     value_len: np.ndarray,
-    header_len: int,
+    header_len: np.ndarray,
     max_batch_bytes: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Split each partition's rows, in row order, into batches under max_batch_bytes.
+
+    `header_len` is each row's headers section in bytes (count included).
 
     A record joins a batch exactly when aiokafka's compiled builder would admit it:
     while the batch stays strictly smaller (its pure-Python fallback also admits a
@@ -221,11 +223,11 @@ def plan_batches(
     for j in range(n):
         i = order[j]
         new = nb < 0 or partition[i] != b_part[nb]
-        body = record_size(0 if new else b_count[nb], key_len[i], value_len[i], header_len)
+        body = record_size(0 if new else b_count[nb], key_len[i], value_len[i], header_len[i])
         need = body + varint_size(2 * body)
         if not new and b_size[nb] + need >= max_batch_bytes:
             new = True  # full: this record opens the partition's next batch
-            body = record_size(0, key_len[i], value_len[i], header_len)
+            body = record_size(0, key_len[i], value_len[i], header_len[i])
             need = body + varint_size(2 * body)
         if new:
             nb += 1
@@ -481,3 +483,53 @@ def parse_into(
         # v2 keeps the last offset even when compaction removed records
         next_offset = max(next_offset, base + read_be(buf, start + 23, 4) + 1)
     return k, next_offset, 0
+
+
+@njit(cache=True)
+def find_header(
+    buf: np.ndarray, value_start: np.ndarray, value_len: np.ndarray, key: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Records of `parse_batches` spans that carry header `key`: (record, value start, length).
+
+    A record's headers follow its value; most records have none, which costs one
+    byte read here (a count of 0). Spans that do not index a v2 record set (the
+    aiokafka fallback of `stream.kafka.fetched`) hold no well-formed header
+    there, so nothing is found for them; every read is bounds-checked.
+
+    >>> from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    >>> b = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 20)
+    >>> _ = b.append(0, timestamp=1, key=b"k", value=b"v0", headers=[])
+    >>> _ = b.append(1, timestamp=1, key=None, value=b"v1", headers=[("a", b"1"), ("tp", b"xy")])
+    >>> buf = np.frombuffer(bytes(b.build()), np.uint8)
+    >>> _, ks, kl, vs, vl, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, True)
+    >>> rows, at, size = find_header(buf, vs, vl, np.frombuffer(b"tp", np.uint8))
+    >>> rows.tolist(), buf[at[0] : at[0] + size[0]].tobytes()
+    ([1], b'xy')
+    """
+    rows = []
+    starts = []
+    lengths = []
+    n = buf.shape[0]
+    for i in range(value_start.shape[0]):
+        pos = value_start[i] + max(value_len[i], 0)
+        if pos >= n or buf[pos] == 0:
+            continue  # no headers: the common case
+        count, pos = read_varint(buf, pos)
+        for _ in range(max(count, 0)):
+            if pos < 0:
+                break
+            klen, pos = read_varint(buf, pos)
+            if pos < 0 or klen < 0 or pos + klen > n:
+                break
+            kpos = pos
+            pos += klen
+            vlen, pos = read_varint(buf, pos)
+            if pos < 0 or pos + max(vlen, 0) > n:
+                break
+            if klen == key.shape[0] and vlen >= 0 and np.all(buf[kpos : kpos + klen] == key):
+                rows.append(i)
+                starts.append(pos)
+                lengths.append(vlen)
+                break
+            pos += max(vlen, 0)
+    return np.array(rows, np.int64), np.array(starts, np.int64), np.array(lengths, np.int64)

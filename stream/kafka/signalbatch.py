@@ -14,7 +14,7 @@ cuts that array's text into per-row spans.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -195,8 +195,9 @@ def _encode(
     pieces: np.ndarray,
     piece_at: np.ndarray,
     timestamp_ms: int,
-    header_block: np.ndarray,
-    header_len: int,
+    header_blocks: np.ndarray,
+    header_start: np.ndarray,
+    header_len: np.ndarray,
     max_batch_bytes: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All record batches of a micro-batch in one buffer (CRCs left to `crc_batches`).
@@ -259,7 +260,7 @@ def _encode(
             pos = copy_bytes(out, pos, pieces, piece_at[mid], size_of[mid])
             pos = copy_bytes(out, pos, scores_json, score_start[i], score_len[i])
             pos = copy_bytes(out, pos, pieces, piece_at[tail[i]], size_of[tail[i]])
-            pos = copy_bytes(out, pos, header_block, 0, header_len)
+            pos = copy_bytes(out, pos, header_blocks, header_start[i], header_len[i])
     return out, b_part, b_at, b_size, b_count
 
 
@@ -286,11 +287,8 @@ def _template_pieces(emit_ns: int, model: str, version: str) -> tuple[np.ndarray
     return np.frombuffer(b"".join(pieces) + PADDING, np.uint8), at
 
 
-def _header_block(headers: Sequence[tuple[str, bytes | None]]) -> tuple[np.ndarray, int]:
-    """A record's headers section (count, then each key and value) and its length.
-
-    The same for every record; padded for block copies (see `copy_bytes`).
-    """
+def _header_section(headers: Sequence[tuple[str, bytes | None]]) -> bytes:
+    """A record's headers section: the count, then each key and value."""
     block = bytearray()
     encode_varint(len(headers), block.append)
     for key, value in headers:
@@ -299,7 +297,30 @@ def _header_block(headers: Sequence[tuple[str, bytes | None]]) -> tuple[np.ndarr
         block += key_b
         encode_varint(-1 if value is None else len(value), block.append)
         block += value or b""
-    return np.frombuffer(bytes(block) + PADDING, np.uint8), len(block)
+    return bytes(block)
+
+
+def _header_blocks(
+    headers: Sequence[tuple[str, bytes | None]],
+    row_headers: Mapping[int, Sequence[tuple[str, bytes | None]]] | None,
+    n: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row's headers section: one buffer, and per row where its section starts, its size.
+
+    Rows share the section of `headers`; a row of `row_headers` has its own, its
+    headers first. Padded for block copies (see `copy_bytes`).
+    """
+    common = _header_section(headers)
+    start = np.zeros(n, np.int64)
+    size = np.full(n, len(common), np.int64)
+    sections = [common]
+    at = len(common)
+    for row, extra in (row_headers or {}).items():
+        section = _header_section([*extra, *headers])
+        start[row], size[row] = at, len(section)
+        sections.append(section)
+        at += len(section)
+    return np.frombuffer(b"".join(sections) + PADDING, np.uint8), start, size
 
 
 def encode_signal_batches(
@@ -326,6 +347,7 @@ def encode_signal_batches(
     headers: Sequence[tuple[str, bytes | None]] = (),
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     stamp_last: Callable[[], int] | None = None,
+    row_headers: Mapping[int, Sequence[tuple[str, bytes | None]]] | None = None,
 ) -> list[tuple[int, bytes, int]]:
     """Kafka record batches (magic 2, uncompressed) holding one signal per row.
 
@@ -364,6 +386,8 @@ def encode_signal_batches(
         stamp_last: If given, called once the records are built (before their CRCs):
             its value, little-endian int64, replaces the last 8 bytes of every
             record's last header value (the "encoded" time of the stage header).
+        row_headers: Headers of a few rows only, by row, written before `headers`
+            (the `traceparent` of a traced tick's signal).
 
     Returns:
         (partition, batch bytes, record count) per batch, by partition, then row order.
@@ -430,7 +454,7 @@ def encode_signal_batches(
         pieces,
         piece_at,
         int(timestamp_ms),
-        *_header_block(headers),
+        *_header_blocks(headers, row_headers, n),
         int(max_batch_bytes),
     )
     if stamp_last is not None:

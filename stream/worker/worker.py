@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,8 @@ from stream.worker.commits import CommitTracker
 from stream.worker.deadletters import DeadLetters
 from stream.worker.recovery import Recovery, SnapshotKeeper
 from stream.worker.shadow import ShadowSignals
+from stream.worker.tracing import BatchTracing
+from tickserve.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +97,12 @@ class StreamWorker:
         writer: OnlineWriter | None = None,
         snapshots: SnapshotKeeper | None = None,
         feature_tap: FeatureTap | None = None,
+        tracing: Tracing | None = None,
     ):
-        """Hold the parts; `run` opens the data plane (`open_dataplane`) and connects."""
+        """Hold the parts; `run` opens the data plane (`open_dataplane`) and connects.
+
+        With `tracing`, micro-batches holding traced ticks get spans (`stream.worker.tracing`).
+        """
         self.config = config
         self.engine = engine
         self.batcher = batcher
@@ -111,6 +117,12 @@ class StreamWorker:
         self._signal_partitions = 0
         self._symbol_table = SymbolTable()
         self._predictions: dict[tuple[str, str], tuple[Any, Any]] = {}
+        plane = config.dataplane
+        self.tracing = (
+            None
+            if tracing is None
+            else BatchTracing(tracing, plane.topic, config.signals_topic, plane.group_id)
+        )
 
     @property
     def model(self) -> LoadedModel:
@@ -234,6 +246,7 @@ class StreamWorker:
         started = time.perf_counter()
         started_ns = time.time_ns()
         cfg = self.config
+        traced = self.tracing.find(fetched, started_ns) if self.tracing is not None else None
         spans, rejected = decode_columns(
             fetched.buf, fetched.value_start, fetched.value_len, started_ns, cfg.max_future_ns
         )
@@ -272,8 +285,11 @@ class StreamWorker:
                 model,
                 started_ns,
                 (t_decoded, t_featured, t_scored),
+                traced.signal_headers(spans.index[rows]) if traced is not None else None,
             )
             acks = await self.sink.send(cfg.signals_topic, batches)
+        if traced is not None:
+            traced.end((t_decoded, t_featured, t_scored), time.time_ns(), int(rows.size))
         dead_letters = self.dead_letters
         for record, reason, detail in dead_letters.select(
             spans.index, late, stale, rejected, replayed
@@ -357,6 +373,7 @@ class StreamWorker:
         model: LoadedModel,
         received_ns: int,
         stamps: tuple[int, int, int],
+        row_headers: dict[int, Sequence[tuple[str, bytes]]] | None = None,
     ) -> list[tuple[int, bytes, int]]:
         """The signals of `rows` as record batches, one or more per partition.
 
@@ -365,7 +382,8 @@ class StreamWorker:
         partition count): symbols keep their order, since a symbol's ticks share a
         partition. Every signal carries header `t`: when its micro-batch was received,
         decoded, featured, scored and encoded (ns since the epoch), the in-process
-        latency breakdown; "encoded" is stamped once the records are built.
+        latency breakdown; "encoded" is stamped once the records are built. The
+        signals of traced ticks carry their `traceparent` too (`row_headers`).
         """
         records = spans.index[rows]
         partition = fetched.partition[records]
@@ -391,6 +409,7 @@ class StreamWorker:
             timestamp_ms=time.time_ns() // 1_000_000,
             headers=[("t", STAGES.pack(received_ns, *stamps, 0))],
             stamp_last=time.time_ns,
+            row_headers=row_headers,
         )
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
