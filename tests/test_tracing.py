@@ -86,7 +86,8 @@ def test_signals_of_traced_rows_carry_their_headers_and_the_rest_are_unchanged()
     common: dict[str, Any] = dict(
         sym_start=sym_start, sym_len=np.full(n, 2), key_start=sym_start, key_len=np.full(n, 2),
         tid_start=tid_start, tid_len=np.full(n, 2), event_ns=np.arange(n) + 10,
-        recv_ns=np.arange(n) + 20, emit_ns=30, model="m", version="1",
+        recv_ns=np.arange(n) + 20, tick_partition=np.arange(n) % 2, tick_offset=np.arange(n),
+        emit_ns=30, model="m", version="1",
         scores=np.linspace(0, 1, n), threshold=0.5, partition=np.arange(n) % 2,
         timestamp_ms=5, headers=[("t", b"\0" * 8)], stamp_last=lambda: 99,
     )  # fmt: skip
