@@ -46,7 +46,14 @@ from numba import njit
 from prometheus_client import Counter
 
 from stream.kafka.fetched import Fetched, FetchedParts, GapRetries, parse_records
-from stream.kafka.recordbatch import HEADER_SIZE, batch_bounds, first_bad_crc, parse_into, read_be
+from stream.kafka.recordbatch import (
+    HEADER_SIZE,
+    N_COLUMNS,
+    batch_bounds,
+    first_bad_crc,
+    parse_into,
+    read_be,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +330,7 @@ def parse_partitions(
     """Every partition's record set of one Fetch response (`buf[part_start[p]:part_end[p]]`).
 
     One pass over all of them, spans into `buf` itself (no copy, no concatenation).
-    Returns (cols: offset, key start/length, value start/length rows; the partition
+    Returns (cols: offset, key start/length, value start/length, timestamp rows; the partition
     index of each record; next offset and status per partition, as `parse_batches`
     gives them plus 1 for a set that is not plain v2; the start and end of every
     record batch, for the CRC check).
@@ -349,7 +356,7 @@ def parse_partitions(
                 total += read_be(buf, s[j] + lo + 57, 4)
                 n_batches += 1
         first[p + 1] = n_batches
-    cols = np.empty((5, total), np.int64)
+    cols = np.empty((N_COLUMNS, total), np.int64)
     part = np.empty(total, np.int64)
     k = 0
     for p in range(n_parts):
@@ -707,6 +714,7 @@ class WireFetcher:
             if data.error:
                 self._partition_error(state, tp, data.error)
             else:
+                parts.high_watermarks[tp] = data.high_watermark
                 taken.append((tp, state, requested, data))
         if not taken:
             return
