@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from importlib.metadata import version
 
+from deploy.cli import git_commit
+from deploy.costs import refresh_costs
 from deploy.settings import Settings
 from features.engine import FeatureEngine
 from features.engine import warm_up as warm_up_features
@@ -21,6 +24,7 @@ from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
+from tickserve.metrics import BuildInfo, SymbolLabels
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +51,10 @@ class Service:
         """Create missing topics, then run worker, watcher and HTTP API until `stop` is set."""
         settings = self.settings
         await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions)
-        others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
+        others = [
+            asyncio.create_task(self.watcher.run(self.batcher, stop)),
+            asyncio.create_task(refresh_costs(settings.mlflow_uri, settings.model_name, stop)),
+        ]
         if settings.http_port:
             app = create_app(self.api)
             others.append(
@@ -107,7 +114,8 @@ def build_service(settings: Settings, online_store: bool = True) -> Service:
             Feast); False keeps them for the HTTP API only.
     """
     spec = settings.feature_spec
-    watcher = ModelWatcher(watcher_config(settings), spec)
+    build = BuildInfo(version("tickserve"), settings.git_commit or git_commit())
+    watcher = ModelWatcher(watcher_config(settings), spec, build)
     model = watcher.load_initial()
     batcher = MicroBatcher(
         model,
@@ -129,13 +137,20 @@ def build_service(settings: Settings, online_store: bool = True) -> Service:
         wire_io.open_dataplane if settings.wire else aiokafka_io.open_dataplane,
         writer,
         SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}"),
+        symbols=SymbolLabels(settings.metrics_symbol_list),
     )
     webhook = None  # without a secret, POST /webhooks/mlflow refuses every delivery
     if settings.webhook_secret is not None:
         aliases = tuple(a for a in (settings.model_alias, settings.challenger_alias) if a)
         webhook = WebhookConfig(settings.webhook_secret, settings.model_name, aliases, watcher.wake)
     api = ApiContext(
-        batcher, spec.names, worker.latest, worker.assigned.is_set, config.threshold, webhook
+        batcher,
+        spec.names,
+        worker.latest,
+        worker.assigned.is_set,
+        config.threshold,
+        webhook,
+        worker.telemetry.symbols,
     )
     topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
     if config.shadow_topic:

@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from features.spec import NS_PER_SECOND, FeatureSpec
 from tickserve.errors import ConfigError
+from tickserve.logs import LOG_LEVELS
 
 
 class Settings(BaseSettings):
@@ -197,7 +198,22 @@ class Settings(BaseSettings):
         description="HMAC secret of the MLflow webhook (POST /webhooks/mlflow); unset: every "
         "delivery is refused (403)",
     )
-    log_level: str = Field("INFO", description="Level of the JSON log lines on stderr")
+    log_level: str = Field(
+        "INFO",
+        description="Level of the JSON log lines on stderr: DEBUG, INFO, WARNING, ERROR or "
+        "CRITICAL",
+    )
+    metrics_symbols: str = Field(
+        "",
+        description="Comma-separated symbols that keep their own `symbol` label on "
+        "predictions_total (every other symbol counts as `other`); empty: the first 20 "
+        "symbols the worker sees",
+    )
+    git_commit: str = Field(
+        "",
+        description="Git commit shown by tickserve_build_info; empty: `git rev-parse HEAD` "
+        "of the working directory, else `unknown`",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -206,10 +222,22 @@ class Settings(BaseSettings):
             raise ValueError(f"must start with redis:// or rediss://, got {value!r}")
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.upper()
+
     @field_validator("webhook_secret")
     @classmethod
     def _empty_secret_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    @property
+    def metrics_symbol_list(self) -> tuple[str, ...]:
+        """`metrics_symbols` split at commas, blanks dropped."""
+        return tuple(s.strip() for s in self.metrics_symbols.split(",") if s.strip())
 
     @property
     def bootstrap(self) -> str:

@@ -27,6 +27,7 @@ from inference.batcher import MicroBatcher
 from inference.registry import LoadedModel
 from inference.webhook import WEBHOOKS, WebhookConfig, WebhookPayload, ignore_reason, verify
 from tickserve.errors import StaleRow, WebhookRejected
+from tickserve.metrics import PREDICTIONS, SymbolLabels
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ApiContext:
         threshold: P(up) at or above which the direction is 1 (else -1).
         webhook: Who may trigger a registry poll through `POST /webhooks/mlflow`; None
             (no secret configured) refuses every delivery with 403.
+        symbols: The `symbol` labels of predictions_total (the stream worker's, so both
+            count under the same bounded set); None: a set of this API's own.
     """
 
     batcher: MicroBatcher
@@ -53,6 +56,7 @@ class ApiContext:
     consumer_ready: Callable[[], bool]
     threshold: float = 0.5
     webhook: WebhookConfig | None = None
+    symbols: SymbolLabels | None = None
 
 
 class ErrorBody(BaseModel):
@@ -176,6 +180,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         description="Scores from the serving model; probes and metrics of the stream worker.",
     )
     request_model = _predict_request_model(ctx.feature_names)
+    symbol_label = (ctx.symbols if ctx.symbols is not None else SymbolLabels()).label
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -206,6 +211,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         score = answer.score
         if not math.isfinite(score):
             raise HTTPException(503, "the model returned a non-finite score")
+        symbol = body.symbol  # type: ignore[attr-defined]
+        # a row given as features has no symbol: it counts under symbol=""
+        PREDICTIONS.labels(answer.model.name, "" if symbol is None else symbol_label(symbol)).inc()
         return PredictResponse(
             model=answer.model.name,
             version=answer.model.version,

@@ -2,11 +2,12 @@
 
 Reading: `batch_bounds` finds the complete batches of a fetched record set,
 `parse_batches` / `parse_into` cut them into offsets, key/value spans and record
-timestamps in one Numba pass, `first_bad_crc` checks their CRC-32C. Writing: `plan_batches` splits rows into
-batches as aiokafka's `BatchBuilder` would, `put_batch_header`, `put_varint` and
-`copy_bytes` write them, `crc_batches` fills in the CRCs. Everything here works on
-numpy byte buffers and is called from other Numba kernels (`stream.kafka.signalbatch`,
-`stream.kafka.wire`, `stream.kafka.aiokafka_adapter`).
+timestamps in one Numba pass, `first_bad_crc` checks their CRC-32C. Writing:
+`plan_batches` splits rows into batches as aiokafka's `BatchBuilder` would,
+`put_batch_header`, `put_varint` and `copy_bytes` write them, `crc_batches` fills
+in the CRCs. Everything here works on numpy byte buffers and is called from other
+Numba kernels (`stream.kafka.signalbatch`, `stream.kafka.wire`,
+`stream.kafka.aiokafka_adapter`).
 
 `tests/test_records.py` holds the bytes equal to aiokafka's own builder and reader.
 """

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from aiokafka import TopicPartition
-from prometheus_client import Counter, Histogram
 
 from features.engine import FeatureEngine
 from features.kernels import STATUS_LATE
@@ -31,19 +30,10 @@ from stream.worker.commits import CommitTracker
 from stream.worker.deadletters import DeadLetters
 from stream.worker.recovery import Recovery, SnapshotKeeper
 from stream.worker.shadow import ShadowSignals
+from stream.worker.telemetry import BatchTelemetry
+from tickserve.metrics import SymbolLabels
 
 logger = logging.getLogger(__name__)
-
-TICKS = Counter("ticks_total", "Tick records consumed")
-PREDICTIONS = Counter("predictions_total", "Signals emitted", ["model", "version", "ready"])
-LATENCY = Histogram(
-    "prediction_latency_seconds",
-    "In-process service time of a micro-batch: records received -> signals handed to the producer",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-)
-BATCH_SIZE = Histogram(
-    "micro_batch_size", "Records per micro-batch", buckets=(1, 10, 100, 500, 1000, 2000, 5000)
-)
 
 # (trade_ids, symbols, feature values, ready) of each micro-batch, for audits and tests
 FeatureTap = Callable[[list[str], list[str], np.ndarray, np.ndarray], None]
@@ -89,8 +79,13 @@ class StreamWorker:
         writer: OnlineWriter | None = None,
         snapshots: SnapshotKeeper | None = None,
         feature_tap: FeatureTap | None = None,
+        symbols: SymbolLabels | None = None,
     ):
-        """Hold the parts; `run` opens the data plane (`open_dataplane`) and connects."""
+        """Hold the parts; `run` opens the data plane (`open_dataplane`) and connects.
+
+        `symbols` bounds the `symbol` label of predictions_total (default: the first
+        20 symbols seen).
+        """
         self.config = config
         self.engine = engine
         self.batcher = batcher
@@ -104,7 +99,7 @@ class StreamWorker:
         self._batch_lock = asyncio.Lock()
         self._signal_partitions = 0
         self._symbol_table = SymbolTable()
-        self._predictions: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.telemetry = BatchTelemetry(symbols)
 
     @property
     def model(self) -> LoadedModel:
@@ -178,6 +173,7 @@ class StreamWorker:
         source, commits = self.source, self.commits
         while not stop.is_set():
             fetched = await source.poll(100)
+            self.telemetry.fetched(fetched)
             if len(fetched):
                 async with self._batch_lock:
                     await self._handle(fetched)
@@ -202,6 +198,7 @@ class StreamWorker:
             if snaps:
                 after_commit = functools.partial(recovery.write, snaps)
         self.commits.track(acks, offsets, after_commit)
+        self.telemetry.progressed()
         if self.commits.full:
             await self.commits.wait_room()
 
@@ -215,7 +212,6 @@ class StreamWorker:
 
         Returns the futures of their acknowledgements.
         """
-        started = time.perf_counter()
         started_ns = time.time_ns()
         cfg = self.config
         spans, rejected = decode_columns(
@@ -255,6 +251,7 @@ class StreamWorker:
                 (t_decoded, t_featured, t_scored),
             )
             acks = await self.sink.send(cfg.signals_topic, batches)
+        t_produced = time.time_ns()  # the signals' Produce is queued (acks come later)
         dead_letters = self.dead_letters
         for record, reason, detail in dead_letters.select(
             spans.index, late, stale, rejected, replayed
@@ -262,30 +259,17 @@ class StreamWorker:
             acks.append(await dead_letters.send(fetched, record, reason, detail))
         if scored.challenger is not None and self.shadow is not None:
             acks.extend(await self.shadow.send(spans, fetched, ready, scored, t_scored))
-        LATENCY.observe(time.perf_counter() - started)
-
-        n_ready = int(ready.sum())
-        n_stale = int(stale.sum())
-        TICKS.inc(len(fetched))
-        BATCH_SIZE.observe(len(fetched))
-        served, not_ready = self._prediction_counters(model)
-        served.inc(n_ready - n_stale)
-        not_ready.inc(len(spans) - n_ready - int(late.sum()))
+        self.telemetry.scored(
+            fetched,
+            (model.name, model.version),
+            slots[rows],
+            spans.index[rows],
+            (started_ns, t_decoded, t_featured, t_scored, t_produced),
+            len(spans) - int(ready.sum()) - int(late.sum()),
+        )
         self.processed += len(fetched)
         self.latest_rows.publish(spans.event_ns, feats.values, ready, slots)
         return acks
-
-    def _prediction_counters(self, model: LoadedModel) -> tuple[Any, Any]:
-        """PREDICTIONS children of this model: scored, and not ready (looked up once)."""
-        key = (model.name, model.version)
-        counters = self._predictions.get(key)
-        if counters is None:
-            counters = (
-                PREDICTIONS.labels(model.name, model.version, "true"),
-                PREDICTIONS.labels(model.name, "", "false"),
-            )
-            self._predictions[key] = counters
-        return counters
 
     def _slots(self, spans: TickSpans, fetched: Fetched) -> np.ndarray:
         """Feature slot of each row; symbols seen for the first time get one here."""
@@ -297,9 +281,12 @@ class StreamWorker:
             names = spans.symbols(unknown)
             slots[unknown] = self.engine.slots(names)
             text = spans.text
-            for row, slot in zip(unknown.tolist(), slots[unknown].tolist(), strict=True):
+            for row, slot, name in zip(
+                unknown.tolist(), slots[unknown].tolist(), names, strict=True
+            ):
                 start, length = int(spans.sym_start[row]), int(spans.sym_len[row])
                 self._symbol_table.add(text[start : start + length].tobytes(), slot)
+                self.telemetry.symbols.add(slot, name)
             # keys pin a symbol to one partition: remember it for snapshots
             self.recovery.pin(names, fetched.partition[spans.index[unknown]].tolist())
         return slots
@@ -356,3 +343,4 @@ class StreamWorker:
             await self.recovery.write(self.recovery.take(list(revoked)))
             self.commits.forget(revoked)
             self.recovery.forget(revoked)
+            self.telemetry.forget(revoked)
