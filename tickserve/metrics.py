@@ -9,8 +9,10 @@ that), through prometheus_client's public collector API.
 `SymbolLabels` bounds the `symbol` label: an allow-list, or else the first
 `max_symbols` symbols seen; every other symbol counts as `other`.
 
-`BuildInfo` keeps `tickserve_build_info` at one child: the running code and the
-serving champion.
+`StateGauge` is a gauge whose series are replaced or dropped as the state they show
+changes (prometheus_client's `Gauge.remove` warns once Feast has switched the process
+to multiprocess mode, see docs/metrics.md). `BuildInfo` keeps `tickserve_build_info`
+at one series: the running code and the serving champion.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -31,11 +33,6 @@ PREDICTIONS = Counter(
     "predictions_total",
     "Ticks scored into a signal (stream) and rows scored for POST /predict",
     ["model", "symbol"],
-)
-BUILD_INFO = Gauge(
-    "tickserve_build_info",
-    "Always 1: the running tickserve version, its git commit, and the serving champion",
-    ["version", "commit", "model", "model_version"],
 )
 
 
@@ -96,6 +93,60 @@ class BulkHistogram(Collector):
         )
 
 
+class StateGauge(Collector):
+    """A labelled gauge that holds the current value of each series it shows."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        """Register on `registry` (None: not registered, for tests)."""
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def set(self, labels: tuple[str, ...], value: float) -> None:
+        """Show `value` for the series `labels` (one value per label name)."""
+        with self._lock:
+            self._values[labels] = value
+
+    def remove(self, labels: tuple[str, ...]) -> None:
+        """Stop showing the series `labels` (no error if it is not shown)."""
+        with self._lock:
+            self._values.pop(labels, None)
+
+    def replace(self, labels: tuple[str, ...], value: float) -> None:
+        """Show only the series `labels`."""
+        with self._lock:
+            self._values = {labels: value}
+
+    def describe(self) -> Iterable[Metric]:
+        """The family without samples (the registry reads its name from here)."""
+        return [GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        """Every series shown now."""
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            for labels, value in self._values.items():
+                family.add_metric(list(labels), value)
+        yield family
+
+
+BUILD_INFO = StateGauge(
+    "tickserve_build_info",
+    "Always 1: the running tickserve version, its git commit, and the serving champion",
+    ["version", "commit", "model", "model_version"],
+)
+
+
 class SymbolLabels:
     """The `symbol` label of each feature slot, from a bounded set.
 
@@ -146,21 +197,14 @@ class SymbolLabels:
 
 
 class BuildInfo:
-    """`tickserve_build_info`: one child, relabelled when the champion changes."""
+    """`tickserve_build_info`: one series, relabelled when the champion changes."""
 
-    def __init__(self, version: str, commit: str, gauge: Gauge = BUILD_INFO) -> None:
+    def __init__(self, version: str, commit: str, gauge: StateGauge = BUILD_INFO) -> None:
         """The running code's version and commit; no champion yet."""
         self.version = version
         self.commit = commit
         self.gauge = gauge
-        self._labels: tuple[str, str, str, str] | None = None
 
     def serving(self, model: str, model_version: str) -> None:
-        """`model` at `model_version` is the champion now (the previous child is removed)."""
-        labels = (self.version, self.commit, model, model_version)
-        if labels == self._labels:
-            return
-        if self._labels is not None:
-            self.gauge.remove(*self._labels)
-        self.gauge.labels(*labels).set(1)
-        self._labels = labels
+        """`model` at `model_version` is the champion now (the previous series goes)."""
+        self.gauge.replace((self.version, self.commit, model, model_version), 1.0)

@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from stream.kafka.fetched import Fetched
-from tickserve.metrics import PREDICTIONS, BulkHistogram, SymbolLabels
+from tickserve.metrics import PREDICTIONS, BulkHistogram, StateGauge, SymbolLabels
 
 # the seed's buckets (1 ms .. 1 s) plus finer and wider ones for the latency SLO
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -45,7 +45,7 @@ STAGE_LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "micro_batch_size", "Records per micro-batch", buckets=(1, 10, 100, 500, 1000, 2000, 5000)
 )
-LAG = Gauge(
+LAG = StateGauge(
     "consumer_lag",
     "Records behind the partition's high watermark after the last fetch",
     ["topic", "partition"],
@@ -63,7 +63,6 @@ class BatchTelemetry:
         self.symbols = symbols if symbols is not None else SymbolLabels()
         self._stages = [STAGE_LATENCY.labels(stage) for stage in STAGES]
         self._signals: dict[tuple[str, str], tuple[Counter, Counter]] = {}
-        self._lag: dict[TopicPartition, Gauge] = {}
 
     def scored(
         self,
@@ -103,11 +102,8 @@ class BatchTelemetry:
         """Consumer lag per partition from the high watermarks of this fetch."""
         positions = fetched.next_offsets
         for tp, high in fetched.high_watermarks.items():
-            child = self._lag.get(tp)
-            if child is None:
-                child = self._lag[tp] = LAG.labels(tp.topic, str(tp.partition))
             # a partition without records this time is caught up to its high watermark
-            child.set(max(high - positions.get(tp, high), 0))
+            LAG.set((tp.topic, str(tp.partition)), max(high - positions.get(tp, high), 0))
 
     def progressed(self) -> None:
         """A micro-batch was handled (its acks and commit follow in the background)."""
@@ -116,8 +112,7 @@ class BatchTelemetry:
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop the lag of partitions this worker no longer owns."""
         for tp in partitions:
-            if self._lag.pop(tp, None) is not None:
-                LAG.remove(tp.topic, str(tp.partition))
+            LAG.remove((tp.topic, str(tp.partition)))
 
     def _signal_children(self, name: str, version: str) -> tuple[Counter, Counter]:
         key = (name, version)
