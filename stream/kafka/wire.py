@@ -607,6 +607,8 @@ class WireFetcher:
         subscription = consumer._subscription
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_ms / 1000
+        # kept across rounds: a round without records still brings high watermarks
+        parts = FetchedParts()
         with subscription.fetch_context():  # aiokafka's max_poll_interval watchdog
             while True:
                 consumer._coordinator.check_errors()
@@ -617,7 +619,6 @@ class WireFetcher:
                     # new partitions: aiokafka's fetcher leaves them to us
                     consumer.pause(*[tp for tp in assignment.tps if tp.topic == self.topic])
                     self._assignment = assignment
-                parts = FetchedParts()
                 while self._ready:  # positions advance here, before the next fetch is sent
                     self._take(assignment, *self._ready.popleft(), parts)
                 self._send_fetches(assignment)

@@ -78,8 +78,8 @@ class BatchTelemetry:
         Args:
             fetched: The micro-batch.
             model: (name, version) of the model that scored it.
-            slots: Feature slot of each tick that got a signal.
-            records: Record index (into `fetched`) of each tick that got a signal.
+            slots: Feature slot of each scored tick (its signal has a score).
+            records: Record index (into `fetched`) of each scored tick.
             stamps_ns: Wall-clock ns at: received, decoded, featured, scored, produced.
             not_ready: Ticks whose features were not ready yet (no signal).
         """

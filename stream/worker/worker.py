@@ -259,11 +259,12 @@ class StreamWorker:
             acks.append(await dead_letters.send(fetched, record, reason, detail))
         if scored.challenger is not None and self.shadow is not None:
             acks.extend(await self.shadow.send(spans, fetched, ready, scored, t_scored))
+        scored_rows = rows[ready[rows]]  # signals with a score (not "not ready")
         self.telemetry.scored(
             fetched,
             (model.name, model.version),
-            slots[rows],
-            spans.index[rows],
+            slots[scored_rows],
+            spans.index[scored_rows],
             (started_ns, t_decoded, t_featured, t_scored, t_produced),
             len(spans) - int(ready.sum()) - int(late.sum()),
         )
