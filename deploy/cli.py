@@ -21,11 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 def route_library_logs() -> None:
-    """Keep mlflow from installing its own log handler when it is imported (later).
+    """Keep mlflow from writing to stderr past the JSON log (set before it is imported).
 
-    Its records then reach the root logger's JSON handler (`tickserve.logs`).
+    Its records then reach the root logger's JSON handler (`tickserve.logs`), and
+    artifact downloads draw no progress bar.
     """
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _run(coro: object) -> object:

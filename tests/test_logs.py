@@ -34,22 +34,24 @@ def test_a_line_carries_the_active_span_ids_and_none_outside_a_span() -> None:
     assert (inside["msg"], inside["topic"], inside["level"]) == ("in a span", "ticks", "info")
 
 
-def test_mlflow_and_alembic_log_through_the_json_handler() -> None:
+def test_mlflow_alembic_and_warnings_log_through_the_json_handler() -> None:
     """mlflow installs its own handler on import unless `deploy` tells it not to."""
     code = (
         "import logging; from deploy.cli import route_library_logs; "
         "from tickserve.logs import setup_logging; route_library_logs(); setup_logging(); "
         "import mlflow; "
         "logging.getLogger('mlflow.store').warning('from mlflow'); "
-        "logging.getLogger('alembic.runtime').warning('from alembic')"
+        "logging.getLogger('alembic.runtime').warning('from alembic'); "
+        "import warnings; warnings.warn('from a library', DeprecationWarning, stacklevel=1)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=True, cwd=ROOT)  # fmt: skip
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True,
+                          text=True, timeout=120, check=True, cwd=ROOT)  # fmt: skip
     lines = [orjson.loads(line) for line in done.stderr.splitlines()]  # each one JSON
     assert {(d["logger"], d["msg"]) for d in lines} >= {
         ("mlflow.store", "from mlflow"),
         ("alembic.runtime", "from alembic"),
     }
+    assert any(d["logger"] == "py.warnings" and "from a library" in d["msg"] for d in lines)
 
 
 def test_a_bad_log_level_is_one_line_and_exit_2(tmp_path: Path) -> None:

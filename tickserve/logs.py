@@ -63,7 +63,7 @@ def adopt_library_loggers(names: tuple[str, ...] = ADOPTED) -> None:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    """Send all logs to stderr as JSON lines; quiet the chattiest libraries.
+    """Send all logs and warnings to stderr as JSON lines; quiet the chattiest libraries.
 
     Raises:
         ConfigError: `level` is not one of `LOG_LEVELS`.
@@ -75,6 +75,7 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # a library's warning is a JSON line too (py.warnings)
     adopt_library_loggers()
     for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)
