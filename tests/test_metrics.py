@@ -89,7 +89,9 @@ def test_batch_telemetry_counts_lag_per_partition() -> None:
 
     assert (lag("0"), lag("1"), lag("2")) == (10.0, None, 0.0)  # 16 - position 6; caught up
     telemetry.forget([TopicPartition(topic, 0)])
-    assert lag("0") is None
+    assert (lag("0"), lag("2")) == (None, 0.0)
+    telemetry.close()  # the worker stopped
+    assert lag("2") is None
 
 
 def test_the_metrics_table_lists_exactly_the_registry() -> None:

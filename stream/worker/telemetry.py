@@ -23,7 +23,7 @@ from tickserve.metrics import PREDICTIONS, BulkHistogram, StateGauge, SymbolLabe
 # the seed's buckets (1 ms .. 1 s) plus finer and wider ones for the latency SLO
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 STAGE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
-STAGES = ("decode", "features", "score", "produce")
+STAGE_NAMES = ("decode", "features", "score", "produce")
 
 TICKS = Counter("ticks_total", "Tick records consumed")
 SIGNALS = Counter(
@@ -61,8 +61,9 @@ class BatchTelemetry:
     def __init__(self, symbols: SymbolLabels | None = None) -> None:
         """Count predictions under `symbols` (default: the first 20 symbols seen)."""
         self.symbols = symbols if symbols is not None else SymbolLabels()
-        self._stages = [STAGE_LATENCY.labels(stage) for stage in STAGES]
+        self._stages = [STAGE_LATENCY.labels(stage) for stage in STAGE_NAMES]
         self._signals: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._lagging: set[TopicPartition] = set()  # partitions whose lag this worker shows
 
     def scored(
         self,
@@ -104,6 +105,7 @@ class BatchTelemetry:
         for tp, high in fetched.high_watermarks.items():
             # a partition without records this time is caught up to its high watermark
             LAG.set((tp.topic, str(tp.partition)), max(high - positions.get(tp, high), 0))
+            self._lagging.add(tp)
 
     def progressed(self) -> None:
         """A micro-batch was handled (its acks and commit follow in the background)."""
@@ -111,8 +113,13 @@ class BatchTelemetry:
 
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop the lag of partitions this worker no longer owns."""
-        for tp in partitions:
+        for tp in list(partitions):
             LAG.remove((tp.topic, str(tp.partition)))
+            self._lagging.discard(tp)
+
+    def close(self) -> None:
+        """The worker stopped: drop the lag of every partition it showed."""
+        self.forget(self._lagging)
 
     def _signal_children(self, name: str, version: str) -> tuple[Counter, Counter]:
         key = (name, version)

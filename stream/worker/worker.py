@@ -167,6 +167,7 @@ class StreamWorker:
                 self.latest_rows.offer(force=True)
                 self.writer.close()
             self.recovery.close()
+            self.telemetry.close()
             logger.info("worker stopped", extra={"processed": self.processed})
 
     async def _loop(self, stop: asyncio.Event) -> None:
