@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections import Counter
@@ -17,6 +18,16 @@ from tickserve.logs import setup_logging
 from tickserve.sched import realtime_priority
 
 logger = logging.getLogger(__name__)
+
+
+def route_library_logs() -> None:
+    """Keep mlflow from writing to stderr past the JSON log (set before it is imported).
+
+    Its records then reach the root logger's JSON handler (`tickserve.logs`), and
+    artifact downloads draw no progress bar.
+    """
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _run(coro: object) -> object:
@@ -147,16 +158,21 @@ def _train_params(args: argparse.Namespace) -> object:
     return load_params(default) if default.exists() else TrainParams()
 
 
-def _provenance() -> dict[str, str]:
-    """Git commit of the working tree and the DVC hash of the imported data, if known."""
+def git_commit() -> str:
+    """`git rev-parse HEAD` of the working directory, or "unknown"."""
     import subprocess
 
     try:
-        commit = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        return "unknown"
+
+
+def _provenance() -> dict[str, str]:
+    """Git commit of the working tree and the DVC hash of the imported data, if known."""
+    commit = git_commit()
     data_hash = "none"
     lock = Path("dvc.lock")
     if lock.exists():
@@ -428,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: errors we expect become one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
+        route_library_logs()
         settings = load_settings()
         setup_logging(settings.log_level)
         return COMMANDS[args.command](settings, args)

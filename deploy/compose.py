@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from importlib.metadata import version
 
 from prometheus_client import start_http_server
 
+from deploy.cli import git_commit
+from deploy.costs import refresh_costs
 from deploy.settings import Settings
 from features.engine import FeatureEngine
 from features.engine import warm_up as warm_up_features
@@ -24,6 +27,7 @@ from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
+from tickserve.metrics import BuildInfo, SymbolLabels
 from tickserve.tracing import Tracing
 
 logger = logging.getLogger(__name__)
@@ -57,7 +61,10 @@ class Service:
             "kafka", extra={"bootstrap": settings.bootstrap, "security": security.describe()}
         )
         await ensure_topics(settings.bootstrap, list(self.topics), settings.partitions, security)
-        others = [asyncio.create_task(self.watcher.run(self.batcher, stop))]
+        others = [
+            asyncio.create_task(self.watcher.run(self.batcher, stop)),
+            asyncio.create_task(refresh_costs(settings.mlflow_uri, settings.model_name, stop)),
+        ]
         if settings.metrics_port:  # scrapes on a thread of their own, off the stream's loop
             start_http_server(settings.metrics_port, addr=settings.http_host)
         if settings.http_port:
@@ -124,7 +131,8 @@ def build_service(
         tracing: Where the worker's spans go (`deploy.tracing.start_tracing`); None: off.
     """
     spec = settings.feature_spec
-    watcher = ModelWatcher(watcher_config(settings), spec)
+    build = BuildInfo(version("tickserve"), settings.git_commit or git_commit())
+    watcher = ModelWatcher(watcher_config(settings), spec, build)
     model = watcher.load_initial()
     batcher = MicroBatcher(
         model,
@@ -147,6 +155,7 @@ def build_service(
         writer,
         SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}"),
         tracing=tracing,
+        symbols=SymbolLabels(settings.metrics_symbol_list),
     )
     webhook = None  # without a secret, POST /webhooks/mlflow refuses every delivery
     if settings.webhook_secret is not None:
@@ -163,6 +172,7 @@ def build_service(
         stream_not_ready=worker.not_ready_reason,
         max_body_bytes=settings.max_body_bytes,
         metrics_route=not settings.metrics_port,
+        symbols=worker.telemetry.symbols,
     )
     topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
     if config.shadow_topic:

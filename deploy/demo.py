@@ -142,6 +142,8 @@ def run_demo(settings: Settings, data: Path, live_rate: float) -> int:
         summary = asyncio.run(_measure(settings, history, live, live_rate, worker))
         summary = summary.replace("model=?", f"model={result.name}/{result.version}")
         print(summary, flush=True)
+        if settings.http_port:
+            print(_scrape_metrics(settings, stack.logs / "worker-metrics.prom"), flush=True)
         return 0
     finally:
         if worker is not None:
@@ -152,6 +154,32 @@ def run_demo(settings: Settings, data: Path, live_rate: float) -> int:
                 worker.kill()
         stack.down()
         print("demo: local stack stopped", flush=True)
+
+
+def _scrape_metrics(settings: Settings, saved: Path) -> str:
+    """GET the worker's /metrics, keep it in `saved`, and sum up the seed metrics."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{settings.http_port}/metrics"
+    with urlopen(url, timeout=10) as answer:  # noqa: S310 (our own worker, http on loopback)
+        text = answer.read().decode()
+    saved.write_text(text)
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    shown = (
+        "predictions_total",
+        "prediction_latency_seconds_count",
+        "ticks_total",
+        "dead_letters_total",
+        "consumer_lag",
+        "model_swaps_total",
+    )
+    figures = " ".join(f"{name}={values.get(name, 0.0):g}" for name in shown)
+    return f"demo: worker {url}: {figures} (all of it in {saved})"
 
 
 async def _measure(

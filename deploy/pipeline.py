@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deploy.cli import _provenance
+from deploy.cli import _provenance, route_library_logs
 from deploy.settings import Settings, load_settings
 from tickserve.errors import TickserveError
 from tickserve.logs import setup_logging
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         state = {} if "TICKSERVE_STATE_DIR" in os.environ else {"state_dir": DEFAULT_STATE}
+        route_library_logs()
         settings = load_settings(**state)
         setup_logging(settings.log_level)
         params = load_params(Path(args.params))

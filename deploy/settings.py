@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from features.spec import NS_PER_SECOND, FeatureSpec
 from stream.kafka.security import KafkaSecurity
 from tickserve.errors import ConfigError
+from tickserve.logs import LOG_LEVELS
 
 
 class Settings(BaseSettings):
@@ -259,13 +260,28 @@ class Settings(BaseSettings):
         description="Serve /metrics on this port of http_host, on a thread of its own, instead "
         "of the API's port; 0: on the API's port",
     )
-    log_level: str = Field("INFO", description="Level of the JSON log lines on stderr")
     trace_sample_rate: float = Field(
         0.001,
         ge=0.0,
         le=1.0,
         description="Fraction of ticks the feed traces (W3C `traceparent` header); traces "
         "are exported only where OTEL_EXPORTER_OTLP_ENDPOINT (or _TRACES_ENDPOINT) is set",
+    )
+    log_level: str = Field(
+        "INFO",
+        description="Level of the JSON log lines on stderr: DEBUG, INFO, WARNING, ERROR or "
+        "CRITICAL",
+    )
+    metrics_symbols: str = Field(
+        "",
+        description="Comma-separated symbols that keep their own `symbol` label on "
+        "predictions_total (every other symbol counts as `other`); empty: the first 20 "
+        "symbols the worker sees",
+    )
+    git_commit: str = Field(
+        "",
+        description="Git commit shown by tickserve_build_info; empty: `git rev-parse HEAD` "
+        "of the working directory, else `unknown`",
     )
 
     @field_validator("redis_url")
@@ -274,6 +290,13 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://")):
             raise ValueError(f"must start with redis:// or rediss://, got {value!r}")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.upper()
 
     @field_validator("webhook_secret")
     @classmethod
@@ -332,6 +355,11 @@ class Settings(BaseSettings):
             username=self.kafka_sasl_username or "",
             password=password,
         )
+
+    @property
+    def metrics_symbol_list(self) -> tuple[str, ...]:
+        """`metrics_symbols` split at commas, blanks dropped."""
+        return tuple(s.strip() for s in self.metrics_symbols.split(",") if s.strip())
 
     @property
     def bootstrap(self) -> str:

@@ -29,6 +29,7 @@ from inference.registry import LoadedModel
 from inference.webhook import WEBHOOKS, WebhookConfig, WebhookPayload, ignore_reason, verify
 from tickserve.errors import StaleRow, WebhookRejected
 from tickserve.limits import MAX_SYMBOL_LEN
+from tickserve.metrics import PREDICTIONS, SymbolLabels
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class ApiContext:
         token: Bearer token that `POST /predict` and `GET /model` require; None: open.
         max_body_bytes: Larger request bodies get 413 before they are read.
         metrics_route: Serve `GET /metrics` here (False: it has a port of its own).
+        symbols: The `symbol` labels of predictions_total (the stream worker's, so both
+            count under the same bounded set); None: a set of this API's own.
     """
 
     batcher: MicroBatcher
@@ -69,6 +72,7 @@ class ApiContext:
     stream_not_ready: Callable[[], str | None] = lambda: None
     max_body_bytes: int = MAX_BODY_BYTES
     metrics_route: bool = True
+    symbols: SymbolLabels | None = None
 
 
 class ErrorBody(BaseModel):
@@ -210,6 +214,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         }
     else:
         errors_auth = {}
+    symbol_label = (ctx.symbols if ctx.symbols is not None else SymbolLabels()).label
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -242,6 +247,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
         score = answer.score
         if not math.isfinite(score):
             raise HTTPException(503, "the model returned a non-finite score")
+        symbol = body.symbol  # type: ignore[attr-defined]
+        # a row given as features has no symbol: it counts under symbol=""
+        PREDICTIONS.labels(answer.model.name, "" if symbol is None else symbol_label(symbol)).inc()
         return PredictResponse(
             model=answer.model.name,
             version=answer.model.version,

@@ -28,6 +28,7 @@ from inference.registry import (
 from inference.trees import KernelCompiler
 from inference.validation import GoldenRows, ModelContract, ValidationPolicy, validate
 from tickserve.errors import ModelNotFound, ModelRejected
+from tickserve.metrics import BuildInfo
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,13 @@ class SwapEvent:
 class ModelWatcher:
     """Polls the registry; a new version serves only after `validate` passed in a thread."""
 
-    def __init__(self, config: WatcherConfig, spec: FeatureSpec) -> None:
-        """Nothing is contacted until `load_initial` or `run`."""
+    def __init__(
+        self, config: WatcherConfig, spec: FeatureSpec, build: BuildInfo | None = None
+    ) -> None:
+        """Nothing is contacted until `load_initial` or `run`; `build` follows the champion."""
         self.config = config
         self.spec = spec
+        self.build = build
         self.contract: ModelContract | None = None
         self.history: list[SwapEvent] = []
         self._client: object | None = None
@@ -129,6 +133,8 @@ class ModelWatcher:
         ref = resolve_alias(self._registry(), self.config.name, self.config.alias)
         model = self._load_checked(ref, serving=False)
         SERVING.labels(CHAMPION).set(_as_number(model.version))
+        if self.build is not None:
+            self.build.serving(model.name, model.version)
         return model
 
     def _load_checked(self, ref: VersionRef, serving: bool = True) -> LoadedModel:
@@ -297,6 +303,8 @@ class ModelWatcher:
         if role == CHAMPION:
             assert model is not None
             previous = batcher.swap(model).version
+            if self.build is not None:
+                self.build.serving(model.name, model.version)
         else:
             previous = batcher.challenger.version if batcher.challenger else ""
             batcher.set_challenger(model)

@@ -201,3 +201,60 @@ def forbidden_imports(path: Path) -> list[str]:
             if parts and (parts[0].startswith("test_") or parts[0] == "conftest"):
                 found.append(name)
     return found
+
+
+# metric families served but not tickserve's own (prometheus_client's process and
+# runtime collectors, Feast's feature server): docs/metrics.md does not list them
+LIBRARY_METRICS = ("process_", "python_", "feast_")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One row of docs/metrics.md's table."""
+
+    type: str
+    labels: frozenset[str]
+    help: str
+
+
+def metrics_table() -> dict[str, MetricRow]:
+    """docs/metrics.md's table: exposed name (counters with `_total`) -> its row."""
+    rows: dict[str, MetricRow] = {}
+    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
+        if not line.startswith("| `"):
+            continue
+        name, kind, labels, help_text = (cell.strip() for cell in line.strip("|").split("|"))
+        names = frozenset(label.strip() for label in labels.split(",") if label.strip())
+        rows[name.strip("`")] = MetricRow(kind, names, help_text)
+    return rows
+
+
+def table_mismatches(families: object) -> list[str]:
+    """How Prometheus metric families (collected or parsed) differ from docs/metrics.md.
+
+    Names, types and help must match both ways; labels are compared where a family
+    has samples (a labelled metric with no child yet shows none).
+    """
+    table = metrics_table()
+    seen: set[str] = set()
+    wrong: list[str] = []
+    for family in families:  # type: ignore[attr-defined]
+        name = family.name + ("_total" if family.type == "counter" else "")
+        base = name.removesuffix("_created")
+        if name.startswith(LIBRARY_METRICS) or (
+            base != name and {base, f"{base}_total"} & table.keys()
+        ):
+            continue  # a library's, or the creation time the text format serves apart
+        seen.add(name)
+        row = table.get(name)
+        if row is None:
+            wrong.append(f"{name}: served but not in docs/metrics.md")
+            continue
+        if (family.type, family.documentation) != (row.type, row.help):
+            wrong.append(f"{name}: served as {family.type} {family.documentation!r}, listed {row}")
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        if family.samples and labels != row.labels:
+            wrong.append(
+                f"{name}: served with labels {sorted(labels)}, listed {sorted(row.labels)}"
+            )
+    return wrong + [f"{name}: listed but not served" for name in sorted(set(table) - seen)]

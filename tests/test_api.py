@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from openapi_spec_validator import validate as validate_openapi
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from deploy.stack import free_port
@@ -246,3 +247,25 @@ def test_ready_says_why_the_stream_holds_back(ctx: ApiContext) -> None:
     assert call(serving, lambda c: c.get("/ready")).json() == {
         "ready": True, "model_loaded": True, "consumer_assigned": True, "reason": None,
     }  # fmt: skip
+
+
+def test_predict_counts_predictions_by_model_and_symbol(ctx: ApiContext) -> None:
+    """POST /predict adds to predictions_total like the stream; a feature row has symbol ""."""
+
+    def count(symbol: str) -> float:
+        labels = {"model": "tickserve-test", "symbol": symbol}
+        return REGISTRY.get_sample_value("predictions_total", labels) or 0.0
+
+    before = (count(""), count("XRP/ETH"))
+
+    async def three(client: httpx.AsyncClient) -> list[int]:
+        answers = [
+            await client.post("/predict", json={"features": ROW}),
+            await client.post("/predict", json={"symbol": "XRP/ETH"}),
+            await client.post("/predict", json={"symbol": "XRP/ETH"}),
+            await client.post("/predict", json={"symbol": "NOPE/X"}),  # 404: not counted
+        ]
+        return [a.status_code for a in answers]
+
+    assert call(ctx, three) == [200, 200, 200, 404]
+    assert (count("") - before[0], count("XRP/ETH") - before[1]) == (1.0, 2.0)

@@ -25,7 +25,7 @@ def test_sink_reads_trade_id_recv_ns_and_header_t() -> None:
         expected.append((trade_id, recv_ns, bool(headers), i))
     buf = np.frombuffer(bytes(builder.build()), np.uint8)
     starts, ends, _ = batch_bounds(buf)
-    _, _, _, value_start, value_len, _, status = parse_batches(buf, starts, ends, 0, True)
+    _, _, _, value_start, value_len, _, _, status = parse_batches(buf, starts, ends, 0, True)
     assert status == 0
     n = len(value_start)
     tid, recv = np.empty(n, np.int64), np.empty(n, np.int64)

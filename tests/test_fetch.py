@@ -40,13 +40,18 @@ async def _read(
                 via_aiokafka += fetched.via_aiokafka
                 for i in range(len(fetched)):
                     got[int(fetched.partition[i])].append(
-                        (int(fetched.offset[i]), fetched.key(i), fetched.value(i))
+                        (
+                            int(fetched.offset[i]),
+                            fetched.key(i),
+                            fetched.value(i),
+                            int(fetched.timestamp_ms[i]),
+                        )
                     )
                 for tp, offset in fetched.next_offsets.items():
                     assert await consumer.position(tp) == offset
             else:
                 for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
-                    got[tp.partition].extend((m.offset, m.key, m.value) for m in msgs)
+                    got[tp.partition].extend((m.offset, m.key, m.value, m.timestamp) for m in msgs)
     finally:
         await consumer.stop()
     return got, via_aiokafka
@@ -54,7 +59,7 @@ async def _read(
 
 @pytest.mark.parametrize("compression", [None, "gzip"])
 def test_drain_equals_getmany(stack_settings: Settings, compression: str | None) -> None:
-    """Same records, offsets and order per partition; gzip batches take aiokafka's path."""
+    """Same records, offsets, timestamps and order per partition; gzip takes aiokafka's path."""
     topic = unique("fetch")
     records = _records(3000, seed=7)
     run(ensure_topics(stack_settings.bootstrap, [topic], PARTITIONS))
@@ -66,9 +71,9 @@ def test_drain_equals_getmany(stack_settings: Settings, compression: str | None)
     assert sum(map(len, raw.values())) == len(records)
     for p in range(PARTITIONS):
         assert raw[p] == ref[p]
-        assert [o for o, _, _ in raw[p]] == list(range(len(raw[p])))
+        assert [o for o, _, _, _ in raw[p]] == list(range(len(raw[p])))
         mine = [(k, v) for k, v, q in records if q == p]
-        assert [(k, v) for _, k, v in raw[p]] == mine
+        assert [(k, v) for _, k, v, _ in raw[p]] == mine
 
 
 def test_parse_skips_records_before_the_fetch_offset_and_partial_batches() -> None:
@@ -78,7 +83,7 @@ def test_parse_skips_records_before_the_fetch_offset_and_partial_batches() -> No
     buf = np.frombuffer(cut, np.uint8)
     starts, ends, status = batch_bounds(buf)
     assert status == 0 and len(starts) == 2
-    offset, _, _, vs, vl, next_offset, status = parse_batches(buf, starts, ends, 12, True)
+    offset, _, _, vs, vl, _, next_offset, status = parse_batches(buf, starts, ends, 12, True)
     assert status == 0
     assert offset.tolist() == [12, 13, 14, 15, 16, 17, 18]
     assert next_offset == 19
@@ -143,12 +148,12 @@ def test_a_gap_stops_the_parse_at_the_missing_offset() -> None:
     """Batches 10-14 and 20-23: with stop_at_gap the records after 14 wait for 15-19."""
     buf = np.frombuffer(_batch(5, 10) + _batch(4, 20), np.uint8)
     starts, ends, _ = batch_bounds(buf)
-    offset, _, _, _, _, next_offset, status = parse_batches(buf, starts, ends, 10, True)
+    offset, _, _, _, _, _, next_offset, status = parse_batches(buf, starts, ends, 10, True)
     assert (offset.tolist(), next_offset, status) == ([10, 11, 12, 13, 14], 15, 3)
-    offset, _, _, _, _, next_offset, status = parse_batches(buf, starts, ends, 10, False)
+    offset, _, _, _, _, _, next_offset, status = parse_batches(buf, starts, ends, 10, False)
     assert (offset.tolist(), next_offset, status) == ([10, 11, 12, 13, 14, 20, 21, 22, 23], 24, 0)
     # a fetch that starts after its own offset is a gap too
-    offset, _, _, _, _, next_offset, status = parse_batches(buf, starts[1:], ends[1:], 15, True)
+    offset, _, _, _, _, _, next_offset, status = parse_batches(buf, starts[1:], ends[1:], 15, True)
     assert (offset.tolist(), next_offset, status) == ([], 15, 3)
 
 

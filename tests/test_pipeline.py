@@ -6,19 +6,31 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.compose import build_service
+from deploy.stack import free_port
 from features.online import open_store, read_online
 from features.spec import FeatureSpec
 from inference.registry import load_model
 from stream.contracts.signal import FLAT, Signal
 from stream.ingest.feed import publish
 from stream.worker import StreamWorker
-from tests.helpers import HISTORY, LoopThread, Pipeline, read_topic, run
+from tests.helpers import (
+    HISTORY,
+    LoopThread,
+    Pipeline,
+    read_topic,
+    run,
+    table_mismatches,
+    unique,
+)
 from tickserve.errors import ModelNotFound, ModelRejected
 
 pytestmark = pytest.mark.services
@@ -135,3 +147,82 @@ def test_every_tick_gets_one_signal_and_bad_ones_go_to_the_dlq(
     got_values = online[list(settings.feature_spec.names)].to_numpy()[0]
     np.testing.assert_array_equal(got_values, expected)
     assert event_ns == max(t["event_ns"] for t in pipeline.ticks)  # type: ignore[type-var]
+
+
+def _scrape(url: str) -> dict[str, Any]:
+    """GET /metrics, parsed: family name -> family."""
+    text = httpx.get(url, timeout=10).text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def _value(families: dict[str, Any], sample: str, **labels: str) -> float:
+    family = families[sample.removesuffix("_total").removesuffix("_count")]
+    return sum(
+        s.value
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_metrics_count_every_scored_tick(pipeline: Pipeline) -> None:
+    """After a stream through the served worker, /metrics shows the seed metrics with data.
+
+    predictions_total{model,symbol} and the count of prediction_latency_seconds each
+    grow by the number of signals that carry a score; the scrape matches docs/metrics.md.
+    """
+    settings = pipeline.settings.model_copy(
+        update={
+            "ticks_topic": unique("ticks"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "group_id": unique("worker"),
+            "http_host": "127.0.0.1",
+            "http_port": free_port(),
+        }
+    )
+    url = f"http://127.0.0.1:{settings.http_port}/metrics"
+    service = build_service(settings, online_store=False)
+    loop = LoopThread()
+    stop: asyncio.Event = loop.submit(_make_event()).result(5)  # type: ignore[attr-defined]
+    done = loop.submit(service.run(stop))
+    try:
+        deadline = time.monotonic() + 60
+        while not service.worker.assigned.is_set():
+            assert time.monotonic() < deadline, "the worker never got its partitions"
+            time.sleep(0.05)
+        model = {"model": settings.model_name}
+        before = _scrape(url)
+        ticks = pipeline.ticks[:3000]
+        run(publish(ticks, settings.bootstrap, settings.ticks_topic))
+        records = run(read_topic(settings.bootstrap, settings.signals_topic, 4, len(ticks), 120))
+        scored = sum(Signal.decode(r.value).ready for r in records)  # type: ignore[attr-defined]
+        assert scored > 0
+        deadline = time.monotonic() + 10  # the last batch's metrics follow its produce
+        while True:
+            after = _scrape(url)
+            latency = _value(after, "prediction_latency_seconds_count") - _value(
+                before, "prediction_latency_seconds_count"
+            )
+            if latency >= scored or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        predicted = _value(after, "predictions_total", **model, symbol="XRP/ETH") - _value(
+            before, "predictions_total", **model, symbol="XRP/ETH"
+        )
+        assert (predicted, latency) == (scored, scored)
+        stages = {s.labels["stage"] for s in after["stage_latency_seconds"].samples}
+        assert stages == {"decode", "features", "score", "produce"}
+        assert _value(after, "ticks_total") - _value(before, "ticks_total") == len(ticks)
+        build = after["tickserve_build_info"].samples
+        assert [(s.labels["model"], s.labels["model_version"]) for s in build] == [
+            (settings.model_name, pipeline.result.version)
+        ]
+        lag = after["consumer_lag"].samples
+        assert {s.labels["topic"] for s in lag} == {settings.ticks_topic}
+        assert all(s.value == 0 for s in lag)  # every tick was read
+        assert after["last_progress_timestamp_seconds"].samples[0].value > 0
+        assert table_mismatches(after.values()) == []
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        done.result(30)  # type: ignore[attr-defined]
+        loop.close()

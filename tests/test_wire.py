@@ -196,27 +196,37 @@ def test_one_pass_over_a_response_equals_the_per_partition_parse() -> None:
     assert (gap_status.tolist(), gap_next.tolist()) == ([3], [7])
 
 
-async def _read_wire(settings: Settings, topic: str, n: int) -> dict[int, list[tuple]]:
-    """(offset, key, value) per partition through WireFetcher, positions checked as we go."""
+async def _read_wire(
+    settings: Settings, topic: str, n: int
+) -> tuple[dict[int, list[tuple]], dict[int, int]]:
+    """(offset, key, value, timestamp) per partition through WireFetcher, positions checked
+    as we go; and the newest high watermark seen per partition."""
     consumer = make_consumer(settings.bootstrap, unique("g"), [topic], max_batch=100)
     await consumer.start()
     fetcher = WireFetcher(consumer, topic, 20)
     got: dict[int, list[tuple]] = {p: [] for p in range(PARTITIONS)}
+    high: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 60
         while sum(map(len, got.values())) < n and time.monotonic() < deadline:
             fetched = await fetcher.poll(200)
             for i in range(len(fetched)):
                 got[int(fetched.partition[i])].append(
-                    (int(fetched.offset[i]), fetched.key(i), fetched.value(i))
+                    (
+                        int(fetched.offset[i]),
+                        fetched.key(i),
+                        fetched.value(i),
+                        int(fetched.timestamp_ms[i]),
+                    )
                 )
+            high.update({tp.partition: hw for tp, hw in fetched.high_watermarks.items()})
             for tp, offset in fetched.next_offsets.items():
                 assert await consumer.position(tp) == offset  # aiokafka's position moved
         assert consumer.paused() == consumer.assignment()  # aiokafka's fetcher stays idle
     finally:
         await fetcher.close()
         await consumer.stop()
-    return got
+    return got, high
 
 
 async def _read_getmany(settings: Settings, topic: str, n: int) -> dict[int, list[tuple]]:
@@ -227,7 +237,7 @@ async def _read_getmany(settings: Settings, topic: str, n: int) -> dict[int, lis
         deadline = time.monotonic() + 60
         while sum(map(len, got.values())) < n and time.monotonic() < deadline:
             for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
-                got[tp.partition].extend((m.offset, m.key, m.value) for m in msgs)
+                got[tp.partition].extend((m.offset, m.key, m.value, m.timestamp) for m in msgs)
     finally:
         await consumer.stop()
     return got
@@ -235,17 +245,23 @@ async def _read_getmany(settings: Settings, topic: str, n: int) -> dict[int, lis
 
 @pytest.mark.parametrize("compression", [None, "gzip"])
 def test_wire_fetch_equals_getmany(stack_settings: Settings, compression: str | None) -> None:
-    """Same records, offsets and order per partition; gzip goes through aiokafka's reader."""
+    """Same records, offsets, timestamps and order per partition; gzip through aiokafka's reader.
+
+    The high watermark each response carries is the partition's record count once
+    everything is produced (what the worker's consumer_lag reads).
+    """
     topic = unique("wire")
     records = _records(3000, seed=11)
     run(ensure_topics(stack_settings.bootstrap, [topic], PARTITIONS))
     run(_produce(stack_settings.bootstrap, topic, records, compression))
-    ours = run(_read_wire(stack_settings, topic, len(records)))
+    ours, high = run(_read_wire(stack_settings, topic, len(records)))
     ref = run(_read_getmany(stack_settings, topic, len(records)))
     assert sum(map(len, ours.values())) == len(records)
     for p in range(PARTITIONS):
         assert ours[p] == ref[p]
-        assert [o for o, _, _ in ours[p]] == list(range(len(ours[p])))
+        assert [o for o, _, _, _ in ours[p]] == list(range(len(ours[p])))
+        if ours[p]:
+            assert high[p] == len(ours[p])
 
 
 def test_a_seek_moves_the_wire_fetch(stack_settings: Settings) -> None:

@@ -135,6 +135,9 @@ async def drain(
                     result.check_raise()
                 if result.check_assignment(tp) and result.has_more():
                     _take(tp, result, parts, gaps)
+                    high_watermark = consumer.highwater(tp)
+                    if high_watermark is not None:
+                        parts.high_watermarks[tp] = high_watermark
                 del fetcher._records[tp]
                 fetcher._notify(fetcher._wait_consume_future)
             if parts.cols:

@@ -1,7 +1,7 @@
 """Fetched records as columns: one fetch's record sets parsed into offsets and spans.
 
 `Fetched` is what a data-plane client hands the worker: records of one topic as
-offsets plus key/value spans of one byte buffer, no object per record.
+offsets, timestamps and key/value spans of one byte buffer, no object per record.
 `parse_records` turns one partition's fetched record set into such columns: plain
 v2 batches in one Numba pass (`stream.kafka.recordbatch`), anything else
 (compressed, legacy, control, malformed) through aiokafka's public record reader.
@@ -11,7 +11,7 @@ before earlier batches are readable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,8 +42,11 @@ class Fetched:
     key_len: np.ndarray
     value_start: np.ndarray
     value_len: np.ndarray
+    timestamp_ms: np.ndarray  # int64 per record: its Kafka timestamp (ms since the epoch)
     next_offsets: dict[TopicPartition, int]  # per partition: the offset after the last record
     via_aiokafka: int = 0  # partitions whose fetch took aiokafka's iterator (not plain v2)
+    # per partition fetched: the broker's high watermark in that response (for lag)
+    high_watermarks: dict[TopicPartition, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -79,6 +82,7 @@ class FetchedParts:
         self.cols: list[tuple[np.ndarray, ...]] = []
         self.partitions: list[np.ndarray] = []
         self.next_offsets: dict[TopicPartition, int] = {}
+        self.high_watermarks: dict[TopicPartition, int] = {}
         self.via_aiokafka = 0
 
     def add(self, tp: TopicPartition, raw: bytes, cols: tuple[np.ndarray, ...]) -> None:
@@ -88,11 +92,11 @@ class FetchedParts:
     def add_columns(
         self, raw: bytes, partition: np.ndarray, cols: np.ndarray | tuple[np.ndarray, ...]
     ) -> None:
-        """Records of several partitions whose spans (`cols`, 5 rows) index `raw`."""
-        offset, ks, kl, vs, vl = cols
+        """Records of several partitions whose spans (`cols`, `N_COLUMNS` rows) index `raw`."""
+        offset, ks, kl, vs, vl, ts = cols
         if self.size:  # spans index `raw`: shift them past the pieces before it
             ks, vs = ks + self.size, vs + self.size
-        self.cols.append((offset, ks, kl, vs, vl))
+        self.cols.append((offset, ks, kl, vs, vl, ts))
         self.partitions.append(partition)
         self.raws.append(raw)
         self.size += len(raw)
@@ -115,7 +119,8 @@ class FetchedParts:
         self.via_aiokafka += 1
         offsets = np.array([r.offset for r in records], np.int64)
         cols = tuple(np.array(c, np.int64) for c in (ks, kl, vs, vl))
-        self.add(tp, b"".join(chunks), (offsets, *cols))
+        timestamps = np.array([r.timestamp for r in records], np.int64)
+        self.add(tp, b"".join(chunks), (offsets, *cols, timestamps))
 
     def build(self, topic: str) -> Fetched:
         """One `Fetched` of every piece added (no copy when there is one piece)."""
@@ -130,8 +135,10 @@ class FetchedParts:
                 empty,
                 empty,
                 empty,
+                empty,
                 {},
                 self.via_aiokafka,
+                self.high_watermarks,
             )
         if len(self.cols) == 1:  # the usual micro-batch (one fetch response): no copies
             buf = np.frombuffer(self.raws[0], np.uint8)
@@ -140,7 +147,7 @@ class FetchedParts:
             buf = np.frombuffer(b"".join(self.raws), np.uint8)
             partition = np.concatenate(self.partitions)
             cols = tuple(np.concatenate(c) for c in zip(*self.cols, strict=True))
-        offset, key_start, key_len, value_start, value_len = cols
+        offset, key_start, key_len, value_start, value_len, timestamp_ms = cols
         return Fetched(
             topic,
             buf,
@@ -150,8 +157,10 @@ class FetchedParts:
             key_len,
             value_start,
             value_len,
+            timestamp_ms,
             self.next_offsets,
             self.via_aiokafka,
+            self.high_watermarks,
         )
 
 
@@ -238,5 +247,12 @@ def parse_records(
         next_offset = max(next_offset, batch.next_offset)
     parts.add_records(tp, taken)
     built = parts.build(tp.topic)
-    cols = (built.offset, built.key_start, built.key_len, built.value_start, built.value_len)
+    cols = (
+        built.offset,
+        built.key_start,
+        built.key_len,
+        built.value_start,
+        built.value_len,
+        built.timestamp_ms,
+    )
     return built.buf.tobytes(), cols, next_offset

@@ -1,12 +1,13 @@
 """Kafka's record batch (message format v2): the one owner of its layout.
 
 Reading: `batch_bounds` finds the complete batches of a fetched record set,
-`parse_batches` / `parse_into` cut them into offsets and key/value spans in one Numba
-pass, `first_bad_crc` checks their CRC-32C. Writing: `plan_batches` splits rows into
-batches as aiokafka's `BatchBuilder` would, `put_batch_header`, `put_varint` and
-`copy_bytes` write them, `crc_batches` fills in the CRCs. Everything here works on
-numpy byte buffers and is called from other Numba kernels (`stream.kafka.signalbatch`,
-`stream.kafka.wire`, `stream.kafka.aiokafka_adapter`).
+`parse_batches` / `parse_into` cut them into offsets, key/value spans and record
+timestamps in one Numba pass, `first_bad_crc` checks their CRC-32C. Writing:
+`plan_batches` splits rows into batches as aiokafka's `BatchBuilder` would,
+`put_batch_header`, `put_varint` and `copy_bytes` write them, `crc_batches` fills
+in the CRCs. Everything here works on numpy byte buffers and is called from other
+Numba kernels (`stream.kafka.signalbatch`, `stream.kafka.wire`,
+`stream.kafka.aiokafka_adapter`).
 
 `tests/test_records.py` holds the bytes equal to aiokafka's own builder and reader.
 """
@@ -45,6 +46,10 @@ DEFAULT_MAX_BATCH_BYTES = 256 * 1024  # stream.kafka.clients.make_producer's max
 COPY_BLOCK = 32
 PADDING = bytes(COPY_BLOCK)
 ATTR_UNSUPPORTED = 0x07 | 0x10 | 0x20  # compression codec, transactional, control
+ATTR_LOG_APPEND_TIME = 0x08  # every record's timestamp is the batch's maxTimestamp
+BASE_TIMESTAMP_OFFSET = 27
+MAX_TIMESTAMP_OFFSET = 35
+N_COLUMNS = 6  # offset, key start, key length, value start, value length, timestamp (ms)
 _CRC_POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
 
 
@@ -417,20 +422,29 @@ def batch_bounds(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 @njit(cache=True)
 def parse_batches(
     buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, fetch_offset: int, stop_at_gap: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """Offsets and key/value spans of the records at or after `fetch_offset`.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Offsets, key/value spans and timestamps of the records at or after `fetch_offset`.
 
-    Returns (offset, key_start, key_len, value_start, value_len, next_offset, status);
-    status 0 is success, 2 a malformed record, 3 a gap: with `stop_at_gap`, parsing
-    stops before a batch that starts after the offset the previous one ended at, and
-    `next_offset` is that missing offset.
+    Returns (offset, key_start, key_len, value_start, value_len, timestamp_ms,
+    next_offset, status); status 0 is success, 2 a malformed record, 3 a gap: with
+    `stop_at_gap`, parsing stops before a batch that starts after the offset the
+    previous one ended at, and `next_offset` is that missing offset.
     """
     total = 0
     for b in range(starts.shape[0]):
         total += read_be(buf, starts[b] + 57, 4)
-    cols = np.empty((5, total), np.int64)  # offset, key start, key length, value start, length
+    cols = np.empty((N_COLUMNS, total), np.int64)
     k, next_offset, status = parse_into(buf, starts, ends, fetch_offset, stop_at_gap, cols, 0)
-    return cols[0, :k], cols[1, :k], cols[2, :k], cols[3, :k], cols[4, :k], next_offset, status
+    return (
+        cols[0, :k],
+        cols[1, :k],
+        cols[2, :k],
+        cols[3, :k],
+        cols[4, :k],
+        cols[5, :k],
+        next_offset,
+        status,
+    )
 
 
 @njit(cache=True)
@@ -443,9 +457,11 @@ def parse_into(
     cols: np.ndarray,
     k: int,
 ) -> tuple[int, int, int]:
-    """`parse_batches` writing into `cols` (5 rows) from column `k`: (new k, next offset, status).
+    """`parse_batches` writing into `cols` (`N_COLUMNS` rows) from column `k`.
 
-    A malformed record returns next offset 0 and status 2.
+    Returns (new k, next offset, status); a malformed record returns next offset 0
+    and status 2. A record's timestamp is its batch's base timestamp plus its delta
+    (CreateTime), or the batch's max timestamp (LogAppendTime).
     """
     next_offset = fetch_offset
     for b in range(starts.shape[0]):
@@ -454,6 +470,10 @@ def parse_into(
         if stop_at_gap and base > next_offset:
             return k, next_offset, 3
         count = read_be(buf, start + 57, 4)
+        base_ts = read_be(buf, start + BASE_TIMESTAMP_OFFSET, 8)
+        log_append = read_be(buf, start + ATTRIBUTES_OFFSET, 2) & ATTR_LOG_APPEND_TIME
+        if log_append:
+            base_ts = read_be(buf, start + MAX_TIMESTAMP_OFFSET, 8)
         pos = start + HEADER_SIZE
         for _ in range(count):
             length, pos = read_varint(buf, pos)
@@ -461,7 +481,7 @@ def parse_into(
                 return k, 0, 2
             record_end = pos + length
             pos += 1  # attributes
-            _, pos = read_varint(buf, pos)  # timestamp delta
+            ts_delta, pos = read_varint(buf, pos)
             delta, pos = read_varint(buf, pos)
             klen, pos = read_varint(buf, pos)
             kpos = pos
@@ -479,6 +499,7 @@ def parse_into(
             cols[2, k] = klen
             cols[3, k] = vpos
             cols[4, k] = vlen
+            cols[5, k] = base_ts if log_append else base_ts + ts_delta
             k += 1
         # v2 keeps the last offset even when compaction removed records
         next_offset = max(next_offset, base + read_be(buf, start + 23, 4) + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,14 @@ def fetched_of(
     topic: str,
     records: Sequence[tuple[int, int, bytes | None, bytes | None]],
     next_offsets: dict[TopicPartition, int] | None = None,
+    timestamp_ms: int = 0,
 ) -> Fetched:
     """A `Fetched` of (partition, offset, key, value) records, laid out as a fetch would be.
 
     Without `next_offsets`, each partition's is the offset after its last record.
+    Every record gets the Kafka timestamp `timestamp_ms` (0: now).
     """
+    timestamp_ms = timestamp_ms or time.time_ns() // 1_000_000
     buf = bytearray()
     spans: list[tuple[int, int, int, int]] = []
     for _, _, key, value in records:
@@ -50,6 +54,7 @@ def fetched_of(
         cols[1],
         cols[2],
         cols[3],
+        np.full(len(records), timestamp_ms, np.int64),
         next_offsets,
     )
 

@@ -59,7 +59,14 @@ from stream.kafka.protocol import (
     parse_fetch_response,
     parse_produce_response,
 )
-from stream.kafka.recordbatch import HEADER_SIZE, batch_bounds, first_bad_crc, parse_into, read_be
+from stream.kafka.recordbatch import (
+    HEADER_SIZE,
+    N_COLUMNS,
+    batch_bounds,
+    first_bad_crc,
+    parse_into,
+    read_be,
+)
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from stream.kafka.topic_ids import STALE_ID_ERRORS, TopicIds
 
@@ -331,7 +338,7 @@ def parse_partitions(
     """Every partition's record set of one Fetch response (`buf[part_start[p]:part_end[p]]`).
 
     One pass over all of them, spans into `buf` itself (no copy, no concatenation).
-    Returns (cols: offset, key start/length, value start/length rows; the partition
+    Returns (cols: offset, key start/length, value start/length, timestamp rows; the partition
     index of each record; next offset and status per partition, as `parse_batches`
     gives them plus 1 for a set that is not plain v2; the start and end of every
     record batch, for the CRC check).
@@ -357,7 +364,7 @@ def parse_partitions(
                 total += read_be(buf, s[j] + lo + 57, 4)
                 n_batches += 1
         first[p + 1] = n_batches
-    cols = np.empty((5, total), np.int64)
+    cols = np.empty((N_COLUMNS, total), np.int64)
     part = np.empty(total, np.int64)
     k = 0
     for p in range(n_parts):
@@ -625,6 +632,8 @@ class WireFetcher:
         subscription = consumer._subscription
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_ms / 1000
+        # kept across rounds: a round without records still brings high watermarks
+        parts = FetchedParts()
         with subscription.fetch_context():  # aiokafka's max_poll_interval watchdog
             while True:
                 consumer._coordinator.check_errors()
@@ -635,7 +644,6 @@ class WireFetcher:
                     # new partitions: aiokafka's fetcher leaves them to us
                     consumer.pause(*[tp for tp in assignment.tps if tp.topic == self.topic])
                     self._assignment = assignment
-                parts = FetchedParts()
                 while self._ready:  # positions advance here, before the next fetch is sent
                     self._take(assignment, *self._ready.popleft(), parts)
                 self._send_fetches(assignment)
@@ -752,6 +760,7 @@ class WireFetcher:
             if data.error:
                 self._partition_error(state, tp, _error(data.error, isinstance(topic, bytes)))
             else:
+                parts.high_watermarks[tp] = data.high_watermark
                 taken.append((tp, state, requested, data))
         if not taken:
             return

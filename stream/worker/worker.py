@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from aiokafka import TopicPartition
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from features.engine import FeatureEngine
 from features.kernels import STATUS_LATE
@@ -32,25 +32,17 @@ from stream.worker.commits import CommitTracker
 from stream.worker.deadletters import DeadLetters
 from stream.worker.recovery import Recovery, SnapshotKeeper
 from stream.worker.shadow import ShadowSignals
+from stream.worker.telemetry import BatchTelemetry
 from stream.worker.tracing import BatchTracing
+from tickserve.metrics import SymbolLabels
 from tickserve.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
-TICKS = Counter("ticks_total", "Tick records consumed")
-PREDICTIONS = Counter("predictions_total", "Signals emitted", ["model", "version", "ready"])
 PREDICTION_ERRORS = Counter(
     "prediction_errors_total",
     "Ready rows the model gave no finite score (their signals carry the error)",
     ["model", "version", "reason"],
-)
-LATENCY = Histogram(
-    "prediction_latency_seconds",
-    "In-process service time of a micro-batch: records received -> signals handed to the producer",
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-)
-BATCH_SIZE = Histogram(
-    "micro_batch_size", "Records per micro-batch", buckets=(1, 10, 100, 500, 1000, 2000, 5000)
 )
 
 # (trade_ids, symbols, feature values, ready) of each micro-batch, for audits and tests
@@ -98,10 +90,13 @@ class StreamWorker:
         snapshots: SnapshotKeeper | None = None,
         feature_tap: FeatureTap | None = None,
         tracing: Tracing | None = None,
+        symbols: SymbolLabels | None = None,
     ):
         """Hold the parts; `run` opens the data plane (`open_dataplane`) and connects.
 
         With `tracing`, micro-batches holding traced ticks get spans (`stream.worker.tracing`).
+        `symbols` bounds the `symbol` label of predictions_total (default: the first
+        20 symbols seen).
         """
         self.config = config
         self.engine = engine
@@ -116,7 +111,7 @@ class StreamWorker:
         self._batch_lock = asyncio.Lock()
         self._signal_partitions = 0
         self._symbol_table = SymbolTable()
-        self._predictions: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self.telemetry = BatchTelemetry(symbols)
         plane = config.dataplane
         self.tracing = (
             None
@@ -200,12 +195,14 @@ class StreamWorker:
                 self.latest_rows.offer(force=True)
                 self.writer.close()
             self.recovery.close()
+            self.telemetry.close()
             logger.info("worker stopped", extra={"processed": self.processed})
 
     async def _loop(self, stop: asyncio.Event) -> None:
         source, commits = self.source, self.commits
         while not stop.is_set():
             fetched = await source.poll(100)
+            self.telemetry.fetched(fetched)
             if len(fetched):
                 async with self._batch_lock:
                     await self._handle(fetched)
@@ -230,6 +227,7 @@ class StreamWorker:
             if snaps:
                 after_commit = functools.partial(recovery.write, snaps)
         self.commits.track(acks, offsets, after_commit)
+        self.telemetry.progressed()
         if self.commits.full:
             await self.commits.wait_room()
 
@@ -243,7 +241,6 @@ class StreamWorker:
 
         Returns the futures of their acknowledgements.
         """
-        started = time.perf_counter()
         started_ns = time.time_ns()
         cfg = self.config
         traced = self.tracing.find(fetched, started_ns) if self.tracing is not None else None
@@ -288,8 +285,9 @@ class StreamWorker:
                 traced.signal_headers(spans.index[rows]) if traced is not None else None,
             )
             acks = await self.sink.send(cfg.signals_topic, batches)
+        t_produced = time.time_ns()  # the signals' Produce is queued (acks come later)
         if traced is not None:
-            traced.end((t_decoded, t_featured, t_scored), time.time_ns(), int(rows.size))
+            traced.end((t_decoded, t_featured, t_scored), t_produced, int(rows.size))
         dead_letters = self.dead_letters
         for record, reason, detail in dead_letters.select(
             spans.index, late, stale, rejected, replayed
@@ -297,33 +295,22 @@ class StreamWorker:
             acks.append(await dead_letters.send(fetched, record, reason, detail))
         if scored.challenger is not None and self.shadow is not None:
             acks.extend(await self.shadow.send(spans, fetched, ready, scored, t_scored))
-        LATENCY.observe(time.perf_counter() - started)
-
-        n_ready = int(ready.sum())
-        n_stale = int(stale.sum())
-        n_errors = int((ready & ~stale).sum()) - int(np.isfinite(scores).sum())
+        failed = ready & ~stale & ~np.isfinite(scores)
+        n_errors = int(failed.sum())
         if n_errors:
             PREDICTION_ERRORS.labels(model.name, model.version, NON_FINITE).inc(n_errors)
-        TICKS.inc(len(fetched))
-        BATCH_SIZE.observe(len(fetched))
-        served, not_ready = self._prediction_counters(model)
-        served.inc(n_ready - n_stale - n_errors)
-        not_ready.inc(len(spans) - n_ready - int(late.sum()))
+        scored_rows = rows[ready[rows] & ~failed[rows]]  # signals with a score
+        self.telemetry.scored(
+            fetched,
+            (model.name, model.version),
+            slots[scored_rows],
+            spans.index[scored_rows],
+            (started_ns, t_decoded, t_featured, t_scored, t_produced),
+            len(spans) - int(ready.sum()) - int(late.sum()),
+        )
         self.processed += len(fetched)
         self.latest_rows.publish(spans.event_ns, feats.values, ready, slots)
         return acks
-
-    def _prediction_counters(self, model: LoadedModel) -> tuple[Any, Any]:
-        """PREDICTIONS children of this model: scored, and not ready (looked up once)."""
-        key = (model.name, model.version)
-        counters = self._predictions.get(key)
-        if counters is None:
-            counters = (
-                PREDICTIONS.labels(model.name, model.version, "true"),
-                PREDICTIONS.labels(model.name, "", "false"),
-            )
-            self._predictions[key] = counters
-        return counters
 
     def _slots(self, spans: TickSpans, fetched: Fetched) -> np.ndarray:
         """Feature slot of each row; symbols seen for the first time get one here."""
@@ -335,10 +322,13 @@ class StreamWorker:
             names = spans.symbols(unknown)
             slots[unknown] = self.engine.slots(names)  # FULL (-1) past max_symbols
             text = spans.text
-            for row, slot in zip(unknown.tolist(), slots[unknown].tolist(), strict=True):
+            for row, slot, name in zip(
+                unknown.tolist(), slots[unknown].tolist(), names, strict=True
+            ):
                 if slot >= 0:
                     start, length = int(spans.sym_start[row]), int(spans.sym_len[row])
                     self._symbol_table.add(text[start : start + length].tobytes(), slot)
+                    self.telemetry.symbols.add(slot, name)
             # keys pin a symbol to one partition: remember it for snapshots
             held = slots[unknown] >= 0
             partitions = fetched.partition[spans.index[unknown[held]]].tolist()
@@ -425,3 +415,4 @@ class StreamWorker:
             await self.recovery.write(self.recovery.take(list(revoked)))
             self.commits.forget(revoked)
             self.recovery.forget(revoked)
+            self.telemetry.forget(revoked)
