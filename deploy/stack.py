@@ -241,7 +241,9 @@ class LocalStack:
     def start_monitor(self) -> Component:
         """`tickserve monitor` with these settings; ready once its /metrics port listens."""
         argv = [sys.executable, "-m", "deploy.cli", "monitor"]
-        return self._spawn("monitor", argv, self.settings.monitor_http_port, child_env(self.settings))
+        return self._spawn(
+            "monitor", argv, self.settings.monitor_http_port, child_env(self.settings)
+        )
 
     # -- all together --------------------------------------------------------
     def up(self) -> list[Component]:

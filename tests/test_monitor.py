@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from deploy.stack import free_port
 from features.spec import FeatureSpec
 from stream.contracts.summary import BatchSummary
 from stream.monitor.judge import Judge
@@ -11,6 +13,7 @@ from stream.monitor.quality import psi
 from stream.monitor.reference import Reference
 from stream.monitor.testing import known_truth
 from training.dataset import forward_labels
+from tests.helpers import run, unique
 from training.report import reference_histograms
 
 BAR_NS = 60_000_000_000
@@ -89,3 +92,193 @@ def test_psi_bins_only_the_reference_version() -> None:
     feed = known_truth(version="2", ticks_per_bar=5)
     _, _, bins = _judge_all(feed.summaries, _reference(version="1"))
     assert bins == {}
+
+
+# -- the real faust app against the local broker ----------------------------------------
+
+
+def _register_reference(settings, name: str) -> str:
+    """A registered version whose run carries reference histograms of N(0, 1) features."""
+    import json
+
+    from inference.registry import REFERENCE_ARTIFACT, open_client
+
+    client = open_client(settings.mlflow_uri)
+    experiment = client.create_experiment(unique("monitor"))
+    run_id = client.create_run(experiment).info.run_id
+    client.log_param(run_id, "horizon_bars", 1)
+    X = np.random.default_rng(1).normal(0.0, 1.0, (20_000, SPEC.n_features))
+    client.log_text(run_id, json.dumps(reference_histograms(X, SPEC)), REFERENCE_ARTIFACT)
+    client.set_terminated(run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version
+    client.set_registered_model_alias(name, settings.model_alias, version)
+    return str(version)
+
+
+async def _produce(settings, topic: str, values: list[bytes]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send(topic, value, key=b"worker")
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """model_* and feature_psi samples of the monitor's /metrics (empty while it is down)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            text = page.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith(("model_directional", "feature_psi", "monitor_rollup")):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _calls(samples, window: str) -> float:
+    return sum(
+        v for (name, labels), v in samples.items()
+        if name == "model_directional_calls" and ("window", window) in labels
+    )  # fmt: skip
+
+
+def _wait_figures(proc, port: int, calls: int, log, timeout_s: float = 180.0):
+    """Scrape until the monitor shows `calls` judged calls and PSI for every feature."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = _scrape(port)
+        psi_count = sum(1 for (name, _) in samples if name == "feature_psi")
+        if _calls(samples, "1h") == calls and psi_count == SPEC.n_features:
+            return {k: v for k, v in samples.items() if not k[0].startswith("monitor_")}
+        assert proc.poll() is None, f"monitor exited {proc.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, (
+            f"monitor showed {_calls(samples, '1h')} of {calls} calls, {psi_count} PSI "
+            f"after {timeout_s} s: {log.read_text()[-3000:]}"
+        )
+        time.sleep(0.5)
+
+
+def _wait_rollup(proc, port: int, log, timeout_s: float = 60.0) -> None:
+    """Wait for one more write of the figures to ClickHouse (they are complete now)."""
+    import time
+
+    def writes() -> float:
+        return _scrape(port).get(("monitor_rollup_writes_total", ()), 0.0)
+
+    start, deadline = writes(), time.monotonic() + timeout_s
+    while writes() <= start:
+        assert proc.poll() is None, f"monitor exited {proc.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no rollup was written"
+        time.sleep(0.2)
+
+
+def _start_monitor(settings, log):
+    import subprocess
+    import sys
+
+    from deploy.stack import child_env
+
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "monitor"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env(settings),
+        )
+
+
+def _stop(proc) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the monitor did not stop within 60 s of SIGTERM") from None
+
+
+def _read_rollups(dsn: str) -> list[dict]:
+    """The newest rollups, read in a subprocess (the embedded engine: one path per process)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from stream.monitor.rollups import RollupWriter; "
+        "print(json.dumps(RollupWriter.open(sys.argv[1]).latest(), default=str))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, dsn], capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.services
+def test_faust_monitor_exports_known_truth_and_keeps_it_across_a_restart(
+    stack_settings, tmp_path
+) -> None:
+    name = unique("monitored")
+    settings = stack_settings.model_copy(
+        update={
+            "model_name": name,
+            "summary_topic": unique("summary"),
+            "monitor_app_id": unique("monitor"),
+            "monitor_http_port": free_port(),
+            "monitor_rollup_s": 1.0,
+            "model_poll_s": 1.0,
+            "state_dir": tmp_path,
+        }
+    )
+    version = _register_reference(settings, name)
+    feed = known_truth(accuracy=0.7, shift={0: 1.0}, model=name, version=version)
+    run(_produce(settings, settings.summary_topic, [s.encode() for s in feed.summaries]))
+
+    log = tmp_path / "monitor.log"
+    proc = _start_monitor(settings, log)
+    try:
+        before = _wait_figures(proc, settings.monitor_http_port, feed.calls, log)
+        _wait_rollup(proc, settings.monitor_http_port, log)
+    finally:
+        _stop(proc)
+    hits = sum(
+        v * before[("model_directional_calls", labels)]
+        for (metric, labels), v in before.items()
+        if metric == "model_directional_accuracy" and ("window", "24h") in labels
+    )
+    assert _calls(before, "24h") == feed.calls
+    assert round(hits) == feed.hits
+    assert abs(hits / feed.calls - 0.70) <= 0.03
+    psis = {dict(labels)["feature"]: v for (m, labels), v in before.items() if m == "feature_psi"}
+    assert psis[SPEC.names[0]] > 0.25
+    assert max(v for f, v in psis.items() if f != SPEC.names[0]) < 0.05
+
+    rollups = _read_rollups(settings.monitor_clickhouse)
+    kinds = {r["kind"] for r in rollups if r["model"] == name}
+    assert kinds == {"accuracy", "psi"}
+
+    proc = _start_monitor(settings, log)  # state comes back from the changelog topics
+    try:
+        after = _wait_figures(proc, settings.monitor_http_port, feed.calls, log)
+    finally:
+        _stop(proc)
+    assert after == before

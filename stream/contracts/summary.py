@@ -99,6 +99,10 @@ class BatchSummary:
             features = np.frombuffer(raw, "<f4", m * k, offset).reshape(m, k)
             if offset + features.nbytes != len(raw):
                 raise ValueError(f"{len(raw) - offset - features.nbytes} bytes left over")
-            return cls(doc["model"], doc["version"], tuple(doc["symbols"]), *columns, features)
+            index, event_ns, price, direction = columns
+            symbols = tuple(doc["symbols"])
+            return cls(
+                doc["model"], doc["version"], symbols, index, event_ns, price, direction, features
+            )
         except (ValueError, KeyError, TypeError, struct.error, orjson.JSONDecodeError) as exc:
             raise DataError(f"not a batch summary: {exc}") from exc

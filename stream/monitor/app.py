@@ -17,10 +17,11 @@ A timer turns the tables into the gauges `model_directional_accuracy` and
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from prometheus_client import Counter, Gauge
@@ -52,6 +53,7 @@ PSI = Gauge(
 )
 SUMMARIES = Counter("monitor_summaries_total", "Micro-batch summaries processed")
 TICKS = Counter("monitor_ticks_total", "Ticks in the summaries processed")
+ROLLUPS = Counter("monitor_rollup_writes_total", "Writes of the figures to ClickHouse")
 BAD = Counter("monitor_bad_summaries_total", "Records on the summary topic that did not decode")
 
 # window label -> (size, step) in seconds: hopping windows, a figure covers the last `size`
@@ -122,10 +124,13 @@ class QualityMonitor:
 
         self.config = config
         self.judge = Judge(config.bar_ns)
-        self.follower = ReferenceFollower(config.tracking_uri, config.model_name, config.model_alias)
+        self.follower = ReferenceFollower(
+            config.tracking_uri, config.model_name, config.model_alias
+        )
         self.reference: Reference | None = None
         self.rollups: RollupWriter | None = None
         self._clock_s = 0.0
+        self._polling = asyncio.Lock()
         app = faust.App(
             config.app_id,
             broker=f"kafka://{config.bootstrap}",
@@ -146,15 +151,21 @@ class QualityMonitor:
             value_serializer="raw",
             partitions=config.partitions,
         )
-        self.accuracy = {
-            label: app.Table(f"accuracy-{label}", default=list, partitions=config.partitions)
-            .hopping(size, step, expires=size)
-            .relative_to(self._clock)
+        # windowed by `_clock` (faust's relative_to accepts a callable; its stubs omit it)
+        # Tables are written once per run of summaries (not inside one event's
+        # iteration): the producer's partitioner places their changelog records.
+        # One monitor instance recovers every partition (summaries are keyed by the
+        # workers' consumer group, so one group's land in one partition anyway).
+        table = functools.partial(app.Table, partitions=config.partitions, use_partitioner=True)
+        self.accuracy: dict[str, Any] = {
+            label: cast(
+                Any, table(f"accuracy-{label}", default=list).hopping(size, step, expires=size)
+            ).relative_to(self._clock)
             for label, (size, step) in WINDOWS.items()
         }
-        self.keys = app.Table("accuracy-keys", default=int, partitions=config.partitions)
-        self.bins = app.Table("feature-bins", default=list, partitions=config.partitions)
-        self.serving = app.Table("serving", default=str, partitions=config.partitions)
+        self.keys = table("accuracy-keys", default=int)
+        self.bins = table("feature-bins", default=list)
+        self.serving = table("serving", default=str)
         app.agent(self.topic, name="judge")(self._consume)
         app.timer(config.reference_poll_s)(self._poll_reference)
         app.timer(config.export_interval_s)(self._export)
@@ -196,12 +207,16 @@ class QualityMonitor:
                 self.keys[key] = 1
         ref = self.reference
         if ref is not None:
-            for feature, counts in deltas.bins.items():
+            for feature, binned in deltas.bins.items():
                 key = SEP.join((ref.model, ref.version, feature))
-                self.bins[key] = _add(self.bins[key], counts.tolist())
+                self.bins[key] = _add(self.bins[key], binned.tolist())
 
     async def _poll_reference(self) -> None:
-        reference = await asyncio.to_thread(self.follower.poll)
+        async with self._polling:  # the agent and the timer may both ask
+            self.use(await asyncio.to_thread(self.follower.poll))
+
+    def use(self, reference: Reference | None) -> None:
+        """Compare with `reference` from now on (None: keep the current one)."""
         if reference is not None:
             self.reference = reference
             self.judge.set_horizon(reference.horizon_bars)
@@ -244,8 +259,11 @@ class QualityMonitor:
         figures = self.figures()
         try:
             if self.rollups is None:
-                self.rollups = await asyncio.to_thread(RollupWriter.open, self.config.clickhouse_dsn)
+                self.rollups = await asyncio.to_thread(
+                    RollupWriter.open, self.config.clickhouse_dsn
+                )
             await asyncio.to_thread(self.rollups.write, figures)
+            ROLLUPS.inc()
         except ServiceError as exc:
             logger.warning("rollups not written", extra={"error": str(exc)})
 
@@ -264,6 +282,9 @@ def run_monitor(monitor: QualityMonitor, http_port: int, log_level: str = "INFO"
 
     if http_port:
         start_http_server(http_port, addr="127.0.0.1")
+    # once before the worker starts: this also imports MLflow in this thread, not in two
+    # threads of the running app at once
+    monitor.use(monitor.follower.poll())
     worker = faust.Worker(
         monitor.app,
         loglevel=log_level,

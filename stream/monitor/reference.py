@@ -98,6 +98,10 @@ class ReferenceFollower:
         self.current = reference
         logger.info(
             "reference loaded",
-            extra={"model": self.name, "version": ref.version, "horizon_bars": reference.horizon_bars},
+            extra={
+                "model": self.name,
+                "version": ref.version,
+                "horizon_bars": reference.horizon_bars,
+            },
         )
         return reference

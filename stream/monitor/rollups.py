@@ -1,4 +1,4 @@
-"""The monitor's figures, written to ClickHouse at intervals (`monitor_rollups`) for later analysis."""
+"""The monitor's figures, written to ClickHouse at intervals (`monitor_rollups`) for analysis."""
 
 from __future__ import annotations
 
@@ -94,7 +94,18 @@ class RollupWriter:
             return
         at = time.time_ns() if at_ns is None else at_ns
         rows = [
-            (at, r.kind, r.model, r.version, r.symbol, r.window, r.feature, r.value, r.hits, r.total)
+            (
+                at,
+                r.kind,
+                r.model,
+                r.version,
+                r.symbol,
+                r.window,
+                r.feature,
+                r.value,
+                r.hits,
+                r.total,
+            )
             for r in rollups
         ]
         try:

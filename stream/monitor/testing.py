@@ -1,4 +1,4 @@
-"""A synthetic feed of micro-batch summaries with known truth (tests and `python -m bench monitor`)."""
+"""A synthetic feed of micro-batch summaries with known truth (tests, `python -m bench monitor`)."""
 
 from __future__ import annotations
 

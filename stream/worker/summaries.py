@@ -77,7 +77,5 @@ class SummaryPublisher:
         """Queue the summary (None when no tick was accepted); the future resolves on the ack."""
         if not accepted.any():
             return None
-        summary = summarize(
-            spans, slots, accepted, scored, scores, features, model, self.threshold
-        )
+        summary = summarize(spans, slots, accepted, scored, scores, features, model, self.threshold)
         return await self.sink.send_record(self.topic, summary.encode(), self.key)
