@@ -12,8 +12,8 @@ from stream.monitor.judge import Judge
 from stream.monitor.quality import psi
 from stream.monitor.reference import Reference
 from stream.monitor.testing import known_truth
-from training.dataset import forward_labels
 from tests.helpers import run, unique
+from training.dataset import forward_labels
 from training.report import reference_histograms
 
 BAR_NS = 60_000_000_000
