@@ -11,7 +11,7 @@ from stream.contracts.summary import BatchSummary
 from stream.monitor.judge import Judge
 from stream.monitor.quality import psi
 from stream.monitor.reference import Reference
-from stream.monitor.testing import known_truth
+from stream.monitor.testing import known_truth, register_reference
 from tests.helpers import run, unique
 from training.dataset import forward_labels
 from training.report import reference_histograms
@@ -95,25 +95,6 @@ def test_psi_bins_only_the_reference_version() -> None:
 
 
 # -- the real faust app against the local broker ----------------------------------------
-
-
-def _register_reference(settings, name: str) -> str:
-    """A registered version whose run carries reference histograms of N(0, 1) features."""
-    import json
-
-    from inference.registry import REFERENCE_ARTIFACT, open_client
-
-    client = open_client(settings.mlflow_uri)
-    experiment = client.create_experiment(unique("monitor"))
-    run_id = client.create_run(experiment).info.run_id
-    client.log_param(run_id, "horizon_bars", 1)
-    X = np.random.default_rng(1).normal(0.0, 1.0, (20_000, SPEC.n_features))
-    client.log_text(run_id, json.dumps(reference_histograms(X, SPEC)), REFERENCE_ARTIFACT)
-    client.set_terminated(run_id)
-    client.create_registered_model(name)
-    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version
-    client.set_registered_model_alias(name, settings.model_alias, version)
-    return str(version)
 
 
 async def _produce(settings, topic: str, values: list[bytes]) -> None:
@@ -249,7 +230,7 @@ def test_faust_monitor_exports_known_truth_and_keeps_it_across_a_restart(
             "state_dir": tmp_path,
         }
     )
-    version = _register_reference(settings, name)
+    version = register_reference(settings.mlflow_uri, name, settings.model_alias)
     feed = known_truth(accuracy=0.7, shift={0: 1.0}, model=name, version=version)
     run(_produce(settings, settings.summary_topic, [s.encode() for s in feed.summaries]))
 
@@ -282,3 +263,53 @@ def test_faust_monitor_exports_known_truth_and_keeps_it_across_a_restart(
     finally:
         _stop(proc)
     assert after == before
+
+
+def test_the_worker_publishes_one_summary_per_micro_batch() -> None:
+    """Prices of every accepted tick, the calls of the scored ones, and their feature rows."""
+    import asyncio
+    import time
+
+    from features.engine import FeatureEngine
+    from inference.batcher import BatcherConfig, MicroBatcher
+    from inference.testing import loaded, make_onnx_classifier
+    from stream.contracts.tick import Tick
+    from stream.kafka.base import DataPlane, DataPlaneConfig
+    from stream.kafka.testing import FakeSink, FakeSource, fetched_of
+    from stream.worker import StreamWorker, WorkerConfig
+
+    spec = FeatureSpec(bar_ns=100_000)  # every tick closes a bar: ready after the warm-up
+    model = loaded(make_onnx_classifier(spec.n_features, "logistic", seed=1), spec.n_features)
+    batcher = MicroBatcher(model, spec.n_features, BatcherConfig(max_batch=100))
+    source, sink = FakeSource(), FakeSink()
+    plane = DataPlaneConfig("nowhere:1", "ticks", "g")
+    config = WorkerConfig(plane, "signals", "dlq", commit_interval_s=0.0, summary_topic="sum")
+    worker = StreamWorker(config, FeatureEngine(spec), batcher, lambda _: DataPlane(source, sink))
+    start = time.time_ns() - 10**9
+    ticks = [
+        (sym.encode(), Tick(sym, start + i * 100_000, 1.0 + i / 100, 1.0, "buy", f"t{i}", start))
+        for i in range(60)
+        for sym in ("A", "B")
+    ]
+    source.push(fetched_of("ticks", [(0, i, k, t.encode()) for i, (k, t) in enumerate(ticks)]))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 20
+        while not source.commits and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    [record] = [r for r in sink.records if r.topic == "sum"]
+    assert record.key == b"g"
+    summary = BatchSummary.decode(record.value)
+    assert len(summary) == 120 and sorted(summary.symbols) == ["A", "B"]
+    assert (summary.model, summary.version) == (batcher.model.name, batcher.model.version)
+    scored = summary.direction != 0
+    assert 0 < scored.sum() < 120  # the warm-up ticks are not called
+    assert summary.features.shape == (int(scored.sum()), spec.n_features)
+    a = np.array(summary.symbols)[summary.symbol_index] == "A"
+    assert summary.price[a].tolist() == [1.0 + i / 100 for i in range(60)]

@@ -99,3 +99,29 @@ def known_truth(
             )
         )
     return KnownTruth(summaries, int(judged.sum()), int((judged & right).sum()))
+
+
+def register_reference(tracking_uri: str, name: str, alias: str, seed: int = 1) -> str:
+    """Register a version of `name` at `alias` whose run has N(0, 1) reference histograms.
+
+    No model file: enough for the monitor, which reads only the histograms and the
+    run's `horizon_bars` (1). Returns the version.
+    """
+    import json
+
+    from features.spec import FeatureSpec
+    from inference.registry import REFERENCE_ARTIFACT, open_client
+    from training.report import reference_histograms
+
+    spec = FeatureSpec()
+    client = open_client(tracking_uri)
+    experiment = client.create_experiment(f"{name}-reference")
+    run_id = client.create_run(experiment).info.run_id
+    client.log_param(run_id, "horizon_bars", 1)
+    X = np.random.default_rng(seed).normal(0.0, 1.0, (20_000, spec.n_features))
+    client.log_text(run_id, json.dumps(reference_histograms(X, spec)), REFERENCE_ARTIFACT)
+    client.set_terminated(run_id)
+    client.create_registered_model(name)
+    version = str(client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id).version)
+    client.set_registered_model_alias(name, alias, version)
+    return version
