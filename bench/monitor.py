@@ -146,5 +146,5 @@ def summary(figures: dict[str, float]) -> str:
     return (
         f"monitor: {figures['summaries_per_s']:,.0f} summaries/s of {figures['batch']:.0f} ticks "
         f"= {figures['ticks_per_s']:,.0f} ticks/s ({figures['summaries']:.0f} summaries, "
-        f"{figures['ticks']:.0f} ticks); encoding a summary {figures['encode_us_per_summary']:.0f} us"
+        f"{figures['ticks']:.0f} ticks); encoding one: {figures['encode_us_per_summary']:.0f} us"
     )

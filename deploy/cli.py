@@ -278,6 +278,8 @@ def cmd_monitor(settings: Settings, args: argparse.Namespace) -> int:
     from stream.kafka.clients import ensure_topics
     from stream.monitor.app import MonitorConfig, QualityMonitor, run_monitor
 
+    if not settings.summary_topic:
+        raise ConfigError("TICKSERVE_SUMMARY_TOPIC is empty: the workers publish nothing to judge")
     port = settings.monitor_http_port
     if port and not port_free(port):
         raise ConfigError(f"monitor HTTP port {port} is already in use")

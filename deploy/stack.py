@@ -250,13 +250,13 @@ class LocalStack:
         """Start everything and wait until each component is ready.
 
         The monitor is started last (it needs the broker and the MLflow store), and
-        only where `monitor_http_port` is set.
+        only where `monitor_http_port` and `summary_topic` are set.
         """
         self.state.mkdir(parents=True, exist_ok=True)
         started = [self.start_broker(), self.start_redis()]
         started.append(self.check_mlflow())
         started.append(self.check_clickhouse())
-        if self.settings.monitor_http_port:
+        if self.settings.monitor_http_port and self.settings.summary_topic:
             started.append(self.start_monitor())
         for c in started:
             logger.info("component ready", extra={"component": c.name, "url": c.url})
