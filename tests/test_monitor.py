@@ -313,3 +313,26 @@ def test_the_worker_publishes_one_summary_per_micro_batch() -> None:
     assert summary.features.shape == (int(scored.sum()), spec.n_features)
     a = np.array(summary.symbols)[summary.symbol_index] == "A"
     assert summary.price[a].tolist() == [1.0 + i / 100 for i in range(60)]
+
+
+def test_monitor_port_in_use_and_no_topic_are_one_line(tmp_path) -> None:
+    import socket
+
+    from tests.helpers import error_lines, tickserve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        env = {"TICKSERVE_MONITOR_HTTP_PORT": str(port)}
+        done = tickserve("monitor", env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert error_lines(done) == [
+        f"tickserve monitor: error: monitor HTTP port {port} is already in use"
+    ]
+    done = tickserve("monitor", env={"TICKSERVE_SUMMARY_TOPIC": ""}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert error_lines(done) == [
+        "tickserve monitor: error: TICKSERVE_SUMMARY_TOPIC is empty: the workers publish "
+        "nothing to judge"
+    ]
