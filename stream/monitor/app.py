@@ -53,11 +53,12 @@ PSI = Gauge(
 )
 SUMMARIES = Counter("monitor_summaries_total", "Micro-batch summaries processed")
 TICKS = Counter("monitor_ticks_total", "Ticks in the summaries processed")
+BUSY = Counter("monitor_busy_seconds_total", "Time spent judging summaries and updating tables")
 ROLLUPS = Counter("monitor_rollup_writes_total", "Writes of the figures to ClickHouse")
 BAD = Counter("monitor_bad_summaries_total", "Records on the summary topic that did not decode")
 
 # window label -> (size, step) in seconds: hopping windows, a figure covers the last `size`
-WINDOWS = {"1h": (3600, 600), "24h": (86400, 7200)}
+WINDOWS = {"1h": (3600, 900), "24h": (86400, 10800)}
 SEP = "|"
 
 
@@ -79,6 +80,8 @@ class MonitorConfig:
         rollup_interval_s: How often the figures are written to ClickHouse.
         clickhouse_dsn: Where the rollups go ("" = nowhere).
         take: Most summaries judged in one run (one table update per key per run).
+        take_within_s: How long a run waits to fill up: table updates per summary fall
+            as runs grow, the figures lag by up to this much.
     """
 
     app_id: str
@@ -93,7 +96,8 @@ class MonitorConfig:
     export_interval_s: float = 1.0
     rollup_interval_s: float = 60.0
     clickhouse_dsn: str = ""
-    take: int = 200
+    take: int = 500
+    take_within_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,8 @@ class QualityMonitor:
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0,
+            # a summary is one record of a micro-batch's columns: fetch many at once
+            consumer_max_fetch_size=16 * 1024 * 1024,
             producer_linger_ms=5,
         )
         self.app = app
@@ -177,7 +183,7 @@ class QualityMonitor:
         return float(event.at) if isinstance(event, _At) else self._clock_s
 
     async def _consume(self, stream: Any) -> None:
-        async for events in stream.take_events(self.config.take, within=0.2):
+        async for events in stream.take_events(self.config.take, within=self.config.take_within_s):
             if self.reference is None:
                 await self._poll_reference()
             summaries = []
@@ -189,11 +195,13 @@ class QualityMonitor:
                     logger.warning("bad summary", extra={"error": str(exc)})
             if not summaries:
                 continue
+            started = time.perf_counter()
             self._clock_s = max(float(e.message.timestamp) for e in events)
             deltas = self.judge.add(summaries, self.reference)
             self._apply(deltas, summaries[-1])
             SUMMARIES.inc(len(summaries))
             TICKS.inc(deltas.ticks)
+            BUSY.inc(time.perf_counter() - started)
 
     def _apply(self, deltas: Deltas, newest: BatchSummary) -> None:
         """Add a run's deltas to the tables (one update per key and window)."""

@@ -80,12 +80,14 @@ class ReferenceFollower:
         self.name = name
         self.alias = alias
         self.current: Reference | None = None
+        self._last_error = ""
 
     def poll(self) -> Reference | None:
         """Look the alias up once (blocking); returns the reference if it changed.
 
-        A missing model or alias, or a registry failure, is logged and leaves the
-        current reference in place (the monitor keeps counting accuracy meanwhile).
+        A missing model or alias, or a registry failure, is logged (once while it
+        lasts) and leaves the current reference in place (the monitor keeps counting
+        accuracy meanwhile).
         """
         try:
             ref = resolve_alias(open_client(self.tracking_uri), self.name, self.alias)
@@ -93,8 +95,13 @@ class ReferenceFollower:
                 return None
             reference = fetch_reference(self.tracking_uri, ref)
         except (ModelError, RegistryError) as exc:
-            logger.warning("no reference histograms", extra={"model": self.name, "error": str(exc)})
+            if str(exc) != self._last_error:
+                self._last_error = str(exc)
+                logger.warning(
+                    "no reference histograms", extra={"model": self.name, "error": str(exc)}
+                )
             return None
+        self._last_error = ""
         self.current = reference
         logger.info(
             "reference loaded",
