@@ -215,6 +215,7 @@ def _read_rollups(dsn: str) -> list[dict]:
 
 
 @pytest.mark.services
+@pytest.mark.timeout(900)  # two faust group joins (~31 s each on the local broker), bounded waits
 def test_faust_monitor_exports_known_truth_and_keeps_it_across_a_restart(
     stack_settings, tmp_path
 ) -> None:
