@@ -4,6 +4,7 @@ Run from a source checkout (benchmarks are not installed with the package):
     python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --rounds 3]
     python -m bench e2e --trace-sample-rate 0.001   (tracing on, for CPU per tick)
     python -m bench compare A.json B.json
+    python -m bench monitor [--ticks 400000 --batch 1000 --symbols 20]
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from tickserve.logs import setup_logging
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m bench` (each command has --help)."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="benchmarks: e2e against the broker floor, compare"
+        prog="python -m bench",
+        description="benchmarks: e2e against the broker floor, compare, monitor",
     )
     sub = parser.add_subparsers(dest="bench", required=True, metavar="WHAT")
     e2e = sub.add_parser("e2e", help="tick-to-signal latency vs an echo worker")
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "spans to a local OTLP receiver (0: tracing off; the feed's default is 0.001)",
     )
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+    mon = sub.add_parser("monitor", help="the rate tickserve monitor holds (summaries, ticks/s)")
+    mon.add_argument("--ticks", type=int, default=400_000, help="synthetic ticks in the backlog")
+    mon.add_argument("--batch", type=int, default=1000, help="ticks per summary (micro-batch)")
+    mon.add_argument("--symbols", type=int, default=20)
+    mon.add_argument("--out", default="bench/results", help="directory for the JSON")
     cmp_ = sub.add_parser("compare", help="print the differences between two reports")
     cmp_.add_argument("a")
     cmp_.add_argument("b")
@@ -71,6 +78,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark or the comparison `args` ask for."""
     from bench.e2e import E2EConfig, compare, run_e2e, summary
 
+    if args.bench == "monitor":
+        from bench.monitor import MonitorBenchConfig, run_monitor_bench
+        from bench.monitor import summary as monitor_summary
+
+        figures = run_monitor_bench(
+            MonitorBenchConfig(args.ticks, args.batch, args.symbols, out_dir=Path(args.out))
+        )
+        print(monitor_summary(figures))
+        return 0
     if args.bench == "compare":
         print(compare(Path(args.a), Path(args.b)))
         return 0

@@ -301,6 +301,34 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the live quality monitor (faust) until SIGTERM/SIGINT."""
+    from deploy.stack import port_free
+    from stream.kafka.clients import ensure_topics
+    from stream.monitor.app import MonitorConfig, QualityMonitor, run_monitor
+
+    if not settings.summary_topic:
+        raise ConfigError("TICKSERVE_SUMMARY_TOPIC is empty: the workers publish nothing to judge")
+    port = settings.monitor_http_port
+    if port and not port_free(port):
+        raise ConfigError(f"monitor HTTP port {port} is already in use")
+    asyncio.run(ensure_topics(settings.bootstrap, [settings.summary_topic], settings.partitions))
+    config = MonitorConfig(
+        app_id=settings.monitor_app_id,
+        bootstrap=settings.bootstrap,
+        summary_topic=settings.summary_topic,
+        partitions=settings.partitions,
+        bar_ns=settings.feature_spec.bar_ns,
+        tracking_uri=settings.mlflow_uri,
+        model_name=settings.model_name,
+        model_alias=settings.model_alias,
+        reference_poll_s=settings.model_poll_s,
+        rollup_interval_s=settings.monitor_rollup_s,
+        clickhouse_dsn=settings.monitor_clickhouse,
+    )
+    return run_monitor(QualityMonitor(config), port, settings.log_level)
+
+
 def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
     """Compute the stream's features offline for a trade file, one row per tick."""
     import pandas as pd
@@ -411,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("serve", help="run the stream worker (ticks -> signals)")
+    sub.add_parser("monitor", help="live model quality: accuracy and feature drift (faust)")
 
     features = sub.add_parser("features", help="offline features for a trade file -> Parquet")
     features.add_argument("--input", required=True, help="trade file (formats as for feed)")
@@ -435,6 +464,7 @@ COMMANDS = {
     "train": cmd_train,
     "validate": cmd_validate,
     "serve": cmd_serve,
+    "monitor": cmd_monitor,
     "demo": cmd_demo,
     "features": cmd_features,
 }

@@ -97,6 +97,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         snapshot_interval_s=settings.snapshot_interval_s,
         commit_interval_s=settings.commit_interval_ms / 1000,
         shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
+        summary_topic=settings.summary_topic,
     )
 
 
@@ -177,4 +178,6 @@ def build_service(
     topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
     if config.shadow_topic:
         topics.append(config.shadow_topic)
+    if config.summary_topic:
+        topics.append(config.summary_topic)
     return Service(settings, worker, batcher, watcher, api, tuple(topics))

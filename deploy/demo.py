@@ -144,6 +144,8 @@ def run_demo(settings: Settings, data: Path, live_rate: float) -> int:
         print(summary, flush=True)
         if settings.http_port:
             print(_scrape_metrics(settings, stack.logs / "worker-metrics.prom"), flush=True)
+        if settings.monitor_http_port:
+            print(_monitor_figures(settings.monitor_http_port, 120.0), flush=True)
         return 0
     finally:
         if worker is not None:
@@ -180,6 +182,35 @@ def _scrape_metrics(settings: Settings, saved: Path) -> str:
     )
     figures = " ".join(f"{name}={values.get(name, 0.0):g}" for name in shown)
     return f"demo: worker {url}: {figures} (all of it in {saved})"
+
+
+def _monitor_figures(port: int, timeout_s: float) -> str:
+    """Wait until the monitor's /metrics shows accuracy and PSI; one line about them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with urllib.request.urlopen(url, timeout=5) as page:
+            families = text_string_to_metric_families(page.read().decode())
+            samples = [s for f in families for s in f.samples]
+        accuracy = [s for s in samples if s.name == "model_directional_accuracy"]
+        psi = [s for s in samples if s.name == "feature_psi"]
+        if accuracy and psi:
+            break
+        if time.monotonic() > deadline:
+            raise StackError("monitor", f"no model_directional_accuracy and feature_psi at {url}")
+        time.sleep(0.5)
+    shown = ", ".join(
+        f"{s.labels['symbol']}/{s.labels['window']}={s.value:.3f}" for s in accuracy[:4]
+    )
+    worst = max(psi, key=lambda s: s.value)
+    return (
+        f"demo: monitor {url}: model_directional_accuracy {shown}; "
+        f"{len(psi)} feature_psi, highest {worst.labels['feature']}={worst.value:.3f}"
+    )
 
 
 async def _measure(

@@ -284,6 +284,28 @@ class Settings(BaseSettings):
         "of the working directory, else `unknown`",
     )
 
+    # Live model quality (`tickserve monitor`)
+    summary_topic: str = Field(
+        "signals.summary",
+        description="Topic of the workers' micro-batch summaries (prices, calls, features) "
+        "that `tickserve monitor` judges; empty: not published",
+    )
+    monitor_http_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="/metrics of `tickserve monitor` (model_directional_accuracy, "
+        "feature_psi); 0: `tickserve up` does not start the monitor",
+    )
+    monitor_app_id: str = Field(
+        "tickserve-monitor",
+        description="faust app id of the monitor: its consumer group and the prefix of its "
+        "changelog topics (where its figures survive restarts)",
+    )
+    monitor_rollup_s: float = Field(
+        60.0, gt=0, description="How often the monitor writes its figures to ClickHouse"
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
@@ -380,6 +402,15 @@ class Settings(BaseSettings):
     def clickhouse(self) -> str:
         """ClickHouse DSN: a server URL, else the embedded engine in the state dir."""
         return self.clickhouse_dsn or f"chdb:///{self.state_dir.resolve()}/clickhouse"
+
+    @property
+    def monitor_clickhouse(self) -> str:
+        """ClickHouse DSN of the monitor's rollups: the server, else its own embedded path.
+
+        The embedded engine allows one process per data path, and the monitor is a
+        process of its own.
+        """
+        return self.clickhouse_dsn or f"chdb:///{self.state_dir.resolve()}/clickhouse-monitor"
 
     @property
     def feast_registry(self) -> Path:

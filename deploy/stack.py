@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from deploy.settings import Settings
 from tickserve.errors import StackError
 
@@ -47,6 +49,30 @@ def _wait_tcp(port: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> boo
         except OSError:
             time.sleep(0.02)
     return False
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of a tickserve process that must see exactly these settings.
+
+    Every field is written under its variable name, so that values given as keyword
+    overrides (tests, the demo) reach the child as well as those read from the
+    environment.
+    """
+    env = dict(os.environ)
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        alias = field.validation_alias
+        var = alias if isinstance(alias, str) else f"TICKSERVE_{name.upper()}"
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, Path):
+            value = value.resolve()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[var] = str(value)
+    return env
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +115,9 @@ class LocalStack:
             return None
         return pid
 
-    def _spawn(self, name: str, argv: list[str], port: int) -> Component:
+    def _spawn(
+        self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None
+    ) -> Component:
         if (pid := self._pid(name)) is not None:
             return Component(name, f"127.0.0.1:{port}", pid, self.logs / f"{name}.log")
         if not port_free(port):
@@ -105,8 +133,9 @@ class LocalStack:
                 stdin=subprocess.DEVNULL,
                 cwd=self.state,
                 start_new_session=True,
+                env=env,
             )
-        if not _wait_tcp(port, 15.0, proc):
+        if not _wait_tcp(port, 30.0, proc):
             proc.kill()
             proc.wait()
             raise StackError(name, f"did not accept connections on port {port}", str(log_file))
@@ -209,18 +238,31 @@ class LocalStack:
             raise StackError(name, f"{url} is not usable", str(log_file))
         return Component(name, url, None, log_file)
 
+    def start_monitor(self) -> Component:
+        """`tickserve monitor` with these settings; ready once its /metrics port listens."""
+        argv = [sys.executable, "-m", "deploy.cli", "monitor"]
+        return self._spawn(
+            "monitor", argv, self.settings.monitor_http_port, child_env(self.settings)
+        )
+
     # -- all together --------------------------------------------------------
     def up(self) -> list[Component]:
-        """Start everything and wait until each component is ready."""
+        """Start everything and wait until each component is ready.
+
+        The monitor is started last (it needs the broker and the MLflow store), and
+        only where `monitor_http_port` and `summary_topic` are set.
+        """
         self.state.mkdir(parents=True, exist_ok=True)
         started = [self.start_broker(), self.start_redis()]
         started.append(self.check_mlflow())
         started.append(self.check_clickhouse())
+        if self.settings.monitor_http_port and self.settings.summary_topic:
+            started.append(self.start_monitor())
         for c in started:
             logger.info("component ready", extra={"component": c.name, "url": c.url})
         return started
 
-    def down(self, names: tuple[str, ...] = ("broker", "redis")) -> list[str]:
+    def down(self, names: tuple[str, ...] = ("monitor", "broker", "redis")) -> list[str]:
         """Stop these processes (all by default); returns the names stopped."""
         stopped = []
         for name in names:
@@ -231,12 +273,12 @@ class LocalStack:
             os.kill(pid, signal.SIGTERM)
             if proc is not None:
                 try:
-                    proc.wait(timeout=5)
+                    proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
             else:
-                deadline = time.monotonic() + 5
+                deadline = time.monotonic() + 20
                 while time.monotonic() < deadline and self._pid(name) is not None:
                     time.sleep(0.05)
                 if self._pid(name) is not None:

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 SPEC_HASH_TAG = "feature_spec_hash"
 GOLDEN_ARTIFACT = "golden_rows.json"
+# per-feature histograms of the training rows (training.report), for drift (stream.monitor)
+REFERENCE_ARTIFACT = "reference_histograms.json"
 # What MLflow answers for a missing model (RESOURCE_DOES_NOT_EXIST) or alias
 # (INVALID_PARAMETER_VALUE); any other code is the registry failing, not an answer.
 _NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})

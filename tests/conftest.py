@@ -37,10 +37,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A running local stack on free ports in a temporary state dir (REDIS_URL honoured)."""
+    """A running local stack on free ports in a temporary state dir (REDIS_URL honoured).
+
+    Without the monitor: tests that need it start their own (tests/test_monitor.py).
+    """
     state = tmp_path_factory.mktemp("tickserve-state")
     settings = load_settings(
-        state_dir=state, broker_port=free_port(), valkey_port=free_port(), http_port=0
+        state_dir=state,
+        broker_port=free_port(),
+        valkey_port=free_port(),
+        http_port=0,
+        monitor_http_port=0,
     )
     stack = LocalStack(settings)
     try:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from features.engine import compute_features
+from features.labels import horizon_end_ns, realized_direction
 from features.spec import FeatureSpec
 from tickserve.errors import DataError
 from tickserve.progress import progress_bar
@@ -66,22 +67,18 @@ def forward_labels(
     n = len(ticks)
     ns = ticks["event_ns"].to_numpy(np.int64)
     price = ticks["price"].to_numpy(np.float64)
-    end = (ns // bar_ns + horizon_bars + 1) * bar_ns
+    end = horizon_end_ns(ns, bar_ns, horizon_bars)
     fwd = np.full(n, np.nan)
+    label = np.full(n, np.nan)
     codes, _ = pd.factorize(ticks["symbol"])
     n_symbols = codes.max() + 1 if n else 0
     with progress_bar("labels", total=n_symbols, unit=" symbols", enabled=progress) as bar:
         for code in range(n_symbols):
             rows = np.flatnonzero(codes == code)
             rows = rows[np.argsort(ns[rows], kind="stable")]
-            times = ns[rows]
-            last = np.searchsorted(times, end[rows], side="left") - 1
-            later = times[last] > times  # strictly after the row's own event time
-            fwd[rows[later]] = price[rows[last[later]]]
+            label[rows], fwd[rows] = realized_direction(ns[rows], price[rows], end[rows])
             bar.update(1)
     fwd_return = fwd / price - 1.0
-    label = np.where(fwd > price, 1.0, 0.0)
-    label[np.isnan(fwd) | (fwd == price)] = np.nan
     return Labels(label, end, fwd_return)
 
 

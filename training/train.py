@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from features.spec import FeatureSpec
-from inference.registry import SPEC_HASH_TAG
+from inference.registry import REFERENCE_ARTIFACT, SPEC_HASH_TAG
 from tickserve.errors import ConfigError, DataError, RegistryError
 from tickserve.progress import progress_bar
 from training import report
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PARITY_TOLERANCE", "TrainResult", "train_and_register", "universe_of"]
 
 GOLDEN_ROWS = "golden_rows.json"  # read by the hot-swap validation: keep name and format
-HISTOGRAMS = "reference_histograms.json"
+HISTOGRAMS = REFERENCE_ARTIFACT
 TEST_WINDOW = "test_window.npz"
 
 

@@ -32,6 +32,7 @@ from stream.worker.commits import CommitTracker
 from stream.worker.deadletters import DeadLetters
 from stream.worker.recovery import Recovery, SnapshotKeeper
 from stream.worker.shadow import ShadowSignals
+from stream.worker.summaries import SummaryPublisher
 from stream.worker.telemetry import BatchTelemetry
 from stream.worker.tracing import BatchTracing
 from tickserve.metrics import SymbolLabels
@@ -64,6 +65,7 @@ class WorkerConfig:
     # much more, at-least-once either way
     commit_interval_s: float = 0.1
     shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
+    summary_topic: str = ""  # one summary per micro-batch for the monitor; "" = not sent
 
 
 class StreamWorker:
@@ -79,6 +81,7 @@ class StreamWorker:
     commits: CommitTracker
     dead_letters: DeadLetters
     shadow: ShadowSignals | None
+    summaries: SummaryPublisher | None
 
     def __init__(
         self,
@@ -148,6 +151,10 @@ class StreamWorker:
         self.shadow = (
             ShadowSignals(self.sink, cfg.shadow_topic, cfg.threshold) if cfg.shadow_topic else None
         )
+        self.summaries = None
+        if cfg.summary_topic:
+            key = cfg.dataplane.group_id.encode()
+            self.summaries = SummaryPublisher(self.sink, cfg.summary_topic, key, cfg.threshold)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then commit, snapshot and close."""
@@ -296,6 +303,13 @@ class StreamWorker:
         if scored.challenger is not None and self.shadow is not None:
             acks.extend(await self.shadow.send(spans, fetched, ready, scored, t_scored))
         failed = ready & ~stale & ~np.isfinite(scores)
+        if self.summaries is not None:
+            accepted = ~late if replayed is None else ~late & ~replayed[spans.index]
+            sent = await self.summaries.send(
+                spans, slots, accepted, ready & ~stale & ~failed, scores, feats.values, model
+            )
+            if sent is not None:
+                acks.append(sent)
         n_errors = int(failed.sum())
         if n_errors:
             PREDICTION_ERRORS.labels(model.name, model.version, NON_FINITE).inc(n_errors)

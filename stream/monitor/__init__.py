@@ -1,0 +1,1 @@
+"""Live model quality: signals joined with what the price did, and feature drift (faust app)."""

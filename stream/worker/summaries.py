@@ -1,0 +1,81 @@
+"""The worker's hook for the quality monitor: one `BatchSummary` record per micro-batch."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from inference.registry import LoadedModel
+from stream.contracts.signal import DOWN, FLAT, UP
+from stream.contracts.summary import BatchSummary
+from stream.contracts.tickcodec import TickSpans
+from stream.kafka.base import SignalSink
+
+
+def summarize(
+    spans: TickSpans,
+    slots: np.ndarray,
+    accepted: np.ndarray,
+    scored: np.ndarray,
+    scores: np.ndarray,
+    features: np.ndarray,
+    model: LoadedModel,
+    threshold: float,
+) -> BatchSummary:
+    """The summary of a micro-batch's `accepted` ticks, in columns.
+
+    Args:
+        spans: The decoded micro-batch.
+        slots: Feature slot of each row (one per symbol).
+        accepted: Rows whose price counts (not late, not replayed).
+        scored: Rows whose signal carries the model's call.
+        scores: P(up) per row (NaN where not scored).
+        features: Feature rows of the micro-batch.
+        model: The version that scored it.
+        threshold: P(up) at or above which a signal says UP.
+    """
+    rows = np.flatnonzero(accepted)
+    uniq, first, index = np.unique(slots[rows], return_index=True, return_inverse=True)
+    symbols = tuple(spans.symbols(rows[first])) if len(uniq) else ()
+    called = scored[rows]
+    direction = np.full(len(rows), FLAT, np.int8)
+    direction[called] = np.where(scores[rows[called]] >= threshold, UP, DOWN)
+    return BatchSummary(
+        model.name,
+        model.version,
+        symbols,
+        index.astype(np.int32),
+        spans.event_ns[rows],
+        spans.price[rows],
+        direction,
+        features[rows[called]].astype(np.float32),
+    )
+
+
+class SummaryPublisher:
+    """Sends each micro-batch's summary to `topic`, keyed so that one worker's land in order."""
+
+    def __init__(self, sink: SignalSink, topic: str, key: bytes, threshold: float) -> None:
+        """Send through `sink`; `key` picks the partition (the worker's consumer group)."""
+        self.sink = sink
+        self.topic = topic
+        self.key = key
+        self.threshold = threshold
+
+    async def send(
+        self,
+        spans: TickSpans,
+        slots: np.ndarray,
+        accepted: np.ndarray,
+        scored: np.ndarray,
+        scores: np.ndarray,
+        features: np.ndarray,
+        model: LoadedModel,
+    ) -> asyncio.Future[Any] | None:
+        """Queue the summary (None when no tick was accepted); the future resolves on the ack."""
+        if not accepted.any():
+            return None
+        summary = summarize(spans, slots, accepted, scored, scores, features, model, self.threshold)
+        return await self.sink.send_record(self.topic, summary.encode(), self.key)
