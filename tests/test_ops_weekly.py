@@ -141,6 +141,7 @@ def _champion(clone: Path) -> str:
     return str(client.get_model_version_by_alias(settings.model_name, "champion").version)
 
 
+@pytest.mark.timeout(900)  # two trainings and a DVC round trip
 def test_weekly_pulls_trains_and_deploys_only_past_the_gate(tmp_path: Path, s3: str) -> None:
     origin, clone = tmp_path / "origin", tmp_path / "clone"
     origin.mkdir()
