@@ -71,13 +71,15 @@ def _binary(*names: str) -> str:
     raise AssertionError(f"{names[0]} not found: apt-get install -y prometheus-alertmanager")
 
 
-def _wait_http(url: str, seconds: float) -> None:
+def _wait_http(url: str, seconds: float, running: Any = None) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
             with urllib.request.urlopen(url, timeout=1):  # noqa: S310 (loopback)
                 return
         except OSError:
+            if running is not None and running.done():
+                running.result()  # the worker stopped: raise why
             assert time.monotonic() < deadline, f"{url} did not answer"
             time.sleep(0.2)
 
@@ -149,7 +151,7 @@ def monitoring(tmp_path: Path, pipeline: Pipeline) -> Iterator[tuple[Pipeline, W
     try:
         _wait_http(f"http://127.0.0.1:{am_port}/-/ready", 30)
         _wait_http(f"http://127.0.0.1:{prom_port}/-/ready", 30)
-        _wait_http(f"http://127.0.0.1:{settings.http_port}/metrics", 60)
+        _wait_http(f"http://127.0.0.1:{settings.http_port}/metrics", 180, done)
         yield Pipeline(settings, pipeline.result, pipeline.ticks), webhook
     finally:
         loop.loop.call_soon_threadsafe(stop.set)
