@@ -7,7 +7,6 @@ against the openAPIV3Schema of their published CRDs, kept in ../shared/schemas.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -27,10 +26,12 @@ K8S = ROOT / "deploy" / "k8s"
 VARIANTS = ["base", "overlays/dev", "overlays/prod", "hpa"]
 KUBERNETES = "1.30.0"
 SCHEMAS = Path(os.environ.get("TICKSERVE_TEST_SCHEMAS", ROOT.parent / "shared" / "schemas"))
+# the CRD manifests as published: kedacore/keda config/crd/bases/, prometheus-operator's
+# example/prometheus-operator-crd/
 CRD_SCHEMAS = {
-    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject_v1alpha1.json",
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor_v1.json",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule_v1.json",
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
 
 
@@ -48,11 +49,15 @@ def _render(variant: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
-def _crd_validator(path: Path) -> jsonschema.protocols.Validator:
+def _crd_validator(path: Path, api_version: str) -> jsonschema.protocols.Validator:
+    """The openAPIV3Schema of the CRD's version that `api_version` names."""
+    crd = yaml.safe_load(path.read_text())
+    group, version = api_version.split("/")
+    assert crd["spec"]["group"] == group
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     # no check_schema: CRD patterns are Go regexes ((?i) mid-pattern) that Python's re refuses;
     # none of those fields is set here
-    schema = json.loads(path.read_text())
-    return jsonschema.Draft202012Validator(schema)
+    return jsonschema.Draft202012Validator(served["schema"]["openAPIV3Schema"])
 
 
 def _by_kind(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -74,7 +79,7 @@ def test_every_object_validates(rendered: dict[str, list[dict[str, Any]]], varia
         else:
             path = SCHEMAS / schema_file
             assert path.exists(), f"{path} missing: the CRD schemas live in shared/schemas"
-            _crd_validator(path).validate(obj)
+            _crd_validator(path, obj["apiVersion"]).validate(obj)
 
 
 def test_a_bad_object_fails_validation(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -83,7 +88,8 @@ def test_a_bad_object_fails_validation(rendered: dict[str, list[dict[str, Any]]]
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES, strict=True)
     scaled = _by_kind(rendered["base"], "ScaledObject", "tickserve-worker")
-    validator = _crd_validator(SCHEMAS / CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")])
+    path = SCHEMAS / CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")]
+    validator = _crd_validator(path, "keda.sh/v1alpha1")
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({**scaled, "spec": {"triggers": "kafka"}})
 
