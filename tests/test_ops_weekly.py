@@ -110,7 +110,7 @@ def _origin(dest: Path, s3_url: str) -> None:
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     _run("git", "init", "-q", cwd=dest)
     dvc = str(VENV / "bin" / "dvc")
-    _run(dvc, "remote", "add", "-d", "storage", f"s3://{BUCKET}/cache", cwd=dest)
+    _run(dvc, "remote", "add", "-d", "-f", "storage", f"s3://{BUCKET}/cache", cwd=dest)
     _run(dvc, "remote", "modify", "storage", "endpointurl", s3_url, cwd=dest)
     _run(dvc, "repro", "features", cwd=dest)
     _run(dvc, "push", cwd=dest)
