@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench bench-ci install clean up down
+.PHONY: demo test check bench bench-ci install clean up down weekly
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ bench: $(STAMP)
 
 bench-ci: $(STAMP)
 	$(PY) -m bench.ci
+
+# The weekly pipeline of .github/workflows/weekly-train.yml, here: data from the DVC remote,
+# the stages, then the gate, which moves the champion alias only on a pass (else exit 1).
+# MLflow and the archive are MLFLOW_TRACKING_URI/TICKSERVE_* or the stages' .tickserve-dvc/.
+MIN_ACCURACY ?= 0.54
+MIN_SHARPE ?= 1.0
+weekly: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc pull
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
+	TICKSERVE_STATE_DIR="$${TICKSERVE_STATE_DIR:-.tickserve-dvc}" $(VENV)/bin/tickserve validate \
+		--min-accuracy $(MIN_ACCURACY) --min-sharpe $(MIN_SHARPE) --metrics-out metrics/validate.json
 
 up: $(STAMP)
 	$(VENV)/bin/tickserve up

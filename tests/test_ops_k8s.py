@@ -1,0 +1,157 @@
+"""deploy/k8s: every overlay renders with kustomize and every object validates offline.
+
+Core kinds are validated by kubernetes-validate (the API's published schemas, strict: unknown
+fields fail); KEDA's ScaledObject and the Prometheus operator's ServiceMonitor and PrometheusRule
+against the openAPIV3Schema of their published CRDs, kept in ../shared/schemas.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.k8s_rules import TARGET, render
+from deploy.settings import Settings
+from tests.helpers import ROOT
+
+K8S = ROOT / "deploy" / "k8s"
+VARIANTS = ["base", "overlays/dev", "overlays/prod", "hpa"]
+KUBERNETES = "1.30.0"
+SCHEMAS = Path(os.environ.get("TICKSERVE_TEST_SCHEMAS", ROOT.parent / "shared" / "schemas"))
+# the CRD manifests as published: kedacore/keda config/crd/bases/, prometheus-operator's
+# example/prometheus-operator-crd/
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
+}
+
+
+def _render(variant: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its kustomize) not found: apt-get install -y kubectl"
+    done = subprocess.run(
+        [kubectl, "kustomize", str(K8S / variant)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def _crd_validator(path: Path, api_version: str) -> jsonschema.protocols.Validator:
+    """The openAPIV3Schema of the CRD's version that `api_version` names."""
+    crd = yaml.safe_load(path.read_text())
+    group, version = api_version.split("/")
+    assert crd["spec"]["group"] == group
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    # no check_schema: CRD patterns are Go regexes ((?i) mid-pattern) that Python's re refuses;
+    # none of those fields is set here
+    return jsonschema.Draft202012Validator(served["schema"]["openAPIV3Schema"])
+
+
+def _by_kind(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {variant: _render(variant) for variant in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_object_validates(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    for obj in rendered[variant]:
+        schema_file = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+        if schema_file is None:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+        else:
+            path = SCHEMAS / schema_file
+            assert path.exists(), f"{path} missing: the CRD schemas live in shared/schemas"
+            _crd_validator(path, obj["apiVersion"]).validate(obj)
+
+
+def test_a_bad_object_fails_validation(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    worker = _by_kind(rendered["base"], "Deployment", "tickserve-worker")
+    broken = {**worker, "spec": {**worker["spec"], "replica": 2}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+    scaled = _by_kind(rendered["base"], "ScaledObject", "tickserve-worker")
+    path = SCHEMAS / CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")]
+    validator = _crd_validator(path, "keda.sh/v1alpha1")
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({**scaled, "spec": {"triggers": "kafka"}})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_worker_probes_resources_and_security(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    worker = _by_kind(rendered[variant], "Deployment", "tickserve-worker")
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "2000m", "memory": "4Gi"},
+    }
+    assert {"secretRef": {"name": "ml-secrets"}} in container["envFrom"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["runAsNonRoot"] is True and pod["securityContext"]["runAsNonRoot"] is True
+
+
+@pytest.mark.parametrize("variant", ["base", "overlays/dev", "overlays/prod"])
+def test_keda_never_scales_past_the_partitions(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    scaled = _by_kind(rendered[variant], "ScaledObject", "tickserve-worker")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == Settings().group_id
+    assert trigger["metadata"]["allowIdleConsumers"] == "false"
+    assert scaled["spec"]["maxReplicaCount"] <= Settings().partitions
+
+
+def test_hpa_variant_replaces_keda(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    kinds = {o["kind"] for o in rendered["hpa"]}
+    assert "ScaledObject" not in kinds
+    hpa = _by_kind(rendered["hpa"], "HorizontalPodAutoscaler", "tickserve-worker")
+    assert hpa["spec"]["maxReplicas"] <= Settings().partitions
+
+
+def test_overlays_set_their_namespace(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for variant, namespace in [("overlays/dev", "tickserve-dev"), ("overlays/prod", "tickserve")]:
+        assert {o["metadata"].get("namespace") for o in rendered[variant]} == {namespace}
+
+
+def test_services_are_the_jobs_the_rules_select(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    services = {o["metadata"]["name"] for o in rendered["base"] if o["kind"] == "Service"}
+    rules = TARGET.read_text()
+    for job in ("tickserve-worker", "tickserve-monitor"):
+        assert job in services and f'job="{job}"' in rules
+
+
+def test_prometheusrule_is_generated_from_the_rule_files() -> None:
+    assert TARGET.read_text() == render(), "stale: run python -m deploy.k8s_rules"
+
+
+def test_cronjob_trains_weekly_and_gates(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    cron = _by_kind(rendered["overlays/prod"], "CronJob", "tickserve-weekly-train")
+    assert cron["spec"]["schedule"] == "0 1 * * 0" and cron["spec"]["timeZone"] == "Etc/UTC"
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert "tickserve validate --min-accuracy 0.54 --min-sharpe 1.0" in container["args"][0]
