@@ -206,7 +206,7 @@ def _train_and_register(
     native = model.predict_proba(X_test)[:, 1]
     bar.update(1)
     bar.set_description_str("train: ONNX export + parity")
-    onnx_model = export_onnx(model, X_train)
+    onnx_model = export_onnx(model, X_train, params.model_type)
     onnx_scores, gap = check_parity(onnx_model, native, X_test)
     bar.update(1)
     bar.set_description_str("train: test metrics + figures")
