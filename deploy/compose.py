@@ -12,6 +12,7 @@ from features.online import OnlineWriter, open_store
 from features.snapshot import SnapshotStore
 from inference.api import ApiContext, create_app, serve_http
 from inference.batcher import BatcherConfig, MicroBatcher
+from inference.engines import GpuPolicy
 from inference.linear import warm_up as warm_up_linear
 from inference.trees import warm_up as warm_up_trees
 from inference.validation import ValidationPolicy
@@ -95,6 +96,7 @@ def watcher_config(settings: Settings) -> WatcherConfig:
         onnx_threads=settings.onnx_threads,
         numba_kernels=settings.numba_kernels,
         tensorrt=settings.tensorrt,
+        gpu=GpuPolicy(settings.cuda_graphs, settings.max_batch),
     )
 
 

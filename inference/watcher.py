@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from features.spec import FeatureSpec
 from inference.batcher import MicroBatcher
+from inference.engines import GpuPolicy
 from inference.registry import (
     LoadedModel,
     VersionRef,
@@ -58,6 +59,7 @@ class WatcherConfig:
         numba_kernels: Score tree ensembles with `inference.trees` and logistic
             regressions with `inference.linear` where they cover them.
         tensorrt: Put TensorRT before CUDA where it is usable.
+        gpu: Where a GPU is usable: CUDA graphs or not, and the largest batch.
     """
 
     tracking_uri: str
@@ -71,6 +73,7 @@ class WatcherConfig:
     onnx_threads: int = 1
     numba_kernels: bool = True
     tensorrt: bool = False
+    gpu: GpuPolicy = GpuPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,7 @@ class ModelWatcher:
             cfg.onnx_threads,
             kernel,
             cfg.tensorrt,
+            cfg.gpu,
         )
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
         contract = validate(model.scorer, golden, cfg.policy, self.contract)

@@ -79,7 +79,8 @@ class GemmTrees:
         hits = np.einsum("nti,til->ntl", go_left.astype(np.float32), self.paths)
         reached = hits == self.left_counts
         values = np.where(reached, self.leaf_values, np.float32(0))
-        return values.sum(axis=(1, 2), dtype=np.float64) + self.base
+        total: np.ndarray = values.sum(axis=(1, 2), dtype=np.float64)
+        return total + self.base
 
 
 def compile_hgb(model: Any) -> GemmTrees:
