@@ -7,13 +7,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from features.spec import FeatureSpec
 from inference.engines import GpuPolicy
 from inference.session import OnnxScorer
 from inference.trees import TreeKernel
 from tickserve.errors import ModelNotFound, ModelRejected, RegistryError
+
+if TYPE_CHECKING:  # only read, never built here: the batcher imports this module
+    from features.spec import FeatureSpec
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,9 @@ import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from features.spec import FeatureSpec
+from inference.gemm_kernel import compile_gemm_graph
 from inference.testing import golden_for, loaded, make_onnx_classifier, synthetic_rows
+from inference.trees import MAX_LEAVES, Unsupported
 from inference.validation import GoldenRows, ValidationPolicy, validate
 from tests.helpers import TRADES
 from tickserve.errors import ModelRejected
@@ -50,7 +52,15 @@ def _assert_same_as_sklearn(clf: HistGradientBoostingClassifier, X: np.ndarray) 
     trees = compile_hgb(clf)
     model = to_onnx(trees)
     label, probabilities = _scores(model, X)
-    np.testing.assert_allclose(probabilities[:, 1], clf.predict_proba(X)[:, 1], rtol=0, atol=1e-6)
+    native = clf.predict_proba(X)[:, 1]
+    np.testing.assert_allclose(probabilities[:, 1], native, rtol=0, atol=1e-6)
+    # on a CPU the same graph is served by the tree kernel, read back from its tensors
+    if trees.paths.shape[2] > MAX_LEAVES:
+        with pytest.raises(Unsupported, match="leaves"):
+            compile_gemm_graph(model, X.shape[1])
+    else:
+        kernel = compile_gemm_graph(model, X.shape[1])
+        np.testing.assert_allclose(kernel.score(X), native, rtol=0, atol=1e-6)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(label, clf.predict(X))
     np.testing.assert_allclose(trees.raw_score(X), clf.decision_function(X), rtol=0, atol=1e-5)
@@ -156,6 +166,8 @@ def test_gpu_model_types_pass_parity_and_the_serving_checks(model_type: str) -> 
     contract = validate(loaded(hgb, N).scorer, _golden(hgb), ValidationPolicy())
     # an hgb champion may be replaced by either GPU type: the same contract
     raw = exported.SerializeToString()
+    served = loaded(raw, N).scorer
+    assert served.engine == ("tree-kernel" if model_type == "hgb-gemm" else "onnxruntime")
     assert validate(loaded(raw, N).scorer, _golden(raw), ValidationPolicy(), contract) == contract
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.gemm_kernel import GRAPH_NAME
 from tickserve.errors import ModelRejected
 
 OPSET = 17
@@ -238,7 +239,7 @@ def to_onnx(trees: GemmTrees) -> Any:
     ]
     graph = helper.make_graph(
         nodes,
-        "hgb_gemm",
+        GRAPH_NAME,  # how inference.gemm_kernel recognises the graph
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, trees.n_features])],
         [
             helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
