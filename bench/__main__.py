@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="measure floor and system this many times, alternating; figures pool the rounds",
     )
+    e2e.add_argument(
+        "--model-type",
+        default="logistic",
+        choices=("logistic", "hgb", "hgb-gemm", "mlp"),
+        help="model trained and served (hgb-gemm and mlp run on a GPU)",
+    )
+    e2e.add_argument("--gpu", action="store_true", help="let the worker use a GPU if usable")
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     cmp_ = sub.add_parser("compare", help="print the differences between two reports")
     cmp_.add_argument("a")
@@ -78,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         realtime_priority=args.realtime_priority,
         against=args.against,
         rounds=args.rounds,
+        model_type=args.model_type,
+        gpu=args.gpu,
     )
     path = run_e2e(config)
     print(summary(path))
