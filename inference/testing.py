@@ -137,6 +137,7 @@ def register_version(
             name="model",
             registered_model_name=name,
             onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,  # one file, as training/ logs it
         )
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, SPEC_HASH_TAG, spec_hash)

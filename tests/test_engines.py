@@ -87,3 +87,50 @@ def test_a_cpu_only_scorer_reports_its_engine_and_why_no_gpu(kind: str) -> None:
     assert scorer.router is None
     assert info["engines"] == {"cpu": scorer.engine, "gpu": None}
     assert info["crossover_batch"] is None and info["reason"] == "GPU disabled by config"
+
+
+def _mlp(seed: int = 3) -> bytes:
+    from inference.testing import synthetic_rows
+    from training.models import export_onnx, make_model
+
+    X, y = synthetic_rows(1000, N, seed)
+    from training.params import TrainParams
+
+    hp = {**TrainParams().mlp, "hidden_layer_sizes": [16]}
+    model = make_model("mlp", hp).fit(X, y)
+    return bytes(export_onnx(model, X, "mlp").SerializeToString())
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_a_scorer_routes_between_a_cpu_session_and_its_gpu_engine() -> None:
+    from dataclasses import replace
+
+    import onnxruntime as ort
+
+    from inference.engines import FunctionEngine
+
+    model = _mlp()
+    scorer = loaded(model, N).scorer
+    assert scorer.engine == "onnxruntime"  # no kernel covers an MLP: a CPU session serves
+    # stand-in for the device engine (the CUDA paths run on a GPU machine, in bench.gpu)
+    fake_gpu = FunctionEngine("cuda-io-binding", scorer.run_session)
+    routed = replace(scorer, binding=fake_gpu)._with_router(  # type: ignore[arg-type]
+        model, N, ort.SessionOptions(), GpuPolicy(cuda_graphs=False, max_batch=64, rounds=3)
+    )
+    info = routed.engines()
+    assert routed.router is not None and info["engines"]["cpu"] == "onnxruntime-cpu"
+    assert set(info["costs_us"]) == {"1", "2", "4", "8", "16", "32", "64"}
+    assert info["reason"].startswith("measured")
+    rows = np.random.default_rng(4).normal(size=(100, N)).astype(np.float32)
+    np.testing.assert_allclose(routed.score(rows), scorer.score(rows), rtol=0, atol=1e-7)
+
+
+def test_a_graph_with_ml_operators_stays_on_the_cpu_and_says_why() -> None:
+    import onnxruntime as ort
+
+    model = make_onnx_classifier(N, "hgb")
+    scorer = loaded(model, N).scorer
+    routed = scorer._with_router(model, N, ort.SessionOptions(), GpuPolicy())
+    info = routed.engines()
+    assert info["engines"] == {"cpu": "tree-kernel", "gpu": None}
+    assert "TreeEnsembleClassifier" in info["reason"] and "no CUDA kernels" in info["reason"]
