@@ -155,6 +155,7 @@ def engines(
     def add(engine: str, make: Callable[[], Callable[[np.ndarray], np.ndarray]]) -> None:
         try:
             built[engine] = make()
+            built[engine](np.zeros((1, N_FEATURES), np.float32))
         except Exception as exc:  # noqa: BLE001 -- an engine that does not build is a finding
             print(f"{name:<8} {engine}: not built here ({exc})".splitlines()[0], flush=True)
 
@@ -173,8 +174,14 @@ def engines(
         add("CUDA + I/O binding", binding)
         add("CUDA graphs", lambda: CudaGraphEngine(model, N_FEATURES, BATCHES[-1]).score)
     if "TensorrtExecutionProvider" in providers:
-        trt = "TensorrtExecutionProvider"
-        add("TensorRT", lambda: _session_engine(session(model, trt, cache_dir)))
+
+        def tensorrt() -> Callable[[np.ndarray], np.ndarray]:
+            s = session(model, "TensorrtExecutionProvider", cache_dir)
+            if s.get_providers()[0] != "TensorrtExecutionProvider":
+                raise RuntimeError(f"TensorRT session fell back to {s.get_providers()}")
+            return _session_engine(s)
+
+        add("TensorRT", tensorrt)
     return built
 
 
@@ -292,7 +299,7 @@ def main() -> None:
     """Print the tables (and write them as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--cell-s", type=float, default=1.0, help="seconds per engine and batch")
+    parser.add_argument("--cell-s", type=float, default=0.5, help="seconds per engine and batch")
     parser.add_argument("--models", type=Path, help="read <name>.onnx from here if present")
     parser.add_argument("--write-models", type=Path, help="write the models here and stop")
     parser.add_argument("--only", nargs="*", choices=TIMED, help="time these models only")
@@ -317,8 +324,13 @@ def main() -> None:
     providers = ["CPUExecutionProvider"]
     if chosen[0] == "CUDAExecutionProvider":
         providers.append("CUDAExecutionProvider")
-        if "TensorrtExecutionProvider" in available and not args.no_tensorrt:
+        with_trt, trt_reason = choose_providers(prefer_gpu=True, tensorrt=True)
+        if args.no_tensorrt:
+            print("TensorRT skipped (--no-tensorrt)")
+        elif with_trt[0] == "TensorrtExecutionProvider":
             providers.append("TensorrtExecutionProvider")
+        else:
+            print(f"no TensorRT rows: {trt_reason}")
     else:
         print(f"no usable GPU ({reason}): CPU figures only")
     models = load_models(args.models)
