@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tracing on: this fraction of ticks carries a traceparent and the worker exports "
         "spans to a local OTLP receiver (0: tracing off; the feed's default is 0.001)",
     )
+    e2e.add_argument(
+        "--model-type",
+        default="logistic",
+        choices=("logistic", "hgb", "hgb-gemm", "mlp"),
+        help="model trained and served (hgb-gemm and mlp run on a GPU)",
+    )
+    e2e.add_argument("--gpu", action="store_true", help="let the worker use a GPU if usable")
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     mon = sub.add_parser("monitor", help="the rate tickserve monitor holds (summaries, ticks/s)")
     mon.add_argument("--ticks", type=int, default=400_000, help="synthetic ticks in the backlog")
@@ -103,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         against=args.against,
         rounds=args.rounds,
         trace_sample_rate=args.trace_sample_rate,
+        model_type=args.model_type,
+        gpu=args.gpu,
     )
     path = run_e2e(config)
     print(summary(path))

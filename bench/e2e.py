@@ -62,6 +62,10 @@ class E2EConfig:
     # fraction of ticks sent with a traceparent; > 0 also points the worker's OTLP
     # exporter at a local receiver (bench.otlp_sink), so tracing is on; 0: tracing off
     trace_sample_rate: float = 0.0
+    # the model trained and served (training.params.MODEL_TYPES), and whether the worker
+    # may use a GPU (TICKSERVE_PREFER_GPU): issue 23 compares the worker on CPU and GPU
+    model_type: str = "logistic"
+    gpu: bool = False
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -129,6 +133,7 @@ class Bench:
         import pandas as pd
 
         from training.dataset import build_dataset
+        from training.params import SplitParams, TrainParams
         from training.train import train_and_register
 
         spec = self.settings.feature_spec
@@ -144,8 +149,12 @@ class Bench:
                 "is_buy": rng.random(n) < 0.5,
             }
         ).sort_values(["symbol", "event_ns"], kind="stable")
-        train_and_register(build_dataset(ticks, spec), spec, self.settings.mlflow_uri,
-                           self.settings.model_name)  # fmt: skip
+        ds = build_dataset(ticks, spec)
+        h = ds.horizon_bars
+        splits = SplitParams(horizon_bars=h, embargo_bars=h + 1)
+        params = TrainParams(model_type=self.config.model_type, splits=splits)
+        train_and_register(ds, spec, self.settings.mlflow_uri, self.settings.model_name,
+                           params=params)  # fmt: skip
 
     def _fresh_broker(self) -> None:
         """A new broker for each measured system, on a new port.
@@ -208,7 +217,7 @@ class Bench:
                 TICKSERVE_DLQ_TOPIC=f"dlq-{tag}", TICKSERVE_GROUP_ID=f"g-{tag}",
                 TICKSERVE_MODEL_NAME=self.settings.model_name, TICKSERVE_HTTP_PORT="0",
                 TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
-                TICKSERVE_PREFER_GPU="false",
+                TICKSERVE_PREFER_GPU=str(self.config.gpu).lower(),
                 TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
                 **self._tracing_env(),
             )  # fmt: skip

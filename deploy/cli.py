@@ -419,7 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on the archive, register a new version in MLflow")
     train.add_argument("--symbols", nargs="*", help="restrict to these symbols")
     train.add_argument("--params", help="params file (default: ./params.yaml if present)")
-    train.add_argument("--model", choices=["logistic", "hgb"], help="override train.model.type")
+    train.add_argument(
+        "--model",
+        choices=["logistic", "hgb", "hgb-gemm", "mlp"],  # training.params.MODEL_TYPES
+        help="override train.model.type",
+    )
     train.add_argument("--figures", help="also save the figures as PNG in this folder")
     train.add_argument("--metrics-out", help="write the metrics as JSON here")
     train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)

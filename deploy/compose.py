@@ -18,6 +18,7 @@ from features.online import OnlineWriter, open_store
 from features.snapshot import SnapshotStore
 from inference.api import ApiContext, create_app, serve_http
 from inference.batcher import BatcherConfig, MicroBatcher
+from inference.engines import GpuPolicy
 from inference.linear import warm_up as warm_up_linear
 from inference.trees import warm_up as warm_up_trees
 from inference.validation import ValidationPolicy
@@ -117,6 +118,7 @@ def watcher_config(settings: Settings) -> WatcherConfig:
         numba_kernels=settings.numba_kernels,
         tensorrt=settings.tensorrt,
         max_non_finite_rate=settings.max_non_finite_rate,
+        gpu=GpuPolicy(settings.cuda_graphs, settings.max_batch),
     )
 
 

@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         False,
         description="TensorRT before CUDA where its library loads (engine builds take seconds)",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On a GPU, score through CUDA graphs, one per power-of-two batch size "
+        "(standard-operator models only); false: one CUDA session with I/O binding",
+    )
     onnx_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session")
     numba_kernels: bool = Field(
         True,

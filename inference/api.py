@@ -101,6 +101,16 @@ class VersionInfo(BaseModel):
     feature_spec_hash: str
     provider: str
     engine: str = Field(description="what scores rows: tree-kernel, linear-kernel or onnxruntime")
+    engines: dict[str, str | None] = Field(
+        description="the CPU engine and the GPU engine (null where no GPU engine serves)"
+    )
+    crossover_batch: int | None = Field(
+        description="batches of at least this many rows go to the GPU (null: all on the CPU)"
+    )
+    gpu_reason: str = Field(description="why the GPU engine serves from that size, or not at all")
+    engine_costs_us: dict[str, dict[str, float]] | None = Field(
+        description="median microseconds per batch of each engine, per batch size measured"
+    )
     loaded_at: datetime
     loaded_at_ns: int
 
@@ -136,7 +146,12 @@ class WebhookAnswer(BaseModel):
 
 
 def _version_info(model: LoadedModel) -> dict[str, Any]:
+    routing = model.scorer.engines()
     return {
+        "engines": routing["engines"],
+        "crossover_batch": routing["crossover_batch"],
+        "gpu_reason": routing["reason"],
+        "engine_costs_us": routing["costs_us"],
         "name": model.name,
         "version": model.version,
         "alias": model.alias,

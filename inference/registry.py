@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from features.spec import FeatureSpec
+from inference.engines import GpuPolicy
 from inference.session import OnnxScorer
 from inference.trees import TreeKernel
 from tickserve.errors import ModelNotFound, ModelRejected, RegistryError
+
+if TYPE_CHECKING:  # only read, never built here: the batcher imports this module
+    from features.spec import FeatureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ def fetch_version(
     threads: int = 1,
     numba_kernels: bool | Callable[[bytes, int], TreeKernel] = True,
     tensorrt: bool = False,
+    gpu: GpuPolicy | None = None,
 ) -> LoadedModel:
     """Check the FeatureSpec tag, download only the ONNX file and open a session on it.
 
@@ -135,7 +139,13 @@ def fetch_version(
         ) from exc
     try:
         scorer = OnnxScorer.from_bytes(
-            Path(local).read_bytes(), spec.n_features, prefer_gpu, threads, numba_kernels, tensorrt
+            Path(local).read_bytes(),
+            spec.n_features,
+            prefer_gpu,
+            threads,
+            numba_kernels,
+            tensorrt,
+            gpu,
         )
     except ModelRejected as exc:
         raise ModelRejected(

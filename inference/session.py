@@ -6,13 +6,15 @@ import ctypes
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cache
-from typing import TypeVar
+from functools import cache, partial
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 from prometheus_client import Gauge
 
+from inference.cuda import CudaGraphEngine, cuda_provider, pinned_zeros
+from inference.engines import Engine, EngineRouter, FunctionEngine, GpuPolicy, build_router
 from inference.linear import LinearKernel
 from inference.linear import compile_from_bytes as compile_linear
 from inference.linear import probe_rows as linear_probe_rows
@@ -91,8 +93,11 @@ class DeviceBinding:
     and frees them again. Here each batch is padded up to a power-of-two bucket (the
     rows are independent, so padding changes no score), whose input and output tensors
     live on the device for the session's life: a batch costs one host-to-device copy of
-    its rows, the run, and one device-to-host copy of the probabilities.
+    its rows (from a pinned host buffer, `inference.cuda.pinned_zeros`), the run, and
+    one device-to-host copy of the probabilities.
     """
+
+    name = "cuda-io-binding"
 
     def __init__(
         self,
@@ -111,6 +116,10 @@ class DeviceBinding:
         self._binding = session.io_binding()
         self._buckets: dict[int, tuple[ort.OrtValue, ort.OrtValue, np.ndarray]] = {}
         self._bound = 0
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """`run`: the engine interface (`inference.engines.Engine`)."""
+        return self.run(rows)
 
     def run(self, rows: np.ndarray) -> np.ndarray:
         """P(up) for `rows` (n, n_features) float32, through the bound device tensors."""
@@ -137,7 +146,7 @@ class DeviceBinding:
         bucket = (
             tensor((size, self.n_features)),
             tensor((size, 2)),
-            np.zeros((size, self.n_features), np.float32),
+            pinned_zeros((size, self.n_features))[0],
         )
         self._buckets[size] = bucket
         return bucket
@@ -157,6 +166,10 @@ class OnnxScorer:
         binding: Set when the session runs on a GPU: device tensors reused per batch.
         linear: Set when a logistic regression is scored by `inference.linear`
             instead of the session, after it reproduced the session on probe rows.
+        router: Set where the session runs on a GPU: each batch goes to the CPU
+            engine (a kernel or a CPU session) or the GPU engine by its size
+            (`inference.engines`).
+        gpu_reason: Why the GPU serves or not (the provider choice, else the router's).
     """
 
     session: ort.InferenceSession
@@ -166,13 +179,26 @@ class OnnxScorer:
     trees: TreeKernel | None = None
     binding: DeviceBinding | None = None
     linear: LinearKernel | None = None
+    router: EngineRouter | None = None
+    gpu_reason: str = ""
 
     @property
     def engine(self) -> str:
-        """What scores the rows: "tree-kernel", "linear-kernel" or "onnxruntime"."""
+        """What scores the rows on the CPU: "tree-kernel", "linear-kernel" or "onnxruntime"."""
         if self.trees is not None:
             return "tree-kernel"
         return "linear-kernel" if self.linear is not None else "onnxruntime"
+
+    def engines(self) -> dict[str, Any]:
+        """The engines, the crossover batch size and why (what GET /model shows)."""
+        if self.router is not None:
+            return self.router.describe()
+        return {
+            "engines": {"cpu": self.engine, "gpu": None},
+            "crossover_batch": None,
+            "reason": self.gpu_reason,
+            "costs_us": None,
+        }
 
     @classmethod
     def from_bytes(
@@ -183,6 +209,7 @@ class OnnxScorer:
         threads: int = 1,
         numba_kernels: bool | Callable[[bytes, int], TreeKernel] = True,
         tensorrt: bool = False,
+        gpu: GpuPolicy | None = None,
     ) -> OnnxScorer:
         """Build a session and check the model's interface against `n_features`.
 
@@ -192,6 +219,11 @@ class OnnxScorer:
         else, or a kernel that disagrees with the session on the probe rows, is scored
         by the session. `numba_kernels` may also be the function that compiles the tree
         kernel (e.g. a `KernelCompiler`).
+
+        Where the session runs on a GPU, `score` routes each batch by its size between
+        the CPU engine (the kernel, else a CPU session) and the GPU engine (CUDA graphs
+        per `gpu`, else the I/O binding), at the crossover measured here
+        (`inference.engines.build_router`).
         """
         providers, reason = choose_providers(prefer_gpu, tensorrt)
         options = ort.SessionOptions()
@@ -205,8 +237,11 @@ class OnnxScorer:
         options.log_severity_level = 3
         # the arena keeps output buffers between calls of varying batch size
         options.enable_cpu_mem_arena = True
+        asked: list[Any] = [
+            cuda_provider() if p == "CUDAExecutionProvider" else p for p in providers
+        ]
         try:
-            session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
+            session = ort.InferenceSession(model, sess_options=options, providers=asked)
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelRejected(f"ONNX model does not load: {exc}", reason="load") from exc
         inputs = session.get_inputs()
@@ -225,12 +260,14 @@ class OnnxScorer:
         binding = None
         if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             binding = DeviceBinding(session, inputs[0].name, prob[0], "cuda", n_features)
-        scorer = cls(session, inputs[0].name, prob[0], provider, None, binding)
+        scorer = cls(session, inputs[0].name, prob[0], provider, None, binding, gpu_reason=reason)
         if numba_kernels:
             compile_kernel = compile_from_bytes if numba_kernels is True else numba_kernels
             scorer = scorer._with_tree_kernel(model, n_features, compile_kernel)
             if scorer.trees is None:
                 scorer = scorer._with_linear_kernel(model, n_features)
+        if binding is not None:
+            scorer = scorer._with_router(model, n_features, options, gpu or GpuPolicy())
         logger.info(
             "onnx session ready",
             extra={"provider": provider, "reason": reason, "engine": scorer.engine},
@@ -239,6 +276,12 @@ class OnnxScorer:
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         """P(up) for each row of `rows` (n, n_features)."""
+        if self.router is not None:
+            return self.router.score(rows)
+        return self.score_on_cpu(rows)
+
+    def score_on_cpu(self, rows: np.ndarray) -> np.ndarray:
+        """P(up) from the kernel, else the session (on a GPU where the session runs there)."""
         if self.trees is not None:
             return self.trees.score(rows)
         if self.linear is not None:
@@ -252,6 +295,30 @@ class OnnxScorer:
         feed = {self.input_name: np.ascontiguousarray(rows, np.float32)}
         probs = self.session.run([self.prob_output], feed)[0]
         return np.asarray(probs[:, 1], np.float64)
+
+    def _with_router(
+        self, model: bytes, n_features: int, options: ort.SessionOptions, policy: GpuPolicy
+    ) -> OnnxScorer:
+        """This scorer with a router between a CPU engine and the GPU engine it measured."""
+        cpu: Engine
+        if self.trees is not None:
+            cpu = FunctionEngine(self.engine, self.trees.score)
+        elif self.linear is not None:
+            cpu = FunctionEngine(self.engine, self.linear.score)
+        else:
+            on_cpu = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            cpu = FunctionEngine("onnxruntime-cpu", _session_scores(on_cpu, self.prob_output))
+        make_gpu: Callable[[], Engine] | None = None
+        why_not = ""
+        ml_ops = _ml_operators(model)
+        if ml_ops:
+            why_not = f"graph has ai.onnx.ml operators {ml_ops}: no CUDA kernels for them"
+        elif self.provider == "CUDAExecutionProvider" and policy.cuda_graphs:
+            make_gpu = partial(CudaGraphEngine, model, n_features, policy.max_batch)
+        elif self.binding is not None:
+            make_gpu = partial(_built, self.binding)
+        router = build_router(cpu, make_gpu, n_features, policy, why_not)
+        return replace(self, router=router, gpu_reason=router.reason)
 
     def _with_tree_kernel(
         self,
@@ -299,3 +366,27 @@ class OnnxScorer:
             )
             return False
         return True
+
+
+def _session_scores(
+    session: ort.InferenceSession, prob_output: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    name = session.get_inputs()[0].name
+
+    def scores(rows: np.ndarray) -> np.ndarray:
+        feed = {name: np.ascontiguousarray(rows, np.float32)}
+        return np.asarray(session.run([prob_output], feed)[0][:, 1], np.float64)
+
+    return scores
+
+
+def _ml_operators(model: bytes) -> list[str]:
+    """The `ai.onnx.ml` operators of a model: ONNX Runtime runs them on the CPU only."""
+    import onnx
+
+    graph = onnx.load_from_string(model).graph
+    return sorted({n.op_type for n in graph.node if n.domain == "ai.onnx.ml"})
+
+
+def _built(engine: Engine) -> Engine:
+    return engine

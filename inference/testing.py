@@ -137,9 +137,54 @@ def register_version(
             name="model",
             registered_model_name=name,
             onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,  # one file, as training/ logs it
         )
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, SPEC_HASH_TAG, spec_hash)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return version
+
+
+class FakeClock:
+    """A nanosecond clock that only moves when a fake engine spends time."""
+
+    def __init__(self) -> None:
+        """Start at zero."""
+        self.now_ns = 0
+
+    def __call__(self) -> int:
+        """The current time in ns (like `time.perf_counter_ns`)."""
+        return self.now_ns
+
+
+class FakeEngine:
+    """An engine whose call costs `fixed_us + per_row_us * n` on a `FakeClock`.
+
+    It scores with `reference` (plus `bias`), counts the batches and rows it was given,
+    and raises `fails` at construction when set (through `make`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        clock: FakeClock,
+        fixed_us: float,
+        per_row_us: float,
+        reference: Any,
+        bias: float = 0.0,
+    ) -> None:
+        """An engine named `name` with that cost model."""
+        self.name = name
+        self.clock = clock
+        self.fixed_us = fixed_us
+        self.per_row_us = per_row_us
+        self.reference = reference
+        self.bias = bias
+        self.batches: list[int] = []
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """The reference's scores, after spending this engine's cost on the clock."""
+        self.clock.now_ns += int(1000 * (self.fixed_us + self.per_row_us * rows.shape[0]))
+        self.batches.append(rows.shape[0])
+        return np.asarray(self.reference(rows), np.float64) + self.bias

@@ -18,7 +18,8 @@ branch-free loops over a column of the batch, which the compiler vectorises
 Only data comes from the model: the kernel reads the ONNX node's attributes (never
 pickles, never generated code). It covers the form skl2onnx gives a binary
 HistGradientBoostingClassifier (one `TreeEnsembleClassifier` node, one score per row,
-LOGISTIC post transform, `BRANCH_LEQ`/`BRANCH_LT` splits, at most 64 leaves per tree). For
+LOGISTIC post transform, `BRANCH_LEQ`/`BRANCH_LT` splits, at most 64 leaves per tree), and
+the tensor form `training.compile_trees` gives the same model (`inference.gemm_kernel`). For
 anything else `compile_tree_kernel` says why and ONNX Runtime keeps scoring. And even a
 model it covers is used only after it reproduces ONNX Runtime on probe rows built from
 the model's own thresholds (at, just below and just above each split, and NaN).
@@ -185,6 +186,10 @@ def compile_tree_kernel(model: Any, n_features: int) -> TreeKernel:
         Unsupported: With the reason the kernel does not cover this model.
     """
     graph = model.graph
+    from inference.gemm_kernel import GRAPH_NAME, compile_gemm_graph  # it imports this module
+
+    if graph.name == GRAPH_NAME:  # an ensemble compiled to tensor operators
+        return compile_gemm_graph(model, n_features)
     if len(graph.node) != 1 or graph.node[0].op_type != "TreeEnsembleClassifier":
         ops = [n.op_type for n in graph.node]
         raise Unsupported(f"graph is {ops}, not one TreeEnsembleClassifier")

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from features.spec import FeatureSpec
 from inference.batcher import MicroBatcher
+from inference.engines import GpuPolicy
 from inference.registry import (
     LoadedModel,
     VersionRef,
@@ -67,6 +68,7 @@ class WatcherConfig:
             (once it scored `min_rows_for_rate` rows) is rolled back to the version
             it replaced.
         min_rows_for_rate: Rows scored before the rate counts.
+        gpu: Where a GPU is usable: CUDA graphs or not, and the largest batch.
     """
 
     tracking_uri: str
@@ -82,6 +84,7 @@ class WatcherConfig:
     tensorrt: bool = False
     max_non_finite_rate: float = 0.01
     min_rows_for_rate: int = 1000
+    gpu: GpuPolicy = GpuPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,7 @@ class ModelWatcher:
             cfg.onnx_threads,
             kernel,
             cfg.tensorrt,
+            cfg.gpu,
         )
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
         contract = validate(model.scorer, golden, cfg.policy, self.contract)

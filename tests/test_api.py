@@ -110,6 +110,9 @@ def test_model_health_ready_and_metrics(ctx: ApiContext) -> None:
     model = got["/model"].json()
     assert model["version"] == "7" and model["alias"] == "champion"
     assert model["provider"] == "CPUExecutionProvider"
+    # no GPU here: every batch on the CPU engine, and the reason says why
+    assert model["engines"]["gpu"] is None and model["crossover_batch"] is None
+    assert model["engines"]["cpu"] == model["engine"] and model["gpu_reason"]
     assert model["loaded_at"].endswith("Z") or "+00:00" in model["loaded_at"]
     assert model["challenger"] is None
     assert got["/health"].json() == {"status": "ok"}

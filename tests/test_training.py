@@ -186,3 +186,29 @@ def test_params_are_checked() -> None:
     with pytest.raises(ConfigError, match="model.type"):
         parse_params({"train": {"model": {"type": "xgb"}}})
     assert parse_params({}).model_type == "logistic"
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("model_type", ["hgb-gemm", "mlp"])
+def test_gpu_model_types_pass_parity_the_gate_and_the_serving_checks(
+    stack_settings: Settings, dataset: Dataset, model_type: str
+) -> None:
+    from inference.registry import fetch_golden, fetch_version, open_client, resolve_alias
+    from inference.validation import GoldenRows, ValidationPolicy, validate
+
+    uri = stack_settings.mlflow_uri
+    name = unique(f"gpu-{model_type}")
+    params = replace(PARAMS, model_type=model_type)
+    result = train_and_register(dataset, SPEC, uri, name, alias=None, params=params)
+    np.testing.assert_allclose(result.onnx_scores, result.native_scores, rtol=0, atol=1e-5)
+    loose = GateParams(min_accuracy=0.0, min_sharpe=-1e9)
+    decision = validate_version(uri, name, loose)
+    assert decision.passed, decision.reasons
+    assert decision.candidate["accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+    # what the worker does with the new champion: download, golden rows, serving checks
+    ref = resolve_alias(open_client(uri), name, "champion")
+    model = fetch_version(uri, ref, SPEC, prefer_gpu=False)
+    golden = GoldenRows.parse(fetch_golden(uri, ref), SPEC.n_features)
+    validate(model.scorer, golden, ValidationPolicy())
+    expected = "tree-kernel" if model_type == "hgb-gemm" else "onnxruntime"
+    assert model.scorer.engine == expected

@@ -8,7 +8,7 @@ from typing import Any
 
 from tickserve.errors import ConfigError
 
-MODEL_TYPES = ("logistic", "hgb")
+MODEL_TYPES = ("logistic", "hgb", "hgb-gemm", "mlp")  # hgb-gemm: hgb for a GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,16 @@ class TrainParams:
             "random_state": 7,
         }
     )
+    mlp: dict[str, Any] = field(
+        default_factory=lambda: {
+            "hidden_layer_sizes": [256, 256],
+            "alpha": 1e-3,
+            "learning_rate_init": 1e-3,
+            "max_iter": 50,
+            "early_stopping": True,
+            "random_state": 7,
+        }
+    )
     splits: SplitParams = field(default_factory=SplitParams)
     backtest: BacktestParams = field(default_factory=BacktestParams)
     gate: GateParams = field(default_factory=GateParams)
@@ -71,8 +81,10 @@ class TrainParams:
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
-        """Hyperparameters of the chosen model type."""
-        return dict(self.logistic if self.model_type == "logistic" else self.hgb)
+        """Hyperparameters of the chosen model type (hgb-gemm: those of hgb)."""
+        if self.model_type == "logistic":
+            return dict(self.logistic)
+        return dict(self.mlp if self.model_type == "mlp" else self.hgb)
 
 
 def _section(cls: type, doc: Any, where: str) -> Any:
@@ -104,6 +116,7 @@ def parse_params(doc: dict[str, Any], where: str = "params") -> TrainParams:
         model_type=model_type,
         logistic={**defaults.logistic, **(model.get("logistic") or {})},
         hgb={**defaults.hgb, **(model.get("hgb") or {})},
+        mlp={**defaults.mlp, **(model.get("mlp") or {})},
         splits=_section(SplitParams, train.get("splits"), f"{where}: train.splits"),
         backtest=_section(BacktestParams, train.get("backtest"), f"{where}: train.backtest"),
         gate=_section(GateParams, train.get("gate"), f"{where}: train.gate"),

@@ -206,7 +206,7 @@ def _train_and_register(
     native = model.predict_proba(X_test)[:, 1]
     bar.update(1)
     bar.set_description_str("train: ONNX export + parity")
-    onnx_model = export_onnx(model, X_train)
+    onnx_model = export_onnx(model, X_train, params.model_type)
     onnx_scores, gap = check_parity(onnx_model, native, X_test)
     bar.update(1)
     bar.set_description_str("train: test metrics + figures")
@@ -298,6 +298,9 @@ def _train_and_register(
             signature=infer_signature(X_train[:100], model.predict_proba(X_train[:100])[:, 1]),
             input_example=X_test[:5],
             onnx_execution_providers=["CPUExecutionProvider"],
+            # one self-contained file: serving downloads only the .onnx (the tensors of
+            # an hgb-gemm or mlp graph would otherwise go to a separate .data file)
+            save_as_external_data=False,
             # inferring them re-imports the model in a subprocess (seconds per run)
             pip_requirements=["onnx", "onnxruntime"],
         )
