@@ -61,10 +61,13 @@ def child_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
-        if value is None:
-            continue
         alias = field.validation_alias
         var = alias if isinstance(alias, str) else f"TICKSERVE_{name.upper()}"
+        if value is None:
+            # unset here: the child must not read it from this process's environment
+            # (mlflow.set_tracking_uri, for one, writes MLFLOW_TRACKING_URI there)
+            env.pop(var, None)
+            continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         elif isinstance(value, Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,16 @@ SPEC = FeatureSpec()
 
 
 def test_a_version_registered_from_a_run_uri_serves(tmp_path: Path) -> None:
+    # mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which later tests (and their
+    # subprocesses) read: put back what was there
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        _register_from_a_run_and_serve(tmp_path)
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+def _register_from_a_run_and_serve(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     onnx = make_onnx_classifier(SPEC.n_features, "logistic", seed=2)
     first = register_version(uri, "reg", onnx, SPEC.hash, golden_for(onnx, SPEC.n_features))
@@ -26,10 +37,7 @@ def test_a_version_registered_from_a_run_uri_serves(tmp_path: Path) -> None:
     client.set_model_version_tag("reg", version, SPEC_HASH_TAG, SPEC.hash)
     client.set_registered_model_alias("reg", "champion", version)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/elsewhere.db")
-    try:
-        ref = resolve_alias(client, "reg", "champion")
-        model = fetch_version(uri, ref, SPEC, prefer_gpu=False)
-    finally:
-        mlflow.set_tracking_uri(uri)
+    ref = resolve_alias(client, "reg", "champion")
+    model = fetch_version(uri, ref, SPEC, prefer_gpu=False)
     assert (model.version, ref.run_id) == (str(version), run_id)
     assert model.scorer.score(np.zeros((1, SPEC.n_features))).shape == (1,)

@@ -63,7 +63,7 @@ def test_find_header_finds_exactly_the_records_that_carry_it() -> None:
     buf = np.frombuffer(raw, np.uint8)
     starts, ends, status = batch_bounds(buf)
     assert status == 0
-    _, _, _, vs, vl, _, _ = parse_batches(buf, starts, ends, 0, False)
+    _, _, _, vs, vl, _, _, _ = parse_batches(buf, starts, ends, 0, False)
     rows, at, size = find_header(buf, vs, vl, KEY)
     assert rows.tolist() == [1, 2, 5, 7, 8, 11]
     values = [buf[a : a + n].tobytes() for a, n in zip(at, size, strict=True)]
@@ -137,7 +137,7 @@ def _worker_spans(traced: set[int]) -> tuple[list[Any], list[tuple[int, list[Any
         for i in range(30)
     ]
     buf = np.frombuffer(_batch(ticks), np.uint8)
-    offset, ks, kl, vs, vl, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, False)
+    offset, ks, kl, vs, vl, _, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, False)
     source.push(
         Fetched("ticks", buf, np.zeros(30, np.int32), offset, ks, kl, vs, vl,
                 {TopicPartition("ticks", 0): 30})

@@ -522,7 +522,7 @@ def find_header(
     >>> _ = b.append(0, timestamp=1, key=b"k", value=b"v0", headers=[])
     >>> _ = b.append(1, timestamp=1, key=None, value=b"v1", headers=[("a", b"1"), ("tp", b"xy")])
     >>> buf = np.frombuffer(bytes(b.build()), np.uint8)
-    >>> _, ks, kl, vs, vl, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, True)
+    >>> _, ks, kl, vs, vl, _, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, True)
     >>> rows, at, size = find_header(buf, vs, vl, np.frombuffer(b"tp", np.uint8))
     >>> rows.tolist(), buf[at[0] : at[0] + size[0]].tobytes()
     ([1], b'xy')
