@@ -137,9 +137,9 @@ def _worker_spans(traced: set[int]) -> tuple[list[Any], list[tuple[int, list[Any
         for i in range(30)
     ]
     buf = np.frombuffer(_batch(ticks), np.uint8)
-    offset, ks, kl, vs, vl, _, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, False)
+    offset, ks, kl, vs, vl, stamps, _, _ = parse_batches(buf, *batch_bounds(buf)[:2], 0, False)
     source.push(
-        Fetched("ticks", buf, np.zeros(30, np.int32), offset, ks, kl, vs, vl,
+        Fetched("ticks", buf, np.zeros(30, np.int32), offset, ks, kl, vs, vl, stamps,
                 {TopicPartition("ticks", 0): 30})
     )  # fmt: skip
 
