@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check bench bench-ci install clean up down weekly
+.PHONY: demo test check bench bench-ci quarantine install clean up down weekly
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only -p no:cacheprovider
+
+quarantine: $(STAMP)
+	$(PY) -m pytest -m quarantine
 
 bench-ci: $(STAMP)
 	$(PY) -m bench.ci
