@@ -184,6 +184,8 @@ async def _make_event() -> asyncio.Event:
     return asyncio.Event()
 
 
+@pytest.mark.quarantine  # passes alone (2 passed on main, 82 s) but in the full suite no page
+# arrived within 180 s, twice on 2026-12-04: an order dependence not yet found
 def test_a_latency_burn_pages_through_alertmanager(
     monitoring: Monitoring, capsys: pytest.CaptureFixture[str]
 ) -> None:
