@@ -13,6 +13,10 @@ from stream.contracts.summary import BatchSummary
 from stream.contracts.tickcodec import TickSpans
 from stream.kafka.base import SignalSink
 
+# accepted ticks per summary record: about 70 bytes each with 12 features, so a record
+# stays far below the 1 MB a Kafka producer sends by default
+MAX_ROWS = 4096
+
 
 def summarize(
     spans: TickSpans,
@@ -73,9 +77,17 @@ class SummaryPublisher:
         scores: np.ndarray,
         features: np.ndarray,
         model: LoadedModel,
-    ) -> asyncio.Future[Any] | None:
-        """Queue the summary (None when no tick was accepted); the future resolves on the ack."""
-        if not accepted.any():
-            return None
-        summary = summarize(spans, slots, accepted, scored, scores, features, model, self.threshold)
-        return await self.sink.send_record(self.topic, summary.encode(), self.key)
+    ) -> list[asyncio.Future[Any]]:
+        """Queue the summary; the futures resolve on the acks (none when no tick was accepted).
+
+        A micro-batch of more than `MAX_ROWS` accepted ticks (a backlog read in one
+        fetch) goes as several summaries, each well under a Kafka record's size limit.
+        """
+        rows = np.flatnonzero(accepted)
+        acks = []
+        for start in range(0, len(rows), MAX_ROWS):
+            part = np.zeros(len(accepted), np.bool_)
+            part[rows[start : start + MAX_ROWS]] = True
+            summary = summarize(spans, slots, part, scored, scores, features, model, self.threshold)
+            acks.append(await self.sink.send_record(self.topic, summary.encode(), self.key))
+        return acks

@@ -305,11 +305,11 @@ class StreamWorker:
         failed = ready & ~stale & ~np.isfinite(scores)
         if self.summaries is not None:
             accepted = ~late if replayed is None else ~late & ~replayed[spans.index]
-            sent = await self.summaries.send(
-                spans, slots, accepted, ready & ~stale & ~failed, scores, feats.values, model
+            acks.extend(
+                await self.summaries.send(
+                    spans, slots, accepted, ready & ~stale & ~failed, scores, feats.values, model
+                )
             )
-            if sent is not None:
-                acks.append(sent)
         n_errors = int(failed.sum())
         if n_errors:
             PREDICTION_ERRORS.labels(model.name, model.version, NON_FINITE).inc(n_errors)
