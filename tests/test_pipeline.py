@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +23,11 @@ from inference.registry import load_model
 from stream.contracts.signal import FLAT, Signal
 from stream.ingest.feed import publish
 from stream.worker import StreamWorker
+
+# docs/metrics.md lists the monitor's metrics too: the worker's process serves them once
+# their module is loaded (an earlier test may load it); load it here so the check below
+# does not depend on the order tests run in
+importlib.import_module("stream.monitor.app")
 from tests.helpers import (
     HISTORY,
     LoopThread,
