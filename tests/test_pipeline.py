@@ -23,11 +23,6 @@ from inference.registry import load_model
 from stream.contracts.signal import FLAT, Signal
 from stream.ingest.feed import publish
 from stream.worker import StreamWorker
-
-# docs/metrics.md lists the monitor's metrics too: the worker's process serves them once
-# their module is loaded (an earlier test may load it); load it here so the check below
-# does not depend on the order tests run in
-importlib.import_module("stream.monitor.app")
 from tests.helpers import (
     HISTORY,
     LoopThread,
@@ -38,6 +33,11 @@ from tests.helpers import (
     unique,
 )
 from tickserve.errors import ModelNotFound, ModelRejected
+
+# docs/metrics.md lists the monitor's metrics too: the worker's process serves them once
+# their module is loaded (an earlier test may load it); load it here so the check below
+# does not depend on the order tests run in
+importlib.import_module("stream.monitor.app")
 
 pytestmark = pytest.mark.services
 
