@@ -111,7 +111,16 @@ def monitoring(
     """Worker, Prometheus and Alertmanager running."""
     tmp_path = tmp_path_factory.mktemp("monitoring")
     settings = pipeline.settings.model_copy(
-        update={"http_port": free_port(), "http_host": "127.0.0.1", "group_id": unique("worker")}
+        # signals of its own: this worker reads the session's ticks, and its signals in the
+        # session's signals topic were counted by tests/test_pipeline.py as repeats
+        update={
+            "http_port": free_port(),
+            "http_host": "127.0.0.1",
+            "group_id": unique("worker"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "summary_topic": unique("summary"),
+        }
     )
     webhook = Webhook()
     rules = tmp_path / "rules"
