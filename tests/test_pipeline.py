@@ -110,9 +110,9 @@ async def _publish_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-@pytest.mark.quarantine  # REGRESSION on main after the 2026-12-04 merges: in full-suite runs
-# ticks got 2-3 signals and some none within 120 s (4 repeats in an earlier run); passes on
-# the branches merged. To fix first (make quarantine runs it)
+@pytest.mark.quarantine  # in full-suite runs of 2026-12-04 ticks got 2-3 signals (passes alone):
+# most likely the ops alerting fixture's worker writing into this session's signals topic,
+# now given its own topics; back in make test once a full run confirms (make quarantine)
 def test_every_tick_gets_one_signal_and_bad_ones_go_to_the_dlq(
     served: tuple[StreamWorker, Pipeline],
 ) -> None:
