@@ -21,7 +21,8 @@ import numpy as np
 from inference.trees import MAX_LEAVES, TreeKernel, Unsupported
 
 GRAPH_NAME = "hgb_gemm"  # what `training.compile_trees` names its graphs
-_TENSORS = ("features", "thresholds", "nan_left", "paths", "left_counts", "leaf_values", "base")
+PADDING_LEAF = -1024.0  # a padding leaf's entry in the paths' last column (exact in float16)
+_TENSORS = ("features", "thresholds", "paths", "leaf_offsets", "leaf_values", "base")
 
 
 def compile_gemm_graph(model: Any, n_features: int) -> TreeKernel:
@@ -37,15 +38,13 @@ def compile_gemm_graph(model: Any, n_features: int) -> TreeKernel:
     missing = [name for name in _TENSORS if name not in tensors]
     if graph.name != GRAPH_NAME or missing:
         raise Unsupported(f"graph {graph.name!r} is not a compiled ensemble (lacks {missing})")
-    paths = np.asarray(tensors["paths"], np.float32)
-    n_trees, n_internal, _ = paths.shape
-    features = np.asarray(tensors["features"], np.int64).reshape(n_trees, n_internal)
-    thresholds = np.asarray(tensors["thresholds"], np.float32).reshape(n_trees, n_internal)
-    nan_left = np.asarray(tensors["nan_left"], np.bool_).reshape(n_trees, n_internal)
-    left_counts = np.asarray(tensors["left_counts"], np.float32).reshape(n_trees, -1)
-    leaf_values = np.asarray(tensors["leaf_values"], np.float32).reshape(n_trees, -1)
-    if features.size and int(features.max()) >= n_features:
+    if int(np.asarray(tensors["features"]).max(initial=0)) >= 2 * n_features:
         raise Unsupported("a split reads a feature past the input width")
+    features, thresholds, nan_left, paths, left_counts = _split_tables(
+        tensors["features"], tensors["thresholds"], tensors["paths"], n_features
+    )
+    n_trees, n_internal, _ = paths.shape
+    leaf_values = np.asarray(tensors["leaf_values"], np.float32).reshape(n_trees, -1)
     split_at, masks, leaves, leaf_start = [], [], [], [0]
     for t in range(n_trees):
         n_leaves = int(np.count_nonzero(left_counts[t] >= 0))  # padding leaves count -1
@@ -73,4 +72,27 @@ def compile_gemm_graph(model: Any, n_features: int) -> TreeKernel:
         np.asarray(leaf_start, np.int64),
         float(np.asarray(tensors["base"]).reshape(-1)[0]),
         n_features,
+    )
+
+
+def _split_tables(
+    rows: np.ndarray, thresholds: np.ndarray, paths: np.ndarray, n_features: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The graph's split tensors read back: features, thresholds, nan_left, paths, left counts.
+
+    `training.compile_trees` writes, per tree, each split's row in the transposed input
+    stacked on its NaN-as-minus-infinity copy (``n_features + feature`` where NaN goes
+    left), and ``paths`` as leaves x splits with one last split every row passes, whose
+    column is minus the leaf's left count (`PADDING_LEAF` for a padding leaf).
+    """
+    n_trees, _, width = paths.shape
+    rows = np.asarray(rows, np.int64).reshape(n_trees, width)[:, :-1]
+    bias = np.asarray(paths[:, :, -1], np.float32)
+    left_counts = np.where(bias == PADDING_LEAF, np.float32(-1), -bias).astype(np.float32)
+    return (
+        rows % n_features,
+        np.asarray(thresholds, np.float32).reshape(n_trees, width)[:, :-1],
+        rows >= n_features,
+        np.asarray(paths[:, :, :-1], np.float32).transpose(0, 2, 1),
+        left_counts,
     )

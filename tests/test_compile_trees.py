@@ -114,6 +114,19 @@ def test_inputs_on_and_beside_every_threshold_go_the_same_way() -> None:
     _assert_same_as_sklearn(clf, np.array(edges, np.float32))
 
 
+def test_the_tree_kernel_refuses_a_graph_of_another_layout() -> None:
+    """A compiled graph without this layout's tensors is served by ONNX Runtime, not misread."""
+    X = _rows(500, seed=4)
+    clf = HistGradientBoostingClassifier(max_iter=5, random_state=0, early_stopping=False)
+    model = to_onnx(compile_hgb(clf.fit(X, _labels(X, 4))))
+    compile_gemm_graph(model, N)  # this layout reads
+    kept = [t for t in model.graph.initializer if t.name != "leaf_offsets"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    with pytest.raises(Unsupported, match="leaf_offsets"):
+        compile_gemm_graph(model, N)
+
+
 def test_single_leaf_trees_give_the_baseline() -> None:
     X = _rows(400, seed=12)
     y = _labels(X, 13)

@@ -10,15 +10,21 @@ package converts through PyTorch, a dependency of gigabytes for about two hundre
 
 Per tree t with internal nodes i and leaves l, trees padded to the largest counts:
 
-- ``go_left[n, t, i]`` = ``x[n, feature[t, i]] <= threshold[t, i]``, or the node's
-  missing-value direction where that input is NaN (``Gather``, ``LessOrEqual``,
-  ``IsNaN``, ``And``, ``Or``);
-- ``path[t, i, l]`` is +1 if leaf l lies in node i's left subtree, -1 if in its right
-  subtree, else 0, and ``left_count[t, l]`` counts the left turns on l's path: the
-  row reaches leaf l exactly where ``go_left @ path == left_count`` (one batched
-  ``MatMul`` of 0/+-1 values, exact in float32 and in TF32 alike);
-- the reached leaf's value is picked with ``Where`` and summed over leaves and trees
-  (no matrix product touches a leaf value, so a GPU's TF32 cannot round it).
+- ``go_left[t, i, n]`` = ``x[n, feature[t, i]] <= threshold[t, i]``, or the node's
+  missing-value direction where that input is NaN: the input is transposed and stacked
+  on a copy with NaN as minus infinity, which the nodes whose NaN goes left read
+  (``Transpose``, ``IsNaN``, ``Where``, ``Concat`` on the small input, then one
+  ``Gather`` and one ``LessOrEqual`` over every split);
+- ``path[t, l, i]`` is +1 if leaf l lies in node i's left subtree, -1 if in its right
+  subtree, else 0, and ``left_count[t, l]`` counts the left turns on l's path, held as
+  one more column of ``path`` against a split every row passes: ``path @ go_left`` (one
+  batched float16 ``MatMul`` of small integers, exact) is 0 at the leaf the row reaches
+  and negative at every other, so ``ArgMax`` over the leaves finds it;
+- the reached leaf's value is gathered and summed over trees in float32 (no matrix
+  product touches a leaf value, so a GPU's reduced precision cannot round it).
+
+The tensors as large as rows x splits are one float32 gather, its boolean comparison
+and the float16 product: the GPU's time at large batches is memory traffic.
 
 P(up) is the logistic of the sum plus the baseline; the outputs (``label`` int64 [N],
 ``probabilities`` float [N, 2]) and the input (``X`` float [N, F]) are those skl2onnx
@@ -36,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.gemm_kernel import GRAPH_NAME
+from inference.gemm_kernel import GRAPH_NAME, PADDING_LEAF
 from tickserve.errors import ModelRejected
 
 OPSET = 17
@@ -192,41 +198,45 @@ def to_onnx(trees: GemmTrees) -> Any:
 
     t, i = trees.features.shape
     n_leaves = trees.paths.shape[2]
+    f = trees.n_features
+    rows, thresholds, paths = _split_tables(trees)
 
     def const(name: str, value: np.ndarray) -> onnx.TensorProto:
         return numpy_helper.from_array(np.ascontiguousarray(value), name)
 
     initializers = [
-        const("features", trees.features.reshape(-1)),
-        const("thresholds", trees.thresholds.reshape(-1)),
-        const("nan_left", trees.nan_left.reshape(-1)),
-        const("tree_shape", np.array([-1, t, i], np.int64)),
-        const("paths", trees.paths),
-        const("left_counts", trees.left_counts.reshape(t, 1, n_leaves)),
-        const("leaf_values", trees.leaf_values.reshape(t, 1, n_leaves)),
-        const("zero", np.array(0.0, np.float32)),
-        const("sum_axes", np.array([0, 2], np.int64)),
+        const("features", rows),
+        const("thresholds", thresholds.reshape(-1, 1)),
+        const("paths", paths),
+        const("tree_shape", np.array([t, i + 1, -1], np.int64)),
+        const("leaf_offsets", (np.arange(t, dtype=np.int64) * n_leaves).reshape(t, 1)),
+        const("leaf_values", trees.leaf_values.reshape(-1)),
+        const("minus_inf", np.array(-np.inf, np.float32)),
         const("base", np.array(trees.base, np.float32)),
         const("one", np.array(1.0, np.float32)),
         const("half", np.array(0.5, np.float32)),
+        const("tree_axis", np.array([0], np.int64)),
         const("column_axis", np.array([1], np.int64)),
         const("classes", trees.classes),
     ]
     node = helper.make_node
     nodes = [
-        node("Gather", ["X", "features"], ["tested"], axis=1),
-        node("LessOrEqual", ["tested", "thresholds"], ["below"]),
-        node("IsNaN", ["tested"], ["missing"]),
-        # NaN <= t is false, so only the NaN-goes-left nodes need adding
-        node("And", ["missing", "nan_left"], ["missing_left"]),
-        node("Or", ["below", "missing_left"], ["go_left"]),
-        node("Cast", ["go_left"], ["go_left_f"], to=TensorProto.FLOAT),
-        node("Reshape", ["go_left_f", "tree_shape"], ["go_left_nti"]),
-        node("Transpose", ["go_left_nti"], ["go_left_tni"], perm=[1, 0, 2]),
-        node("MatMul", ["go_left_tni", "paths"], ["turns"]),
-        node("Equal", ["turns", "left_counts"], ["reached"]),
-        node("Where", ["reached", "leaf_values", "zero"], ["leaf_scores"]),
-        node("ReduceSum", ["leaf_scores", "sum_axes"], ["tree_sum"], keepdims=0),
+        # X transposed, then again with NaN as -inf: a node whose NaN goes left reads the
+        # second copy (-inf <= t), one whose NaN goes right the first (NaN <= t is false)
+        node("Transpose", ["X"], ["columns"], perm=[1, 0]),
+        node("IsNaN", ["columns"], ["missing"]),
+        node("Where", ["missing", "minus_inf", "columns"], ["columns_nan_left"]),
+        node("Concat", ["columns", "columns_nan_left"], ["inputs"], axis=0),
+        node("Gather", ["inputs", "features"], ["tested"], axis=0),
+        node("LessOrEqual", ["tested", "thresholds"], ["go_left"]),
+        node("Cast", ["go_left"], ["go_left_h"], to=TensorProto.FLOAT16),
+        node("Reshape", ["go_left_h", "tree_shape"], ["go_left_tin"]),
+        # turns minus the leaf's left count: 0 at the reached leaf, negative elsewhere
+        node("MatMul", ["paths", "go_left_tin"], ["misses"]),
+        node("ArgMax", ["misses"], ["leaf"], axis=1, keepdims=0),
+        node("Add", ["leaf", "leaf_offsets"], ["leaf_index"]),
+        node("Gather", ["leaf_values", "leaf_index"], ["leaf_scores"], axis=0),
+        node("ReduceSum", ["leaf_scores", "tree_axis"], ["tree_sum"], keepdims=0),
         node("Add", ["tree_sum", "base"], ["raw"]),
         node("Sigmoid", ["raw"], ["p_up"]),
         node("Unsqueeze", ["p_up", "column_axis"], ["p_up_col"]),
@@ -240,7 +250,7 @@ def to_onnx(trees: GemmTrees) -> Any:
     graph = helper.make_graph(
         nodes,
         GRAPH_NAME,  # how inference.gemm_kernel recognises the graph
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, trees.n_features])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, f])],
         [
             helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
             helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2]),
@@ -253,3 +263,25 @@ def to_onnx(trees: GemmTrees) -> Any:
     model.ir_version = 8  # what onnxruntime 1.2x/1.3x reads, as skl2onnx writes
     onnx.checker.check_model(model)
     return model
+
+
+def _split_tables(trees: GemmTrees) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The graph's tensors: each split's input row, its threshold, the leaf-by-split paths.
+
+    Rows index the transposed input stacked on its NaN-as-minus-infinity copy (a split
+    whose NaN goes left reads row ``n_features + feature``). Each tree gets one extra
+    split that every row passes (row ``n_features``, threshold +inf), whose column in
+    ``paths`` holds minus the leaf's left count, so the product is 0 at the reached leaf
+    and negative at every other; a padding leaf gets ``PADDING_LEAF``. All entries are
+    small integers, exact in float16.
+    """
+    t, i = trees.features.shape
+    rows = np.full((t, i + 1), trees.n_features, np.int64)
+    rows[:, :i] = trees.features + np.where(trees.nan_left, trees.n_features, 0)
+    thresholds = np.full((t, i + 1), np.inf, np.float32)
+    thresholds[:, :i] = trees.thresholds
+    paths = np.empty((t, trees.paths.shape[2], i + 1), np.float16)
+    paths[:, :, :i] = trees.paths.transpose(0, 2, 1)
+    padding = trees.left_counts < 0
+    paths[:, :, i] = np.where(padding, PADDING_LEAF, -trees.left_counts)
+    return rows.reshape(-1), thresholds.reshape(-1), paths
