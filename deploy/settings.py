@@ -325,30 +325,19 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
         return value.upper()
 
-    @field_validator("webhook_secret")
+    @field_validator("webhook_secret", "api_token")
     @classmethod
     def _empty_secret_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
 
-    @field_validator("api_token")
-    @classmethod
-    def _empty_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
-        return value if value is not None and value.get_secret_value() else None
-
     @property
     def bearer_token(self) -> SecretStr | None:
-        """The API's bearer token: api_token, else the contents of api_token_file."""
-        if self.api_token is not None or self.api_token_file is None:
-            return self.api_token
-        try:
-            token = self.api_token_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"TICKSERVE_API_TOKEN_FILE: cannot read {self.api_token_file}: {exc.strerror}"
-            ) from exc
-        if not token:
-            raise ConfigError(f"TICKSERVE_API_TOKEN_FILE: {self.api_token_file} is empty")
-        return SecretStr(token)
+        """The API's bearer token: api_token, else the contents of api_token_file.
+
+        Raises:
+            ConfigError: The token file cannot be read or is empty.
+        """
+        return _secret(self.api_token, self.api_token_file, "TICKSERVE_API_TOKEN_FILE")
 
     @model_validator(mode="after")
     def _kafka_security(self) -> Settings:
@@ -364,14 +353,11 @@ class Settings(BaseSettings):
         Raises:
             ConfigError: The password file cannot be read.
         """
-        password = self.kafka_sasl_password
-        if self.kafka_sasl_password_file is not None:
-            try:
-                text = self.kafka_sasl_password_file.read_text().strip()
-            except OSError as exc:
-                msg = f"bad setting TICKSERVE_KAFKA_SASL_PASSWORD_FILE: {exc.strerror}"
-                raise ConfigError(f"{msg} ({self.kafka_sasl_password_file})") from None
-            password = SecretStr(text)
+        password = _secret(
+            self.kafka_sasl_password,
+            self.kafka_sasl_password_file,
+            "TICKSERVE_KAFKA_SASL_PASSWORD_FILE",
+        )
         return KafkaSecurity(
             protocol=self.kafka_security_protocol,
             ca_file=self.kafka_ssl_ca_file,
@@ -426,6 +412,23 @@ class Settings(BaseSettings):
     def feature_spec(self) -> FeatureSpec:
         """The FeatureSpec this configuration computes."""
         return FeatureSpec(bar_ns=int(self.bar_seconds * NS_PER_SECOND))
+
+
+def _secret(value: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:
+    """A secret given directly, else the stripped contents of the file at `path` (a mount).
+
+    Raises:
+        ConfigError: The file cannot be read or holds nothing; the message names `name`.
+    """
+    if value is not None or path is None:
+        return value
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"bad setting {name}: {exc.strerror} ({path})") from None
+    if not text:
+        raise ConfigError(f"bad setting {name}: {path} is empty")
+    return SecretStr(text)
 
 
 def _security_problem(s: Settings) -> str:

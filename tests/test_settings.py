@@ -52,6 +52,9 @@ def test_the_api_token_comes_from_the_environment_or_a_mounted_file(
     token = load_settings().bearer_token
     assert token is not None and token.get_secret_value() == "from-env"
     monkeypatch.delenv("TICKSERVE_API_TOKEN")
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match="bad setting TICKSERVE_API_TOKEN_FILE: .* is empty"):
+        _ = load_settings().bearer_token
     secret.unlink()
-    with pytest.raises(ConfigError, match="TICKSERVE_API_TOKEN_FILE: cannot read"):
+    with pytest.raises(ConfigError, match="bad setting TICKSERVE_API_TOKEN_FILE: No such file"):
         _ = load_settings().bearer_token
