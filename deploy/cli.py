@@ -70,7 +70,9 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
     from stream.kafka.clients import ensure_topics
 
     if args.file:
-        rows = chain.from_iterable(trade_chunks(Path(args.file), args.symbol))
+        chunks = trade_chunks(Path(args.file), args.symbol)
+        first = next(chunks, [])  # a missing or unreadable file fails here, before connecting
+        rows = chain(first, chain.from_iterable(chunks))
         source: object = islice(rows, args.skip, args.skip + args.limit if args.limit else None)
     else:
         source = SyntheticMarket(symbols=args.symbols, seed=args.seed).ticks(args.count)
