@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from stream.ingest.feed import SyntheticMarket, read_trades, symbol_from_filename, trade_chunks
-from tests.helpers import DATA, TRADES
+from tests.helpers import DATA, TRADES, tickserve
 from tickserve.errors import DataError
 
 
@@ -202,3 +202,17 @@ def test_features_command_streams_chunks_equal_to_the_whole(tmp_path: Path) -> N
     parts = [ticks.iloc[i : i + 1000] for i in range(0, len(ticks), 1000)]
     chunked = pd.concat(list(feature_chunks(parts, spec)), ignore_index=True)
     pd.testing.assert_frame_equal(chunked, whole)
+
+
+def test_features_cli_reads_a_tardis_file_chunk_by_chunk(tmp_path: Path) -> None:
+    out = tmp_path / "features.parquet"
+    done = tickserve("features", "--input", str(_gzipped(TARDIS, tmp_path)), "--output", str(out),
+                     env={"TICKSERVE_STATE_DIR": str(tmp_path)}, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "features: 5 rows (0 ready)" in done.stdout
+    assert "skipped 1 invalid {'side': 1}" in done.stdout
+    table = pd.read_parquet(out)
+    assert table["trade_id"].tolist() == ["3218940021", "3218940022", "3218940023",
+                                          "1190020011", "3218940025"]  # fmt: skip
+    assert table["event_ns"].iloc[0] == 1696118400123456 * 1000
+    assert {"return_1", "ready", "late"} <= set(table.columns)
