@@ -1,4 +1,4 @@
-"""Feed adapters: replay trade files (ccxt, freqtrade, Binance aggTrade) or a synthetic market."""
+"""Feed adapters: trade files of every supported layout, read in chunks; a synthetic market."""
 
 from __future__ import annotations
 
