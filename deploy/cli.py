@@ -62,16 +62,18 @@ def cmd_down(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
-    """Publish ticks from a file or the synthetic market."""
+    """Publish ticks from a file (read chunk by chunk) or the synthetic market."""
+    from itertools import chain, islice
+
     from deploy.tracing import start_tracing
-    from stream.ingest.feed import Pacing, SyntheticMarket, publish, read_trades
+    from stream.ingest.feed import Pacing, SyntheticMarket, publish, trade_chunks
     from stream.kafka.clients import ensure_topics
 
     if args.file:
-        ticks = read_trades(Path(args.file), args.symbol)[args.skip :]
-        if args.limit:
-            ticks = ticks[: args.limit]
-        source: object = ticks
+        chunks = trade_chunks(Path(args.file), args.symbol)
+        first = next(chunks, [])  # a missing or unreadable file fails here, before connecting
+        rows = chain(first, chain.from_iterable(chunks))
+        source: object = islice(rows, args.skip, args.skip + args.limit if args.limit else None)
     else:
         source = SyntheticMarket(symbols=args.symbols, seed=args.seed).ticks(args.count)
 
@@ -92,6 +94,39 @@ def cmd_feed(settings: Settings, args: argparse.Namespace) -> int:
 
     sent = _run(main())
     print(f"feed: published {sent} ticks to {settings.ticks_topic}")
+    return 0
+
+
+def cmd_ingest(settings: Settings, args: argparse.Namespace) -> int:
+    """Publish one exchange's live trades to the ticks topic until SIGTERM/SIGINT."""
+    from prometheus_client import start_http_server
+
+    from stream.ingest.live import IngestConfig, LiveIngest, parse_symbols
+    from stream.kafka.clients import ensure_topics
+
+    config = IngestConfig(
+        args.exchange,
+        parse_symbols(args.symbols),
+        settings.bootstrap,
+        settings.ticks_topic,
+        settings.kafka_security,
+        linger_ms=settings.linger_ms,
+        max_future_ns=settings.max_future_ms * 1_000_000,
+    )
+
+    async def main() -> object:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        ingest = LiveIngest(config, stop)
+        await ensure_topics(
+            settings.bootstrap, [settings.ticks_topic], settings.partitions, config.security
+        )
+        if args.metrics_port:
+            start_http_server(args.metrics_port, addr=args.metrics_host)
+        return await ingest.run()
+
+    counts = _run(main())
+    print(f"ingest: {counts}")
     return 0
 
 
@@ -330,43 +365,46 @@ def cmd_monitor(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_features(settings: Settings, args: argparse.Namespace) -> int:
-    """Compute the stream's features offline for a trade file, one row per tick."""
-    import pandas as pd
+    """Compute the stream's features offline for a trade file, one row per tick, chunk by chunk."""
+    from collections.abc import Iterator
 
-    from features.offline import features_frame
-    from stream.contracts.tick import SIDES, validate
-    from stream.ingest.feed import read_trades
-    from tickserve.errors import InvalidTick
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from features.offline import feature_chunks, features_frame
+    from stream.ingest.backfill import tick_tables
     from tickserve.progress import progress_bar
 
-    rows, skipped = [], Counter[str]()
+    skipped, rows, ready = Counter[str](), 0, 0
     far_future = 2**62  # a file is history: no clock-skew check
-    trades = read_trades(Path(args.input), args.symbol)
-    with progress_bar("validate", len(trades), " ticks", _progress(args)) as bar:
-        for raw in trades:
-            bar.update(1)
-            try:
-                tick = validate({**raw, "recv_ns": 0}, far_future, 0)
-            except InvalidTick as exc:
-                skipped[exc.reason] += 1
-                continue
-            rows.append(
-                (
-                    tick.symbol,
-                    tick.event_ns,
-                    tick.trade_id,
-                    tick.price,
-                    tick.quantity,
-                    SIDES[tick.side],
-                )
-            )
     columns = ["symbol", "event_ns", "trade_id", "price", "quantity", "is_buy"]
-    table = features_frame(
-        pd.DataFrame(rows, columns=columns), settings.feature_spec, progress=_progress(args)
-    )
-    table.to_parquet(args.output, index=False)
+
+    def ticks() -> Iterator[pd.DataFrame]:
+        for _, table, bad in tick_tables(Path(args.input), args.symbol, far_future, 0):
+            skipped.update(bad)
+            frame = table.select(columns).to_pandas()
+            yield frame.assign(is_buy=frame["is_buy"].astype(bool))
+
+    writer: pq.ParquetWriter | None = None
+    with progress_bar("features", unit=" ticks", enabled=_progress(args)) as bar:
+        for chunk in feature_chunks(ticks(), settings.feature_spec):
+            table = pa.Table.from_pandas(chunk, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(args.output, table.schema)
+            writer.write_table(table)
+            rows += len(chunk)
+            ready += int(chunk["ready"].sum())
+            bar.update(len(chunk))
+    if writer is not None:
+        writer.close()
+    else:  # nothing valid: an empty table with the columns
+        empty = pd.DataFrame(
+            {c: pd.Series(dtype=t) for c, t in zip(columns, TICK_DTYPES, strict=True)}
+        )
+        features_frame(empty, settings.feature_spec).to_parquet(args.output, index=False)
     print(
-        f"features: {len(table)} rows ({int(table['ready'].sum())} ready) -> {args.output}; "
+        f"features: {rows} rows ({ready} ready) -> {args.output}; "
         f"skipped {sum(skipped.values())} invalid {dict(skipped)}; "
         f"spec {settings.feature_spec.hash}"
     )
@@ -380,6 +418,7 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, Path(args.data), args.live_rate)
 
 
+TICK_DTYPES = ("object", "int64", "object", "float64", "float64", "bool")
 NO_PROGRESS = "no progress bars (default: shown when stderr is a terminal)"
 
 
@@ -396,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the local stack")
 
     feed = sub.add_parser("feed", help="publish ticks from a trade file or a synthetic market")
-    feed.add_argument("--file", help="trade file: ccxt Parquet/CSV/JSON, freqtrade JSON, aggTrade")
+    feed.add_argument(
+        "--file", help="trade file: ccxt/Kraken/tardis CSV, Parquet, JSON, freqtrade, aggTrade"
+    )
     feed.add_argument("--symbol", help="symbol for files whose rows carry none")
     feed.add_argument("--skip", type=int, default=0, help="skip the first N rows of the file")
     feed.add_argument("--limit", type=int, default=0, help="send at most N rows (0: all)")
@@ -405,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     feed.add_argument("--symbols", type=int, default=10, help="synthetic: number of symbols")
     feed.add_argument("--count", type=int, default=10_000, help="synthetic: ticks to send")
     feed.add_argument("--seed", type=int, default=7, help="synthetic: random seed")
+
+    ingest = sub.add_parser("ingest", help="publish an exchange's live trades (websockets)")
+    ingest.add_argument("--exchange", required=True, help="binance, coinbase or kraken")
+    ingest.add_argument("--symbols", required=True, help="e.g. BTC/USDT,ETH/USDT")
+    ingest.add_argument(
+        "--metrics-port", type=int, default=9108, help="Prometheus /metrics port (0: none)"
+    )
+    ingest.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics binds")
 
     archive = sub.add_parser("archive", help="consume ticks into the ClickHouse archive")
     archive.add_argument(
@@ -463,6 +512,7 @@ COMMANDS = {
     "up": cmd_up,
     "down": cmd_down,
     "feed": cmd_feed,
+    "ingest": cmd_ingest,
     "archive": cmd_archive,
     "import": cmd_import,
     "train": cmd_train,

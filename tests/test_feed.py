@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import gzip
+from collections import Counter
 from pathlib import Path
 
 import orjson
 import pandas as pd
 import pytest
 
-from stream.ingest.feed import SyntheticMarket, read_trades, symbol_from_filename
-from tests.helpers import DATA, TRADES
+from stream.ingest.feed import SyntheticMarket, read_trades, symbol_from_filename, trade_chunks
+from tests.helpers import DATA, TRADES, tickserve
 from tickserve.errors import DataError
 
 
@@ -103,3 +104,115 @@ def test_synthetic_market_is_seeded() -> None:
     assert a == b
     assert {t["symbol"] for t in a} == {"SYN000/USD", "SYN001/USD", "SYN002/USD"}
     assert all(t["price"] > 0 and t["quantity"] >= 0 for t in a)
+
+
+TRADE_FILES = Path(__file__).resolve().parent / "data" / "trades"
+KRAKEN = TRADE_FILES / "XBTUSDT.csv"
+TARDIS = TRADE_FILES / "binance-trades-BTCUSDT.csv"
+
+
+def _gzipped(path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / (path.name + ".gz")
+    out.write_bytes(gzip.compress(path.read_bytes()))
+    return out
+
+
+def test_kraken_headerless_csv_plain_and_gz(tmp_path: Path) -> None:
+    ticks = read_trades(KRAKEN)  # the symbol from Kraken's file name: XBTUSDT -> BTC/USDT
+    assert read_trades(_gzipped(KRAKEN, tmp_path)) == ticks
+    assert len(ticks) == 8
+    assert {t["symbol"] for t in ticks} == {"BTC/USDT"}
+    assert ticks[1]["event_ns"] == 1696118400_500000_000  # seconds with a fraction
+    assert [t["trade_id"] for t in ticks] == [str(i) for i in range(1, 9)]  # line numbers
+    # the tick rule: first a buy; down -> sell; unchanged -> as before; up -> buy
+    assert [t["side"] for t in ticks] == ["buy", "buy", "sell", "sell", "buy", "buy", "sell", "buy"]
+    assert (ticks[6]["price"], ticks[6]["quantity"]) == (26959.9, 1.25)
+    assert read_trades(KRAKEN, symbol="XBT/USDT")[0]["symbol"] == "XBT/USDT"  # --symbol wins
+    unnamed = tmp_path / "trades.csv"
+    unnamed.write_bytes(KRAKEN.read_bytes())
+    with pytest.raises(DataError, match="Kraken trades CSV has no symbol; pass --symbol"):
+        read_trades(unnamed)
+
+
+def test_tardis_trades_csv_plain_and_gz(tmp_path: Path) -> None:
+    ticks = read_trades(TARDIS)
+    assert read_trades(_gzipped(TARDIS, tmp_path)) == ticks
+    assert len(ticks) == 6
+    assert ticks[0] == {
+        "symbol": "BTCUSDT",  # as the file names it
+        "event_ns": 1696118400123456 * 1000,  # microseconds kept
+        "price": 26962.10,
+        "quantity": 0.00185,
+        "side": "buy",
+        "trade_id": "3218940021",
+    }
+    assert ticks[3]["side"] == "unknown"  # kept: the worker dead-letters it (reason side)
+    assert ticks[4]["symbol"] == "ETHUSDT"
+
+
+def test_chunks_equal_the_whole_file(tmp_path: Path) -> None:
+    whole = read_trades(TRADES)
+    for path in (TRADES, DATA / "XRP_ETH-trades.json.gz"):
+        chunks = list(trade_chunks(path, chunk_rows=1000))
+        assert len(chunks) == 13 and max(len(c) for c in chunks) == 1000
+        assert [t for c in chunks for t in c] == whole
+    csv = tmp_path / "XRP_ETH-trades.csv.gz"
+    pd.read_parquet(TRADES).to_csv(csv, index=False)
+    assert [t for c in trade_chunks(csv, chunk_rows=1000) for t in c] == whole
+    kraken = tmp_path / "XBTUSDT.csv"
+    kraken.write_text(KRAKEN.read_text() * 3000)  # 24,000 rows: several CSV blocks
+    ticks = read_trades(kraken)
+    assert [t["trade_id"] for t in ticks] == [str(i) for i in range(1, 24_001)]
+    assert ticks[8]["side"] == "sell"  # 26963.0 -> 26962.1 across the repeat
+
+
+def test_import_and_features_read_the_new_formats(tmp_path: Path) -> None:
+    from stream.ingest.backfill import tick_tables
+
+    for path, symbol in ((KRAKEN, None), (TARDIS, None)):
+        rows, valid, skipped = 0, 0, Counter[str]()
+        for n, table, bad in tick_tables(path, symbol, 2**62, 0):
+            rows, valid = rows + n, valid + table.num_rows
+            skipped.update(bad)
+            assert table.column("event_ns").to_pylist()[0] == read_trades(path)[0]["event_ns"]
+        expected_bad = {"side": 1} if path == TARDIS else {}
+        assert (rows, valid, dict(skipped)) == (
+            len(read_trades(path)),
+            rows - sum(expected_bad.values()),
+            expected_bad,
+        )
+
+
+def test_features_command_streams_chunks_equal_to_the_whole(tmp_path: Path) -> None:
+    from features.offline import feature_chunks, features_frame
+    from features.spec import FeatureSpec
+
+    spec = FeatureSpec(bar_ns=60_000_000_000)
+    frame = pd.read_parquet(TRADES)
+    ticks = pd.DataFrame(
+        {
+            "symbol": "XRP/ETH",
+            "event_ns": frame["timestamp"].to_numpy() * 1_000_000,
+            "price": frame["price"],
+            "quantity": frame["amount"],
+            "is_buy": frame["side"] == "buy",
+        }
+    )
+    whole = features_frame(ticks, spec)
+    parts = [ticks.iloc[i : i + 1000] for i in range(0, len(ticks), 1000)]
+    chunked = pd.concat(list(feature_chunks(parts, spec)), ignore_index=True)
+    pd.testing.assert_frame_equal(chunked, whole)
+
+
+def test_features_cli_reads_a_tardis_file_chunk_by_chunk(tmp_path: Path) -> None:
+    out = tmp_path / "features.parquet"
+    done = tickserve("features", "--input", str(_gzipped(TARDIS, tmp_path)), "--output", str(out),
+                     env={"TICKSERVE_STATE_DIR": str(tmp_path)}, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "features: 5 rows (0 ready)" in done.stdout
+    assert "skipped 1 invalid {'side': 1}" in done.stdout
+    table = pd.read_parquet(out)
+    assert table["trade_id"].tolist() == ["3218940021", "3218940022", "3218940023",
+                                          "1190020011", "3218940025"]  # fmt: skip
+    assert table["event_ns"].iloc[0] == 1696118400123456 * 1000
+    assert {"return_1", "ready", "late"} <= set(table.columns)

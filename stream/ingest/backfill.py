@@ -16,14 +16,17 @@ import pyarrow as pa
 
 from stream.contracts.tick import SIDES, validate
 from stream.ingest.archive import TICK_COLUMNS, ClickHouseArchive
-from stream.ingest.feed import NS_PER_MS, read_trades, symbol_from_filename
+from stream.ingest.feed import (
+    NS_PER_MS,
+    is_columnar,
+    symbol_from_filename,
+    trade_chunks,
+    trade_frames,
+)
 from tickserve.errors import DataError, InvalidTick
 from tickserve.progress import progress_bar
 
 logger = logging.getLogger(__name__)
-
-COLUMNAR = (".parquet", ".csv", ".feather")
-CHUNK_ROWS = 1_000_000
 
 
 @dataclass(slots=True)
@@ -110,7 +113,10 @@ def validate_frame(
         sym_ok = symbols.map(lambda s: isinstance(s, str) and s != "").to_numpy(bool)
 
     ts = frame["timestamp"]
-    if ts.dtype.kind == "M":  # datetimes are not ccxt's integer ms: the row path rejects them
+    if "event_ns" in frame.columns:  # Kraken and tardis files: finer than ccxt's ms
+        ts_ok = frame["event_ns"].notna().to_numpy(bool)
+        event_ns = frame["event_ns"].fillna(0).to_numpy(np.int64)
+    elif ts.dtype.kind == "M":  # datetimes are not ccxt's integer ms: the row path rejects them
         ts_ok = np.zeros(n, bool)
         event_ns = np.zeros(n, np.int64)
     elif ts.dtype.kind in "iu":
@@ -158,18 +164,34 @@ def validate_frame(
     return table, skipped
 
 
-def _frames(path: Path) -> Iterator[pd.DataFrame]:
-    """A columnar trade file in chunks (Parquet streamed, CSV/Feather at once)."""
-    suffix = path.suffix
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def tick_tables(
+    path: Path, symbol: str | None, now_ns: int, max_future_ns: int
+) -> Iterator[tuple[int, pa.Table, Counter[str]]]:
+    """A trade file as validated tick tables, chunk by chunk: (rows read, valid ticks, skipped).
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
-            yield batch.to_pandas()
-    elif suffix == ".csv":
-        yield pd.read_csv(path)
-    else:
-        yield pd.read_feather(path)
+    Columnar files (Parquet, CSV of any layout, Feather) are validated vectorized
+    (`validate_frame`); JSON files row by row (`validate_rows`). Both apply the same
+    rules (a test holds them equal). Memory stays bounded by one chunk.
+
+    Raises:
+        DataError: The file is missing, unreadable or of an unknown format.
+    """
+    if not path.exists():
+        raise DataError(f"trade file not found: {path}")
+    if is_columnar(path):
+        default = symbol or symbol_from_filename(path)
+        for frame in trade_frames(path, default):
+            if "symbol" not in frame.columns:
+                raise DataError(f"{path}: rows have no symbol; pass --symbol")
+            table, skipped = validate_frame(frame, default, now_ns, max_future_ns)
+            yield len(frame), table, skipped
+        return
+    try:
+        for rows in trade_chunks(path, symbol):
+            table, skipped = validate_rows(rows, now_ns, max_future_ns)
+            yield len(rows), table, skipped
+    except ValueError as exc:  # orjson.JSONDecodeError
+        raise DataError(f"{path}: not a readable trade file: {exc}") from exc
 
 
 def import_file(
@@ -179,41 +201,19 @@ def import_file(
     max_future_ns: int = 5_000_000_000,
     progress: bool = False,
 ) -> ImportReport:
-    """Read a trade file, validate every row, insert the valid ones in bulk.
+    """Read a trade file chunk by chunk, validate every row, insert the valid ones in bulk.
 
-    Columnar ccxt files (Parquet, CSV, Feather) are validated vectorized, chunk by
-    chunk; every other format `stream.ingest.feed.read_trades` knows goes row by row through
-    `stream.contracts.tick.validate`. Both apply the same rules (a test holds them equal).
+    One INSERT per chunk (`tick_tables`), so memory stays flat whatever the file's size.
     """
-    if not path.exists():
-        raise DataError(f"trade file not found: {path}")
     report = ImportReport()
     now_ns = time.time_ns()
-    if path.suffix in COLUMNAR:
-        default = symbol or symbol_from_filename(path)
-        with progress_bar(f"import {path.name}", unit=" rows", enabled=progress) as bar:
-            for frame in _frames(path):
-                missing = {"timestamp", "price", "amount", "side"} - set(frame.columns)
-                if missing:
-                    raise DataError(
-                        f"{path}: not a ccxt trade file, missing columns {sorted(missing)}"
-                    )
-                if "symbol" not in frame.columns and default is None:
-                    raise DataError(f"{path}: rows have no symbol; pass --symbol")
-                table, skipped = validate_frame(frame, default, now_ns, max_future_ns)
-                archive.insert_tick_table(table)
-                report.rows += len(frame)
-                report.inserted += table.num_rows
-                report.skipped.update(skipped)
-                bar.update(len(frame))
-    else:
-        try:
-            rows = read_trades(path, symbol)
-        except ValueError as exc:  # orjson.JSONDecodeError
-            raise DataError(f"{path}: not a readable trade file: {exc}") from exc
-        table, skipped = validate_rows(rows, now_ns, max_future_ns)
-        archive.insert_tick_table(table)
-        report.rows, report.inserted, report.skipped = len(rows), table.num_rows, skipped
+    with progress_bar(f"import {path.name}", unit=" rows", enabled=progress) as bar:
+        for rows, table, skipped in tick_tables(path, symbol, now_ns, max_future_ns):
+            archive.insert_tick_table(table)
+            report.rows += rows
+            report.inserted += table.num_rows
+            report.skipped.update(skipped)
+            bar.update(rows)
     logger.info(
         "import done", extra={"file": str(path), "rows": report.rows, "inserted": report.inserted}
     )

@@ -1,4 +1,4 @@
-"""Feed adapters: replay trade files (ccxt, freqtrade, Binance aggTrade) or a synthetic market."""
+"""Feed adapters: trade files of every supported layout, read in chunks; a synthetic market."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,41 @@ from tickserve.tracing import TRACEPARENT, Tracing, messaging, traceparent
 logger = logging.getLogger(__name__)
 
 NS_PER_MS = 1_000_000
+CHUNK_ROWS = 50_000
+CSV_BLOCK_BYTES = 4 << 20
+TARDIS_COLUMNS = (
+    "exchange",
+    "symbol",
+    "timestamp",
+    "local_timestamp",
+    "id",
+    "side",
+    "price",
+    "amount",
+)
+# Kraken pair names end in one of these (longest first); XBT is Kraken's name for bitcoin.
+KRAKEN_QUOTES = (
+    "USDT",
+    "USDC",
+    "USD",
+    "EUR",
+    "GBP",
+    "CAD",
+    "JPY",
+    "CHF",
+    "AUD",
+    "XBT",
+    "ETH",
+    "DAI",
+)
+_KRAKEN_ASSETS = {"XBT": "BTC", "XDG": "DOGE"}
 # freqtrade's list rows: [timestamp, id, type, side, price, amount, cost]
 _FREQTRADE_ROW = ("timestamp", "id", "type", "side", "price", "amount", "cost")
 
 
 def _clean(value: Any) -> Any:
     """JSON-safe scalar: numpy to Python, NaN/NaT/None to None; other values unchanged."""
-    if value is None or value is pd.NaT:
+    if value is None or value is pd.NaT or value is pd.NA:
         return None
     if isinstance(value, np.generic):
         value = value.item()
@@ -63,9 +91,10 @@ def _from_ccxt(row: dict[str, Any], symbol: str | None) -> dict[str, Any]:
     trade_id = _clean(row.get("id"))
     if isinstance(trade_id, float) and trade_id.is_integer():  # CSV ids next to a gap
         trade_id = int(trade_id)
+    event_ns = _clean(row.get("event_ns"))  # finer than ccxt's ms, where the file has it
     return {
         "symbol": _clean(row.get("symbol")) or symbol,
-        "event_ns": _timestamp_ns(row.get("timestamp")),
+        "event_ns": event_ns if event_ns is not None else _timestamp_ns(row.get("timestamp")),
         "price": _clean(row.get("price")),
         "quantity": _clean(row.get("amount")),
         "side": _clean(row.get("side")),
@@ -93,59 +122,250 @@ def _from_agg_trade(row: dict[str, Any], symbol: str | None) -> dict[str, Any]:
     }
 
 
-def _json_rows(path: Path) -> list[Any]:
+def _json_rows(path: Path, chunk_rows: int) -> Iterator[list[Any]]:
+    """JSON lines in chunks of `chunk_rows`; a JSON document (list) is read whole."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
     name = path.name.removesuffix(".gz")
-    if name.endswith((".jsonl", ".ndjson")):
-        return [orjson.loads(line) for line in raw.splitlines() if line.strip()]
-    doc = orjson.loads(raw)
-    return doc if isinstance(doc, list) else [doc]
+    with opener(path, "rb") as fh:
+        if name.endswith((".jsonl", ".ndjson")):
+            chunk: list[Any] = []
+            for line in fh:
+                if line.strip():
+                    chunk.append(orjson.loads(line))
+                if len(chunk) >= chunk_rows:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+            return
+        doc = orjson.loads(fh.read())
+    rows = doc if isinstance(doc, list) else [doc]
+    for start in range(0, len(rows), chunk_rows):
+        yield rows[start : start + chunk_rows]
 
 
-def read_trades(path: Path, symbol: str | None = None) -> list[dict[str, Any]]:
-    """Read a trade file into raw tick dicts (without recv_ns), invalid rows kept as they are.
+def _first_line(path: Path) -> str:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", errors="replace") as fh:
+        return fh.readline().strip()
+
+
+def csv_layout(path: Path) -> str:
+    """Which CSV layout `path` holds: ``tardis``, ``kraken`` (headerless) or ``ccxt``.
+
+    tardis.dev trades CSVs start with the header
+    ``exchange,symbol,timestamp,local_timestamp,id,side,price,amount``; Kraken's
+    public trades CSVs have no header, and their first field is a number.
+    """
+    first = _first_line(path)
+    if first.replace(" ", "").startswith(",".join(TARDIS_COLUMNS)):
+        return "tardis"
+    head = first.split(",", 1)[0]
+    try:
+        float(head)
+    except ValueError:
+        return "ccxt"
+    return "kraken"
+
+
+def kraken_symbol(path: Path) -> str | None:
+    """Kraken names its trade files by pair: `XBTUSDT.csv` -> `BTC/USDT` (None if unsure)."""
+    stem = path.name.removesuffix(".gz").removesuffix(".csv").upper()
+    for quote in KRAKEN_QUOTES:
+        base = stem.removesuffix(quote)
+        if base != stem and re.fullmatch(r"[A-Z0-9]{2,10}", base):
+            return f"{_KRAKEN_ASSETS.get(base, base)}/{_KRAKEN_ASSETS.get(quote, quote)}"
+    return None
+
+
+def _arrow_csv(path: Path, names: list[str] | None, types: dict[str, Any]) -> Iterator[Any]:
+    """A CSV (plain or .gz) as pyarrow record batches of about CSV_BLOCK_BYTES each."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    read = csv.ReadOptions(column_names=names, block_size=CSV_BLOCK_BYTES)
+    convert = csv.ConvertOptions(column_types=types)
+    try:
+        with csv.open_csv(str(path), read_options=read, convert_options=convert) as reader:
+            yield from reader
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}: not a readable trade file: {exc}") from exc
+
+
+def _kraken_frames(path: Path) -> Iterator[pd.DataFrame]:
+    """Kraken `timestamp,price,volume` rows (seconds): no side and no trade id in the file.
+
+    The trade id is the row's line number (stable across replays of one file, so the
+    archive deduplicates a file imported twice); the side comes from the tick rule (a
+    trade above the previous price was bought, below sold, equal: as the previous one;
+    the file's first trade counts as a buy).
+    """
+    import pyarrow as pa
+
+    types = {"timestamp": pa.float64(), "price": pa.float64(), "volume": pa.float64()}
+    line, last_price, last_buy = 0, math.nan, True
+    for batch in _arrow_csv(path, ["timestamp", "price", "volume"], types):
+        price = batch.column("price").to_numpy(zero_copy_only=False)
+        seconds = batch.column("timestamp").to_numpy(zero_copy_only=False)
+        n = len(price)
+        step = np.sign(np.diff(price, prepend=last_price))
+        step[np.isnan(step)] = 0.0
+        if n and step[0] == 0.0:
+            step[0] = 1.0 if last_buy else -1.0
+        filled = pd.Series(np.where(step == 0.0, np.nan, step)).ffill().to_numpy()
+        is_buy = filled > 0
+        ok = np.isfinite(seconds)
+        micros = np.round(np.where(ok, seconds, 0.0) * 1e6).astype(np.int64)
+        event_ns = pd.Series(micros * 1000, dtype="Int64").where(ok)
+        frame = pd.DataFrame(
+            {
+                "timestamp": event_ns // NS_PER_MS,
+                "event_ns": event_ns,
+                "id": np.arange(line + 1, line + n + 1).astype(str),
+                "side": np.where(is_buy, "buy", "sell"),
+                "price": price,
+                "amount": batch.column("volume").to_numpy(zero_copy_only=False),
+            }
+        )
+        line += n
+        if n:
+            last_price, last_buy = float(price[-1]), bool(is_buy[-1])
+        yield frame
+
+
+def _tardis_frames(path: Path) -> Iterator[pd.DataFrame]:
+    """tardis.dev trades (`timestamp` and `local_timestamp` in microseconds since the epoch)."""
+    import pyarrow as pa
+
+    types = {
+        "exchange": pa.string(),
+        "symbol": pa.string(),
+        "timestamp": pa.int64(),
+        "local_timestamp": pa.int64(),
+        "id": pa.string(),
+        "side": pa.string(),
+        "price": pa.float64(),
+        "amount": pa.float64(),
+    }
+    for batch in _arrow_csv(path, None, types):
+        us = batch.column("timestamp").to_pandas()
+        yield pd.DataFrame(
+            {
+                "symbol": batch.column("symbol").to_pandas(),
+                "timestamp": us // 1000,
+                "event_ns": (us * 1000).astype("Int64"),
+                "id": batch.column("id").to_pandas(),
+                "side": batch.column("side").to_pandas(),
+                "price": batch.column("price").to_pandas(),
+                "amount": batch.column("amount").to_pandas(),
+            }
+        )
+
+
+def trade_frames(
+    path: Path, symbol: str | None = None, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[pd.DataFrame]:
+    """A columnar trade file as ccxt-style frames of bounded size, read as it goes.
+
+    Columns: timestamp (ms), id, side, price, amount, and symbol where the file has
+    one; Kraken and tardis.dev files also give `event_ns` (their finer time). Parquet
+    is read `chunk_rows` rows at a time, CSV in blocks of CSV_BLOCK_BYTES (pandas for
+    ccxt CSVs, whose columns may hold bad values to dead-letter; pyarrow's streaming
+    reader for the fixed Kraken and tardis layouts), Feather batch by batch.
+
+    Raises:
+        DataError: The file is missing, of an unknown format, or lacks ccxt's columns.
+    """
+    if not path.exists():
+        raise DataError(f"trade file not found: {path}")
+    suffix = Path(path.name.removesuffix(".gz")).suffix
+    if suffix == ".csv":
+        layout = csv_layout(path)
+        if layout == "kraken":
+            symbol = symbol or kraken_symbol(path)
+            if symbol is None:
+                raise DataError(f"{path}: a Kraken trades CSV has no symbol; pass --symbol")
+            frames: Iterator[pd.DataFrame] = _kraken_frames(path)
+        elif layout == "tardis":
+            frames = _tardis_frames(path)
+        else:
+            frames = iter(pd.read_csv(path, chunksize=chunk_rows))
+    elif suffix == ".parquet" and path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        frames = (batch.to_pandas() for batch in batches)
+    elif suffix == ".feather" and path.suffix == ".feather":
+        import pyarrow as pa
+
+        reader = pa.ipc.open_file(path)
+        frames = (reader.get_batch(i).to_pandas() for i in range(reader.num_record_batches))
+    else:
+        raise DataError(f"{path}: unknown trade file format {suffix!r}")
+    for frame in frames:
+        missing = {"timestamp", "price", "amount", "side"} - set(frame.columns)
+        if missing:
+            raise DataError(f"{path}: not a ccxt trade file, missing columns {sorted(missing)}")
+        if symbol is not None and "symbol" not in frame.columns:
+            frame = frame.assign(symbol=symbol)
+        yield frame
+
+
+def is_columnar(path: Path) -> bool:
+    """Whether `trade_frames` reads `path` (else it is a JSON trade file)."""
+    name = path.name
+    return name.endswith((".parquet", ".feather", ".csv", ".csv.gz"))
+
+
+def _row_tick(row: Any, symbol: str | None) -> dict[str, Any]:
+    if isinstance(row, list) and len(row) == len(_FREQTRADE_ROW):
+        row = dict(zip(_FREQTRADE_ROW, row, strict=True))
+    if isinstance(row, dict) and "info" in row and "timestamp" not in row:
+        row = row["info"]
+    if isinstance(row, dict) and "T" in row and "p" in row:
+        return _from_agg_trade(row, symbol)
+    if isinstance(row, dict):
+        return _from_ccxt(row, symbol)
+    return {"raw": _clean(row)}  # kept: the worker dead-letters it
+
+
+def trade_chunks(
+    path: Path, symbol: str | None = None, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[list[dict[str, Any]]]:
+    """Raw tick dicts (without recv_ns) in chunks of bounded size, invalid rows kept as they are.
 
     Formats: ccxt trades as Parquet, CSV, Feather or JSON (list of dicts), freqtrade's
-    JSON list rows, raw Binance aggTrade JSON (list or JSON lines); `.gz` JSON too.
-    The symbol comes from the row, else `symbol`, else the freqtrade file name.
+    JSON list rows, raw Binance aggTrade JSON (list or JSON lines), Kraken's headerless
+    `timestamp,price,volume` CSV and tardis.dev trades CSV; `.gz` CSV and JSON too.
+    The symbol comes from the row, else `symbol`, else the file name (freqtrade's
+    `BASE_QUOTE-trades.*`, Kraken's `PAIR.csv`). Only a JSON document (not JSON lines)
+    is read whole; everything else is read `chunk_rows` rows (or a CSV block) at a time.
+
+    Raises:
+        DataError: The file is missing or unreadable, or its rows have no symbol.
     """
     if not path.exists():
         raise DataError(f"trade file not found: {path}")
     symbol = symbol or symbol_from_filename(path)
     name = path.name.removesuffix(".gz")
-    suffix = Path(name).suffix
-    if suffix in (".parquet", ".csv", ".feather"):
-        readers: dict[str, Callable[[Path], pd.DataFrame]] = {
-            ".parquet": pd.read_parquet,
-            ".csv": pd.read_csv,
-            ".feather": pd.read_feather,
-        }
-        frame = readers[suffix](path)
-        missing = {"timestamp", "price", "amount", "side"} - set(frame.columns)
-        if missing:
-            raise DataError(f"{path}: not a ccxt trade file, missing columns {sorted(missing)}")
-        rows: list[Any] = frame.to_dict("records")
-    elif suffix in (".json", ".jsonl", ".ndjson"):
-        rows = _json_rows(path)
+    if is_columnar(path):
+        chunks: Iterator[list[Any]] = (
+            frame.to_dict("records") for frame in trade_frames(path, symbol, chunk_rows)
+        )
+    elif name.endswith((".json", ".jsonl", ".ndjson")):
+        chunks = _json_rows(path, chunk_rows)
     else:
-        raise DataError(f"{path}: unknown trade file format {suffix!r}")
-    ticks = []
-    for row in rows:
-        if isinstance(row, list) and len(row) == len(_FREQTRADE_ROW):
-            row = dict(zip(_FREQTRADE_ROW, row, strict=True))
-        if isinstance(row, dict) and "info" in row and "timestamp" not in row:
-            row = row["info"]
-        if isinstance(row, dict) and "T" in row and "p" in row:
-            ticks.append(_from_agg_trade(row, symbol))
-        elif isinstance(row, dict):
-            ticks.append(_from_ccxt(row, symbol))
-        else:
-            ticks.append({"raw": _clean(row)})  # kept: the worker dead-letters it
-    if any(t.get("symbol") is None for t in ticks if "raw" not in t) and symbol is None:
-        raise DataError(f"{path}: rows have no symbol; pass --symbol")
-    return ticks
+        raise DataError(f"{path}: unknown trade file format {Path(name).suffix!r}")
+    for rows in chunks:
+        ticks = [_row_tick(row, symbol) for row in rows]
+        if symbol is None and any(t.get("symbol") is None for t in ticks if "raw" not in t):
+            raise DataError(f"{path}: rows have no symbol; pass --symbol")
+        yield ticks
+
+
+def read_trades(path: Path, symbol: str | None = None) -> list[dict[str, Any]]:
+    """Every raw tick dict of a (small) trade file at once: see `trade_chunks`."""
+    return [tick for chunk in trade_chunks(path, symbol) for tick in chunk]
 
 
 @dataclass(frozen=True, slots=True)
