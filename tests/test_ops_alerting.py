@@ -178,15 +178,18 @@ def monitoring(
         served = Pipeline(settings, pipeline.result, pipeline.ticks)
         yield Monitoring(served, webhook, f"http://127.0.0.1:{prom_port}")
     finally:
-        loop.loop.call_soon_threadsafe(stop.set)
-        done.result(30)  # type: ignore[attr-defined]
-        loop.close()
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
-        for log in logs:
-            log.close()
-        webhook.server.shutdown()
+        # Prometheus and Alertmanager go even when the worker does not stop in time
+        try:
+            loop.loop.call_soon_threadsafe(stop.set)
+            done.result(30)  # type: ignore[attr-defined]
+            loop.close()
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
+            for log in logs:
+                log.close()
+            webhook.server.shutdown()
 
 
 async def _make_event() -> asyncio.Event:
