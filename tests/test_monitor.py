@@ -215,8 +215,6 @@ def _read_rollups(dsn: str) -> list[dict]:
 
 
 @pytest.mark.services
-@pytest.mark.quarantine  # on main (2026-12-04) the app judged 5,800-11,600 of 29,000 calls and
-# showed 4 of 12 PSI within 180 s, also on its own branch where it had passed: cause not found
 @pytest.mark.timeout(900)  # two faust group joins (~31 s each on the local broker), bounded waits
 def test_faust_monitor_exports_known_truth_and_keeps_it_across_a_restart(
     stack_settings, tmp_path

@@ -178,15 +178,20 @@ def monitoring(
         served = Pipeline(settings, pipeline.result, pipeline.ticks)
         yield Monitoring(served, webhook, f"http://127.0.0.1:{prom_port}")
     finally:
-        loop.loop.call_soon_threadsafe(stop.set)
-        done.result(30)  # type: ignore[attr-defined]
-        loop.close()
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
-        for log in logs:
-            log.close()
-        webhook.server.shutdown()
+        # Prometheus and Alertmanager go even when the worker does not stop in time
+        try:
+            loop.loop.call_soon_threadsafe(stop.set)
+            # the model watcher's stop can wait for its kernel compiler child to answer its first
+            # ping (a niced process importing numba: 46 s at a load of 16)
+            done.result(120)  # type: ignore[attr-defined]
+            loop.close()
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
+            for log in logs:
+                log.close()
+            webhook.server.shutdown()
 
 
 async def _make_event() -> asyncio.Event:
@@ -194,7 +199,9 @@ async def _make_event() -> asyncio.Event:
 
 
 @pytest.mark.quarantine  # passes alone (2 passed on main, 82 s) but in the full suite no page
-# arrived within 180 s, twice on 2026-12-04: an order dependence not yet found
+# arrived within 180 s, twice on 2026-12-04. Run with tests/test_pipeline.py after 78a2be6 (load
+# 10-16): passed (page 18.0 s after the breach) once; once its setup (session fixtures included)
+# ran past 300 s. Out until tests/test_pipeline.py's repeats are explained (see there)
 def test_a_latency_burn_pages_through_alertmanager(
     monitoring: Monitoring, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,13 +1,11 @@
 """deploy/compose.yaml: valid against the compose specification's JSON schema, and consistent.
 
-The schema is compose-spec/compose-spec's schema/compose-spec.json, kept in ../shared/schemas.
+The schema is compose-spec/compose-spec's schema/compose-spec.json as the PyPI package
+check-jsonschema vendors it (tests/published.py downloads the wheel once into a cache).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -16,9 +14,9 @@ import yaml
 
 from deploy.settings import Settings
 from tests.helpers import ROOT
+from tests.published import Unavailable, compose_spec_schema
 
 DEPLOY = ROOT / "deploy"
-SCHEMAS = Path(os.environ.get("TICKSERVE_TEST_SCHEMAS", ROOT.parent / "shared" / "schemas"))
 SERVICES = {
     "kafka",
     "redis",
@@ -41,12 +39,14 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.protocols.Validator:
-    path = SCHEMAS / "compose-spec.json"
-    if not path.exists():  # upstream files are kept in the steering repo's shared/, not here
-        pytest.skip(f"{path} missing: the compose-spec schema is not in ../shared/schemas")
-    schema = json.loads(path.read_text())
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
+    try:
+        schema = compose_spec_schema()
+    except Unavailable as exc:  # the only skip: no registry to download the schema from
+        pytest.skip(str(exc))
+    assert schema["title"] == "Compose Specification"
+    cls = jsonschema.validators.validator_for(schema)  # the draft its $schema names
+    cls.check_schema(schema)
+    return cls(schema, format_checker=jsonschema.FormatChecker())  # type: ignore[no-any-return]
 
 
 def test_compose_file_follows_the_specification(

@@ -2,18 +2,16 @@
 
 Core kinds are validated by kubernetes-validate (the API's published schemas, strict: unknown
 fields fail); KEDA's ScaledObject and the Prometheus operator's ServiceMonitor and PrometheusRule
-against the openAPIV3Schema of their published CRDs, kept in ../shared/schemas.
+by the npm packages of kubernetes-models, validators compiled from their CRDs' openAPIV3Schema
+(tests/published.py installs them once into a cache and runs them with node).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -21,17 +19,15 @@ import yaml
 from deploy.k8s_rules import TARGET, render
 from deploy.settings import Settings
 from tests.helpers import ROOT
+from tests.published import Unavailable, crd_errors
 
 K8S = ROOT / "deploy" / "k8s"
 VARIANTS = ["base", "overlays/dev", "overlays/prod", "hpa"]
 KUBERNETES = "1.30.0"
-SCHEMAS = Path(os.environ.get("TICKSERVE_TEST_SCHEMAS", ROOT.parent / "shared" / "schemas"))
-# the CRD manifests as published: kedacore/keda config/crd/bases/, prometheus-operator's
-# example/prometheus-operator-crd/
-CRD_SCHEMAS = {
-    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobjects.yaml",
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
+CRD_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 
 
@@ -49,15 +45,11 @@ def _render(variant: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
-def _crd_validator(path: Path, api_version: str) -> jsonschema.protocols.Validator:
-    """The openAPIV3Schema of the CRD's version that `api_version` names."""
-    crd = yaml.safe_load(path.read_text())
-    group, version = api_version.split("/")
-    assert crd["spec"]["group"] == group
-    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
-    # no check_schema: CRD patterns are Go regexes ((?i) mid-pattern) that Python's re refuses;
-    # none of those fields is set here
-    return jsonschema.Draft202012Validator(served["schema"]["openAPIV3Schema"])
+def _crd_errors(objects: list[dict[str, Any]]) -> list[list[str]]:
+    try:
+        return crd_errors(objects)
+    except Unavailable as exc:  # the only skip: no node/npm or no registry
+        pytest.skip(f"core kinds checked; custom resources not: {exc}")
 
 
 def _by_kind(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -72,17 +64,16 @@ def rendered() -> dict[str, list[dict[str, Any]]]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_object_validates(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
-    unchecked = []
+    custom = []
     for obj in rendered[variant]:
-        schema_file = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
-        if schema_file is None:
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
+            custom.append(obj)
+        else:
             kubernetes_validate.validate(obj, KUBERNETES, strict=True)
-        elif (SCHEMAS / schema_file).exists():
-            _crd_validator(SCHEMAS / schema_file, obj["apiVersion"]).validate(obj)
-        else:  # upstream CRDs are kept in the steering repo's shared/, not committed here
-            unchecked.append(obj["kind"])
-    if unchecked:
-        pytest.skip(f"core kinds valid; no CRD schema in {SCHEMAS} for {sorted(set(unchecked))}")
+    kinds = {o["kind"] for o in custom}
+    assert "ServiceMonitor" in kinds and ("ScaledObject" in kinds) == (variant != "hpa")
+    errors = _crd_errors(custom)
+    assert {o["metadata"]["name"]: e for o, e in zip(custom, errors, strict=True) if e} == {}
 
 
 def test_a_bad_object_fails_validation(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -91,12 +82,16 @@ def test_a_bad_object_fails_validation(rendered: dict[str, list[dict[str, Any]]]
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES, strict=True)
     scaled = _by_kind(rendered["base"], "ScaledObject", "tickserve-worker")
-    path = SCHEMAS / CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")]
-    if not path.exists():
-        pytest.skip(f"core kinds checked; {path} missing (upstream CRDs live in ../shared/schemas)")
-    validator = _crd_validator(path, "keda.sh/v1alpha1")
-    with pytest.raises(jsonschema.ValidationError):
-        validator.validate({**scaled, "spec": {"triggers": "kafka"}})
+    monitor = next(o for o in rendered["base"] if o["kind"] == "ServiceMonitor")
+    rule = next(o for o in rendered["base"] if o["kind"] == "PrometheusRule")
+    bad = [
+        {**scaled, "spec": {"triggers": "kafka"}},
+        {**monitor, "spec": {**monitor["spec"], "endpoints": {"port": "http"}}},
+        {**rule, "spec": {"groups": [{"rules": []}]}},  # a group needs its name
+    ]
+    errors = _crd_errors([scaled, monitor, rule, *bad])
+    assert errors[:3] == [[], [], []]
+    assert all(errors[3:]), errors
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

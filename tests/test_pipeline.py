@@ -90,7 +90,9 @@ def served(pipeline: Pipeline) -> Iterator[tuple[StreamWorker, Pipeline]]:
         yield service.worker, pipeline
     finally:
         loop.loop.call_soon_threadsafe(stop.set)
-        done.result(30)  # type: ignore[attr-defined]
+        # the model watcher's stop can wait for its kernel compiler child to answer its first
+        # ping (a niced process importing numba: 46 s at a load of 16)
+        done.result(120)  # type: ignore[attr-defined]
         loop.close()
 
 
@@ -110,9 +112,11 @@ async def _publish_raw(bootstrap: str, topic: str, values: list[bytes]) -> None:
         await producer.stop()
 
 
-@pytest.mark.quarantine  # in full-suite runs of 2026-12-04 ticks got 2-3 signals (passes alone):
-# most likely the ops alerting fixture's worker writing into this session's signals topic,
-# now given its own topics; back in make test once a full run confirms (make quarantine)
+@pytest.mark.quarantine  # in full-suite runs of 2026-12-04 ticks got 2-3 signals (passes alone).
+# Not (only) the ops alerting worker's signals: with that worker on topics of its own (78a2be6),
+# `pytest -m '' tests/test_ops_alerting.py tests/test_pipeline.py` at a load of 10-16 still gave
+# the last 4 ticks of the stream 3 signals each (every other tick one), and this worker did not
+# stop within 30 s; cause not found (duplicate fetches or produce retries in the wire data path?)
 def test_every_tick_gets_one_signal_and_bad_ones_go_to_the_dlq(
     served: tuple[StreamWorker, Pipeline],
 ) -> None:
@@ -233,5 +237,7 @@ def test_metrics_count_every_scored_tick(pipeline: Pipeline) -> None:
         assert table_mismatches(after.values()) == []
     finally:
         loop.loop.call_soon_threadsafe(stop.set)
-        done.result(30)  # type: ignore[attr-defined]
+        # the model watcher's stop can wait for its kernel compiler child to answer its first
+        # ping (a niced process importing numba: 46 s at a load of 16)
+        done.result(120)  # type: ignore[attr-defined]
         loop.close()
