@@ -198,10 +198,6 @@ async def _make_event() -> asyncio.Event:
     return asyncio.Event()
 
 
-@pytest.mark.quarantine  # passes alone (2 passed on main, 82 s) but in the full suite no page
-# arrived within 180 s, twice on 2026-12-04. Run with tests/test_pipeline.py after 78a2be6 (load
-# 10-16): passed (page 18.0 s after the breach) once; once its setup (session fixtures included)
-# ran past 300 s. Out until tests/test_pipeline.py's repeats are explained (see there)
 def test_a_latency_burn_pages_through_alertmanager(
     monitoring: Monitoring, capsys: pytest.CaptureFixture[str]
 ) -> None:
