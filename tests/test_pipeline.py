@@ -129,7 +129,7 @@ def test_every_tick_gets_one_signal_and_bad_ones_go_to_the_dlq(
 
     records = run(read_topic(settings.bootstrap, settings.signals_topic, 4, total, 120,
                              every_tick))  # fmt: skip
-    signals = _one_per_tick(records)
+    signals = _one_per_tick(records)  # type: ignore[arg-type]
     per_tick = Counter(s.trade_id for s in signals)
     assert len(per_tick) == total, "a tick got no signal"
     assert max(per_tick.values()) == 1, "two ticks share a (partition, offset)"
