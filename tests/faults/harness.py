@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import signal
 import subprocess
 import sys
@@ -185,14 +186,19 @@ class InProcess:
             assert time.monotonic() < deadline, "no partition assignment"
             time.sleep(0.05)
 
-    def stop(self) -> None:
-        """Stop it as SIGTERM does and wait; raises what the service raised, if anything."""
+    def stop(self, timeout_s: float = 60.0) -> bool:
+        """Stop it as SIGTERM does; False if it did not finish within `timeout_s`.
+
+        Raises what the service raised, if anything.
+        """
+        if self.alive:
+            self._loop.loop.call_soon_threadsafe(self._stop.set)
         try:
-            if self.alive:
-                self._loop.loop.call_soon_threadsafe(self._stop.set)
-            self._done.result(60)  # type: ignore[attr-defined]
-        finally:
-            self._loop.close()
+            self._done.result(timeout_s)  # type: ignore[attr-defined]
+        except concurrent.futures.TimeoutError:
+            return False  # its daemon thread is left behind
+        self._loop.close()
+        return True
 
 
 async def _event() -> asyncio.Event:
