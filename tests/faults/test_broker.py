@@ -39,10 +39,9 @@ async def _recreate(bootstrap: str, topic: str, partitions: int) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="bug: a ticks topic deleted and recreated under a running worker is never read; "
-    "its positions (past the new log's end) are checked only at assignment, no rebalance "
-    "comes, and the broker answers fetches there with nothing: every tick of the new "
-    "topic is lost, with no log line",
+    reason="bug: a ticks topic deleted and recreated under a running worker is never read: "
+    "none of the 2,000 ticks of the new topic got a signal or a dead letter, and nothing was "
+    "logged at WARNING or above (stale positions are checked only at assignment)",
 )
 def test_ticks_topic_deleted_and_recreated_under_a_running_worker(
     pipeline: Pipeline, tmp_path: Path
@@ -91,6 +90,12 @@ def test_ticks_topic_deleted_and_recreated_under_a_running_worker(
     result.check()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: after the broker restarts with empty storage, 494 of the 2,000 ticks of "
+    "the new log got both a signal and a dead letter (6 more outcomes doubled): part of the "
+    "new log is processed twice, the second time dead-lettered",
+)
 def test_broker_killed_and_restarted_with_empty_storage(pipeline: Pipeline, tmp_path: Path) -> None:
     """A broker of its own (the session's must stay up): SIGKILL, then a fresh, empty one."""
     # its own port, and a state dir of its own for the process's pid and log only
