@@ -45,6 +45,9 @@ ROLLBACKS = Counter(
     "Champions rolled back because too many of their scores were not finite",
 )
 SERVING = Gauge("model_serving_version", "Version number being served", ["role"])
+# rejection reasons that say the registry's store did not answer, not that the version
+# is bad: such a version is fetched again at the next poll instead of refused
+UNREACHABLE = frozenset({"download"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +242,22 @@ class ModelWatcher:
                 model = await loop.run_in_executor(self._background, self._load_checked, ref)
             except Exception as exc:  # any failure to load or check means: never serve it
                 reason = exc.reason if isinstance(exc, ModelRejected) else "error"
+                if reason in UNREACHABLE:
+                    # the registry's store did not answer: the version was never judged,
+                    # so it is fetched again at the next poll (tests/faults/test_registry.py)
+                    POLL_ERRORS.inc()
+                    logger.warning(
+                        "model version not fetched; retried at the next poll, previous "
+                        "version keeps serving",
+                        extra={
+                            "model": name,
+                            "version": ref.version,
+                            "alias": alias,
+                            "role": role,
+                            "detail": str(exc),
+                        },
+                    )
+                    return
                 self._rejected[role] = ref.version
                 REJECTIONS.labels(role, reason).inc()
                 logger.error(

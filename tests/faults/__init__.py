@@ -1,0 +1,1 @@
+"""Fault injection: each test breaks one thing under load and the oracle accounts for every tick."""
