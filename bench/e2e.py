@@ -224,7 +224,7 @@ class Bench:
             proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
             ready_text = "worker consuming"
         try:
-            _wait_for(log, ready_text, proc, 90)
+            _wait_for(log, ready_text, proc, 300)  # a cold Numba cache on a busy machine
             self.source = source
             self.dlq = f"dlq-{tag}"
             yield sink, proc
