@@ -380,3 +380,31 @@ def test_wire_producer_raises_once_retries_are_spent(stack_settings: Settings) -
 
     with pytest.raises(KafkaError):
         run(go())
+
+
+def test_each_fetch_starts_one_partition_further_on(stack_settings: Settings) -> None:
+    """No partition is always listed last (a broker fills a response in the listed order)."""
+    topic = unique("wire-turns")
+    run(ensure_topics(stack_settings.bootstrap, [topic], PARTITIONS))
+
+    async def go() -> list[int]:
+        consumer: AIOKafkaConsumer = make_consumer(stack_settings.bootstrap, unique("g"), [topic])
+        await consumer.start()
+        fetcher = WireFetcher(consumer, topic, 20, bootstrap=stack_settings.bootstrap)
+        firsts: list[int] = []
+        try:
+            deadline = time.monotonic() + 60
+            while len(firsts) < 2 * PARTITIONS and time.monotonic() < deadline:
+                await fetcher.poll(50)
+                for _, positions, _ in fetcher._inflight.values():
+                    assert sorted(positions) == list(range(PARTITIONS))
+                    if not firsts or firsts[-1] != next(iter(positions)):
+                        firsts.append(next(iter(positions)))
+        finally:
+            await fetcher.close()
+            await consumer.stop()
+        return firsts
+
+    firsts = run(go())
+    assert len(firsts) == 2 * PARTITIONS
+    assert set(firsts) == set(range(PARTITIONS))

@@ -648,6 +648,7 @@ class WireFetcher:
         self._positions: dict[int, int] = {}  # partition -> next offset to fetch
         self._resets: set[int] = set()  # partitions out of range: `reset` before fetching
         self._moves = 0  # counts assignment changes (a position resolved across one is stale)
+        self._turn = 0  # fetches sent: where the next one starts in its partition list
         # per leader: the fetch (its response, or the version and response from a dial),
         # its positions and the version it was sent at (None: chosen after the dial)
         self._inflight: dict[int, tuple[asyncio.Future[Any], dict[int, int], int | None]] = {}
@@ -751,7 +752,14 @@ class WireFetcher:
             self._resets.discard(tp.partition)
 
     def _send_fetches(self) -> None:
-        """A fetch for every leader that has none in flight."""
+        """A fetch for every leader that has none in flight, its partitions in turn first.
+
+        A broker fills a response in the order the request lists the partitions, up to
+        the request's byte limit (KIP-74; Tansu 0.6 also ignores the per-partition
+        limit), so a fixed order leaves the last partitions of a backlog waiting behind
+        the first ones: each request starts one partition further on, as the Java
+        client's and aiokafka's fetchers vary it too.
+        """
         by_node: dict[int, list[tuple[int, int]]] = {}
         for partition, offset in self._positions.items():
             if partition in self._resets:
@@ -762,6 +770,8 @@ class WireFetcher:
             elif leader not in self._inflight:
                 by_node.setdefault(leader, []).append((partition, offset))
         for node, positions in by_node.items():
+            self._turn += 1
+            positions = rotated(positions, self._turn)
             conn = self._conns.ready(node)
             future: asyncio.Future[Any]
             version: int | None = None
@@ -913,6 +923,16 @@ class WireFetcher:
         await self.leaders.close()
         self._inflight.clear()
         self._ready.clear()
+
+
+def rotated(positions: list[tuple[int, int]], turn: int) -> list[tuple[int, int]]:
+    """`positions` starting at item `turn` (modulo their number).
+
+    >>> rotated([(0, 5), (1, 7), (2, 9)], 4)
+    [(1, 7), (2, 9), (0, 5)]
+    """
+    k = turn % len(positions)
+    return positions[k:] + positions[:k]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
