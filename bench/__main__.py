@@ -3,6 +3,7 @@
 Run from a source checkout (benchmarks are not installed with the package):
     python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --partitions 4 --rounds 3]
     python -m bench e2e --floors aiokafka,confluent,echo   (the echo floors, in order)
+    python -m bench e2e --tls   (every Kafka connection over TLS: the broker behind stunnel4)
     python -m bench e2e --trace-sample-rate 0.001   (tracing on, for CPU per tick)
     python -m bench compare A.json B.json
     python -m bench monitor [--ticks 400000 --batch 1000 --symbols 20]
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e2e.add_argument("--gpu", action="store_true", help="let the worker use a GPU if usable")
     e2e.add_argument(
+        "--tls",
+        action="store_true",
+        help="every Kafka connection over TLS: each fresh broker behind stunnel4",
+    )
+    e2e.add_argument(
         "--floors",
         default="aiokafka,confluent,echo",
         help="echo floors, each round in this order: aiokafka (stock aiokafka), confluent "
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         model_type=args.model_type,
         gpu=args.gpu,
         floors=tuple(name.strip() for name in args.floors.split(",") if name.strip()),
+        tls=args.tls,
     )
     path = run_e2e(config)
     print(summary(path))

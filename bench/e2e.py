@@ -73,6 +73,9 @@ class E2EConfig:
     gpu: bool = False
     # the echo floors measured, in this order each round (`FLOORS`)
     floors: tuple[str, ...] = ("aiokafka", "confluent", "echo")
+    # every Kafka connection over TLS: each fresh broker behind stunnel4 (bench.tls), a
+    # self-signed certificate, TICKSERVE_KAFKA_SECURITY_PROTOCOL=SSL for every process
+    tls: bool = False
 
 
 # floor name -> the module that runs it; "echo" is on tickserve's own data plane
@@ -128,7 +131,13 @@ class Bench:
             partitions=config.partitions, model_name="bench-model",
         )  # fmt: skip
         self.stack = LocalStack(self.settings)
-        self.stack.start_broker()
+        self._tls_procs: list[subprocess.Popen[bytes]] = []
+        if config.tls:
+            from bench.tls import certificate
+
+            self._tls_files = certificate(workdir)
+        else:
+            self.stack.start_broker()
         self.stack.start_redis()
         self.stack.check_mlflow()
         self._register_model()
@@ -179,15 +188,37 @@ class Bench:
         (BROKER.md, 6), so whichever system ran second met a broker already holding
         the first one's records: the order of the runs must not favour one of them.
         """
+        if self.config.tls:
+            from bench.tls import tls_endpoint
+
+            self._stop_tls()
+            self._tls_procs, bootstrap = tls_endpoint(self.workdir, *self._tls_files)
+            self.settings = self.settings.model_copy(
+                update={"bootstrap_servers": bootstrap, "kafka_security_protocol": "SSL",
+                        "kafka_ssl_ca_file": self._tls_files[0]}
+            )  # fmt: skip
+            return
         self.stack.down(("broker",))
         self.settings = self.settings.model_copy(update={"broker_port": free_port()})
         self.stack.settings = self.settings
         self.stack.start_broker()
 
+    def _stop_tls(self) -> None:
+        for proc in self._tls_procs:
+            proc.terminate()
+            proc.wait(10)
+        self._tls_procs = []
+
     def _env(self, **extra: str) -> dict[str, str]:
         # OTEL_* of the caller's shell would turn tracing on behind the benchmark's back
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSERVE_", "OTEL_"))}
         env.update(PYTHONPATH=str(ROOT), **extra)
+        if self.config.tls:  # every process connects as the worker does, over TLS
+            env.update(
+                TICKSERVE_BOOTSTRAP_SERVERS=self.settings.bootstrap,
+                TICKSERVE_KAFKA_SECURITY_PROTOCOL="SSL",
+                TICKSERVE_KAFKA_SSL_CA_FILE=str(self._tls_files[0]),
+            )
         return env
 
     def _tracing_env(self) -> dict[str, str]:
@@ -217,7 +248,9 @@ class Bench:
         tag = f"{kind}-{int(rate)}-{uuid.uuid4().hex[:6]}"
         source, sink = f"ticks-{tag}", f"out-{tag}"
         bootstrap = self.settings.bootstrap
-        asyncio.run(ensure_topics(bootstrap, [source, sink, f"dlq-{tag}"], self.config.partitions))
+        topics = [source, sink, f"dlq-{tag}"]
+        security = self.settings.kafka_security
+        asyncio.run(ensure_topics(bootstrap, topics, self.config.partitions, security))
         if kind in FLOORS:
             argv = [sys.executable, "-m", FLOORS[kind], "--bootstrap", bootstrap, "--source",
                     source, "--sink", sink, "--group", f"g-{tag}"]  # fmt: skip
@@ -331,16 +364,27 @@ class Bench:
             result["lost_on_reread"] = self._lost_on_reread(sink_topic, data["trade_id"], expected)
         return result
 
+    def _reader(self) -> Any:
+        """A plain aiokafka consumer of this run's broker (assign, then read from the start)."""
+        from aiokafka import AIOKafkaConsumer
+
+        security = self.settings.kafka_security.aiokafka_kwargs()
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+            **security,
+        )
+
     def _lost_on_reread(self, topic: str, seen: np.ndarray, expected: int) -> int:
         """Trade ids in 0..expected that neither the sink nor a fresh read of `topic` saw."""
         import asyncio
 
         import orjson
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import TopicPartition
 
         async def read() -> set[int]:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap,
-                                        enable_auto_commit=False, fetch_max_wait_ms=20)  # fmt: skip
+            consumer = self._reader()
             await consumer.start()
             ids: set[int] = set()
             try:
@@ -362,11 +406,10 @@ class Bench:
         import asyncio
         from collections import Counter
 
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import TopicPartition
 
         async def read() -> dict[str, int]:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap,
-                                        enable_auto_commit=False, fetch_max_wait_ms=20)  # fmt: skip
+            consumer = self._reader()
             await consumer.start()
             reasons: Counter[str] = Counter()
             try:
@@ -431,6 +474,7 @@ class Bench:
             self.otlp.terminate()
             out = self.otlp.communicate(timeout=30)[0]
             self.otlp_spans = int(out.rsplit("spans=", 1)[1]) if "spans=" in out else -1
+        self._stop_tls()
         self.stack.down()
 
 
