@@ -1,7 +1,9 @@
 """`python -m bench`: the end-to-end benchmark against the broker floor, and report comparison.
 
 Run from a source checkout (benchmarks are not installed with the package):
-    python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --rounds 3]
+    python -m bench e2e [--rate 20000 --duration 20 --symbols 100 --partitions 4 --rounds 3]
+    python -m bench e2e --floors aiokafka,confluent,echo   (the echo floors, in order)
+    python -m bench e2e --tls   (every Kafka connection over TLS: the broker behind stunnel4)
     python -m bench e2e --trace-sample-rate 0.001   (tracing on, for CPU per tick)
     python -m bench compare A.json B.json
     python -m bench monitor [--ticks 400000 --batch 1000 --symbols 20]
@@ -69,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="model trained and served (hgb-gemm and mlp run on a GPU)",
     )
     e2e.add_argument("--gpu", action="store_true", help="let the worker use a GPU if usable")
+    e2e.add_argument(
+        "--tls",
+        action="store_true",
+        help="every Kafka connection over TLS: each fresh broker behind stunnel4",
+    )
+    e2e.add_argument(
+        "--floors",
+        default="aiokafka,confluent,echo",
+        help="echo floors, each round in this order: aiokafka (stock aiokafka), confluent "
+        "(librdkafka), echo (tickserve's own data plane)",
+    )
     e2e.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     mon = sub.add_parser("monitor", help="the rate tickserve monitor holds (summaries, ticks/s)")
     mon.add_argument("--ticks", type=int, default=400_000, help="synthetic ticks in the backlog")
@@ -112,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         trace_sample_rate=args.trace_sample_rate,
         model_type=args.model_type,
         gpu=args.gpu,
+        floors=tuple(name.strip() for name in args.floors.split(",") if name.strip()),
+        tls=args.tls,
     )
     path = run_e2e(config)
     print(summary(path))

@@ -1,7 +1,10 @@
 """`make bench-ci`: a short e2e run and the microbenchmarks, gated by committed ratio thresholds.
 
-Every threshold is a ratio (tickserve over the echo floor, or over the natural
-alternative in the same run), so a slower or busier machine moves both sides.
+Every threshold is a ratio (tickserve over an echo floor, or over the natural
+alternative in the same run), so a slower or busier machine moves both sides. The
+e2e limits are over the fastest independent floor (stock aiokafka or confluent-kafka,
+whichever had the lower p99 in that run): a do-nothing echo on a client tickserve did
+not write. The ratios over tickserve's own-client echo are printed, not gated.
 Limits live in bench/thresholds.json with the noise margin measured by running this
 twice on the CI machine kind; a ratio past limit x (1 + margin) is measured once
 more, and the run fails when the same ratio is past its limit again.
@@ -51,17 +54,21 @@ def micro_ratios(out_dir: Path) -> dict[str, float]:
 
 
 def e2e_ratios(out_dir: Path) -> tuple[dict[str, float], Path]:
-    """A 10 s e2e run at 10,000 ticks/s; ratios over the echo floor (< 1 is better)."""
+    """A short e2e run at 10,000 ticks/s; ratios over the fastest independent floor (< 1 better)."""
     path = run_e2e(E2EConfig(rate=10_000, duration_s=12, warmup_s=6, out_dir=out_dir))
     rep = json.loads(path.read_text())
-    floor, svc = rep["floor"], rep["tickserve"]
+    fastest = rep["fastest_independent"]
+    gate, svc = rep["ratio_over"][fastest], rep["tickserve"]
+    systems = [svc, *rep["floors"].values()]
     figures = {
-        "p50_over_floor": rep["ratio_over_floor"]["p50"],
-        "p99_over_floor": rep["ratio_over_floor"]["p99"],
-        "cpu_per_tick_over_floor": svc["cpu_us_per_tick"] / floor["cpu_us_per_tick"],
+        "p50_over_floor": gate["p50"],
+        "p99_over_floor": gate["p99"],
+        "cpu_per_tick_over_floor": gate["cpu_per_tick"],
+        # issue 18: the whole job for at most half what stock aiokafka costs doing nothing
+        "cpu_per_tick_over_aiokafka": rep["ratio_over"]["aiokafka"]["cpu_per_tick"],
         # a signal the sink missed but a fresh read of the topic finds was not lost
-        "lost": float(sum(r.get("lost_on_reread", r["lost"]) for r in (svc, floor))),
-        "duplicates": float(svc["duplicates"] + floor["duplicates"]),
+        "lost": float(sum(r.get("lost_on_reread", r["lost"]) for r in systems)),
+        "duplicates": float(sum(r["duplicates"] for r in systems)),
     }
     return figures, path
 

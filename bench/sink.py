@@ -97,7 +97,13 @@ async def collect(args: argparse.Namespace) -> None:
         parts = [TopicPartition(args.topic, p) for p in range(args.partitions)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
-        fetcher = WireFetcher(consumer, args.topic, args.fetch_max_wait_ms, security=security)
+        fetcher = WireFetcher(
+            consumer,
+            args.topic,
+            args.fetch_max_wait_ms,
+            security=security,
+            bootstrap=args.bootstrap,
+        )
         print("ready", flush=True)
         last = time.monotonic()
         deadline = time.monotonic() + args.timeout

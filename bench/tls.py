@@ -103,8 +103,8 @@ def _broker(advertised: int, where: Path) -> tuple[subprocess.Popen[bytes], int]
     return _spawn(argv, port, where / f"broker-{port}.log"), port
 
 
-def _tls_endpoint(where: Path) -> tuple[list[subprocess.Popen[bytes]], str, Path]:
-    """A broker behind stunnel with a self-signed certificate for 127.0.0.1."""
+def certificate(where: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (the `openssl` CLI), in `where`."""
     cert, key = where / "cert.pem", where / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
@@ -113,14 +113,26 @@ def _tls_endpoint(where: Path) -> tuple[list[subprocess.Popen[bytes]], str, Path
         check=True,
         capture_output=True,
     )
+    return cert, key
+
+
+def tls_endpoint(where: Path, cert: Path, key: Path) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """A fresh broker behind stunnel4, advertising stunnel's port: (processes, bootstrap)."""
     port = free_port()
     broker, upstream = _broker(port, where)
-    config = where / "stunnel.conf"
+    config = where / f"stunnel-{port}.conf"
     lines = ["foreground = yes", "pid =", "[kafka]", f"accept = 127.0.0.1:{port}"]
     lines += [f"connect = 127.0.0.1:{upstream}", f"cert = {cert}", f"key = {key}"]
     config.write_text("\n".join(lines) + "\n")
-    stunnel = _spawn(["stunnel4", str(config)], port, where / "stunnel.log")
-    return [broker, stunnel], f"127.0.0.1:{port}", cert
+    stunnel = _spawn(["stunnel4", str(config)], port, where / f"stunnel-{port}.log")
+    return [broker, stunnel], f"127.0.0.1:{port}"
+
+
+def _tls_endpoint(where: Path) -> tuple[list[subprocess.Popen[bytes]], str, Path]:
+    """A broker behind stunnel with a self-signed certificate for 127.0.0.1."""
+    cert, key = certificate(where)
+    procs, bootstrap = tls_endpoint(where, cert, key)
+    return procs, bootstrap, cert
 
 
 def main(argv: list[str] | None = None) -> int:

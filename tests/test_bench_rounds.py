@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.e2e import STAGE_COLUMNS, _pct, _public, _ratios, pool, summary
+from bench.e2e import STAGE_COLUMNS, _pct, _public, _ratios, fastest_independent, pool, summary
 
 
 def _result(system: str, seed: int, ticks: int, cpu_s: float) -> dict:
@@ -42,20 +42,37 @@ def test_pooled_figures_are_those_of_every_round_together() -> None:
     assert pool(rounds[:1]) is rounds[0]  # one round is its own measurement
 
 
-def test_summary_names_the_rounds_and_each_ratio(tmp_path: Path) -> None:
-    floors = [_result("echo", 3, 500, 0.01), _result("echo", 4, 500, 0.01)]
+def test_summary_names_the_rounds_each_floor_and_the_gate(tmp_path: Path) -> None:
+    seeds = {"aiokafka": (3, 0.03), "confluent": (7, 0.02), "echo": (4, 0.01)}
+    rounds = {
+        name: [_result(name, seed, 500, cpu), _result(name, seed + 10, 500, cpu)]
+        for name, (seed, cpu) in seeds.items()
+    }
     systems = [_result("tickserve", 5, 500, 0.02), _result("tickserve", 6, 500, 0.02)]
-    floor, svc = pool(floors), pool(systems)
+    floors, svc = {name: pool(r) for name, r in rounds.items()}, pool(systems)
+    fastest = fastest_independent(floors)
+    independent = {n: floors[n]["latency_ms"]["p99"] for n in ("aiokafka", "confluent")}
+    assert fastest == min(independent, key=independent.__getitem__)
     report = {
-        "machine": {"cpus": 2, "git_commit": "abc"}, "config": {},
-        "floor": _public(floor), "tickserve": _public(svc), "ratio_over_floor": _ratios(floor, svc),
-        "sweep": [], "max_sustainable": {},
-        "rounds": [{"floor": _public(f), "tickserve": _public(t), "ratio_over_floor": _ratios(f, t)}
-                   for f, t in zip(floors, systems, strict=True)],
+        "machine": {"cpus": 2, "git_commit": "abc"}, "config": {"partitions": "4"},
+        "floors": {n: _public(f) for n, f in floors.items()},
+        "ratio_over": {n: _ratios(f, svc) for n, f in floors.items()},
+        "fastest_independent": fastest,
+        "floor": _public(floors["echo"]), "tickserve": _public(svc),
+        "ratio_over_floor": _ratios(floors["echo"], svc), "sweep": [], "max_sustainable": {},
+        "rounds": [{"floors": {n: _public(r[k]) for n, r in rounds.items()},
+                    "tickserve": _public(t),
+                    "ratio_over": {n: _ratios(r[k], t) for n, r in rounds.items()}}
+                   for k, t in enumerate(systems)],
     }  # fmt: skip
     path = tmp_path / "r.json"
     path.write_text(json.dumps(report))
     text = summary(path)
-    assert "x 2 rounds (pooled)" in text.splitlines()[0]
-    second = report["rounds"][1]["ratio_over_floor"]["p99"]
-    assert "round 2: ratio p50=" in text and f"p99={second:.2f}" in text
+    assert "x 2 rounds (pooled)" in text.splitlines()[0] and "4 partitions" in text
+    for name in seeds:
+        ratio = report["ratio_over"][name]
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"over {name} "))
+        assert f"p99={ratio['p99']:.2f}" in line and f"cpu/tick={ratio['cpu_per_tick']:.2f}" in line
+        assert ("the gate" in line) == (name == fastest)
+    assert report["ratio_over"]["echo"]["cpu_per_tick"] == 0.02 / 0.01
+    assert "round 2: tickserve p99=" in text

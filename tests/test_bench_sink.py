@@ -8,7 +8,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from bench.sink import STAGE_BYTES, fields
 from stream.contracts.signal import STAGES
-from stream.kafka.aiokafka_adapter import batch_bounds, parse_batches
+from stream.kafka.recordbatch import batch_bounds, parse_batches
 
 
 def test_sink_reads_trade_id_recv_ns_and_header_t() -> None:

@@ -1,16 +1,19 @@
-"""`stream.kafka.aiokafka_adapter.drain` against aiokafka's own `getmany`, on the real broker."""
+"""The aiokafka data path (`stream.kafka.aiokafka_io`, public `getmany`) against `getmany` itself,
+on the real broker; and the record-batch parser's edge cases."""
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
-from stream.kafka.aiokafka_adapter import drain, install
+from stream.kafka.aiokafka_io import GroupSource
+from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics, make_consumer
 from stream.kafka.fetched import Fetched, GapRetries
 from stream.kafka.recordbatch import batch_bounds, parse_batches
@@ -20,24 +23,30 @@ from tests.helpers import produce_records as _produce
 from tests.helpers import record_batch as _batch
 
 
-async def _read(
-    settings: Settings, topic: str, n: int, raw: bool
-) -> tuple[dict[int, list[tuple]], int]:
-    """(offset, key, value) per partition, through `drain` or through `getmany`.
+class _Quiet:
+    async def on_assigned(self, partitions: set[TopicPartition]) -> None:
+        pass
 
-    Also returns how many partition fetches `drain` handed to aiokafka's iterator.
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        pass
+
+
+async def _read(
+    settings: Settings, topic: str, n: int, columns: bool
+) -> tuple[dict[int, list[tuple]], dict[int, int]]:
+    """(offset, key, value, timestamp) per partition, through `GroupSource.poll` or `getmany`.
+
+    Also returns the newest high watermark `GroupSource.poll` gave per partition.
     """
-    install()
-    consumer = make_consumer(settings.bootstrap, unique("g"), [topic], max_batch=100)
-    await consumer.start()
     got: dict[int, list[tuple]] = {p: [] for p in range(PARTITIONS)}
-    via_aiokafka = 0
-    try:
-        deadline = time.monotonic() + 60
-        while sum(map(len, got.values())) < n and time.monotonic() < deadline:
-            if raw:
-                fetched = await drain(consumer, topic, 200)
-                via_aiokafka += fetched.via_aiokafka
+    high: dict[int, int] = {}
+    deadline = time.monotonic() + 60
+    if columns:
+        source = GroupSource(DataPlaneConfig(settings.bootstrap, topic, unique("g"), max_batch=100))
+        await source.start(_Quiet())
+        try:
+            while sum(map(len, got.values())) < n and time.monotonic() < deadline:
+                fetched = await source.poll(200)
                 for i in range(len(fetched)):
                     got[int(fetched.partition[i])].append(
                         (
@@ -48,32 +57,63 @@ async def _read(
                         )
                     )
                 for tp, offset in fetched.next_offsets.items():
-                    assert await consumer.position(tp) == offset
-            else:
-                for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
-                    got[tp.partition].extend((m.offset, m.key, m.value, m.timestamp) for m in msgs)
+                    assert await source.consumer.position(tp) == offset
+                high.update({tp.partition: hw for tp, hw in fetched.high_watermarks.items()})
+        finally:
+            await source.close()
+        return got, high
+    consumer = make_consumer(settings.bootstrap, unique("g"), [topic], max_batch=100)
+    await consumer.start()
+    try:
+        while sum(map(len, got.values())) < n and time.monotonic() < deadline:
+            for tp, msgs in (await consumer.getmany(timeout_ms=200)).items():
+                got[tp.partition].extend((m.offset, m.key, m.value, m.timestamp) for m in msgs)
     finally:
         await consumer.stop()
-    return got, via_aiokafka
+    return got, high
 
 
 @pytest.mark.parametrize("compression", [None, "gzip"])
-def test_drain_equals_getmany(stack_settings: Settings, compression: str | None) -> None:
-    """Same records, offsets, timestamps and order per partition; gzip takes aiokafka's path."""
+def test_aiokafka_path_equals_getmany(stack_settings: Settings, compression: str | None) -> None:
+    """Same records, offsets, timestamps and order per partition, positions and high watermarks."""
     topic = unique("fetch")
     records = _records(3000, seed=7)
     run(ensure_topics(stack_settings.bootstrap, [topic], PARTITIONS))
     run(_produce(stack_settings.bootstrap, topic, records, compression))
-    raw, via_aiokafka = run(_read(stack_settings, topic, len(records), raw=True))
-    ref, _ = run(_read(stack_settings, topic, len(records), raw=False))
-    # plain batches are parsed by us; gzip ones by aiokafka (and still equal)
-    assert (via_aiokafka > 0) == (compression is not None)
-    assert sum(map(len, raw.values())) == len(records)
+    ours, high = run(_read(stack_settings, topic, len(records), columns=True))
+    ref, _ = run(_read(stack_settings, topic, len(records), columns=False))
+    assert sum(map(len, ours.values())) == len(records)
     for p in range(PARTITIONS):
-        assert raw[p] == ref[p]
-        assert [o for o, _, _, _ in raw[p]] == list(range(len(raw[p])))
+        assert ours[p] == ref[p]
+        assert [o for o, _, _, _ in ours[p]] == list(range(len(ours[p])))
         mine = [(k, v) for k, v, q in records if q == p]
-        assert [(k, v) for _, k, v, _ in raw[p]] == mine
+        assert [(k, v) for _, k, v, _ in ours[p]] == mine
+        if ours[p]:
+            assert high[p] == len(ours[p])
+
+
+def test_a_gap_in_getmany_is_read_again_then_accepted() -> None:
+    """Records up to a skipped offset are handed out and the consumer seeks back to it."""
+    seeks: list[tuple[TopicPartition, int]] = []
+    source = GroupSource.__new__(GroupSource)
+    source.gaps = GapRetries(limit=2)
+    source.consumer = SimpleNamespace(seek=lambda tp, offset: seeks.append((tp, offset)))  # type: ignore[assignment]
+    source._expected = {}
+    tp = TopicPartition("t", 0)
+    source._expected[tp] = 10
+
+    def records(*offsets: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(offset=o) for o in offsets]
+
+    taken, next_offset = source._up_to_gap(tp, records(10, 11, 14, 15))
+    assert ([r.offset for r in taken], next_offset, seeks) == ([10, 11], 12, [(tp, 12)])
+    taken, next_offset = source._up_to_gap(tp, records(14, 15))  # still missing: again
+    assert ([r.offset for r in taken], next_offset) == ([], 12)
+    taken, next_offset = source._up_to_gap(tp, records(14, 15))  # the third time: accepted
+    assert ([r.offset for r in taken], next_offset) == ([14, 15], 16)
+    assert len(seeks) == 2
+    taken, next_offset = source._up_to_gap(tp, records(16, 17))
+    assert ([r.offset for r in taken], next_offset) == ([16, 17], 18)
 
 
 def test_parse_skips_records_before_the_fetch_offset_and_partial_batches() -> None:
@@ -128,17 +168,18 @@ def test_crc_check_finds_the_corrupt_batch_with_either_kernel() -> None:
             assert kernel(np.frombuffer(bytes(bad), np.uint8), starts, ends) == b
 
 
-def test_empty_drain_times_out(stack_settings: Settings) -> None:
+def test_an_empty_poll_times_out(stack_settings: Settings) -> None:
     topic = unique("fetch-empty")
     run(ensure_topics(stack_settings.bootstrap, [topic], 1))
 
     async def go() -> Fetched:
-        consumer: AIOKafkaConsumer = make_consumer(stack_settings.bootstrap, unique("g"), [topic])
-        await consumer.start()
+        source = GroupSource(DataPlaneConfig(stack_settings.bootstrap, topic, unique("g")))
+        await source.start(_Quiet())
         try:
-            return await drain(consumer, topic, 300)
+            await source.wait_assigned()
+            return await source.poll(300)
         finally:
-            await consumer.stop()
+            await source.close()
 
     fetched = run(go())
     assert len(fetched) == 0 and fetched.next_offsets == {}

@@ -226,12 +226,13 @@ def test_api_versions_refusal_is_read_in_the_v0_layout() -> None:
     assert protocol.parse_api_versions_response(_encode(refusal), 3) == (35, {})
 
 
-@pytest.mark.parametrize("version", range(SUPPORTED[METADATA][0], SUPPORTED[METADATA][1] + 1))
-def test_metadata_request_is_kios_and_its_topic_ids_are_read(version: int) -> None:
+@pytest.mark.parametrize("version", range(protocol.METADATA_FROM, SUPPORTED[METADATA][1] + 1))
+def test_metadata_request_is_kios_and_its_leaders_and_topic_ids_are_read(version: int) -> None:
+    """Every version the leaders' client (`stream.kafka.metadata`) may settle on."""
     m = _schema("metadata", version, "request")
     theirs = _make(
         m.MetadataRequest,
-        topics=(m.MetadataRequestTopic(topic_id=uuid.UUID(int=0), name="ticks"),),
+        topics=(_make(m.MetadataRequestTopic, topic_id=uuid.UUID(int=0), name="ticks"),),
         allow_auto_topic_creation=False,
         include_cluster_authorized_operations=False,
         include_topic_authorized_operations=False,
@@ -239,35 +240,58 @@ def test_metadata_request_is_kios_and_its_topic_ids_are_read(version: int) -> No
     assert protocol.metadata_request(["ticks"], version) == _encode(theirs)
     r = _schema("metadata", version, "response")
     partitions = tuple(
-        r.MetadataResponsePartition(
+        _make(
+            r.MetadataResponsePartition,
             error_code=ErrorCode(0),
             partition_index=p,
             leader_id=p % 2,
+            leader_epoch=3,
             replica_nodes=(0, 1),
             isr_nodes=(1,),
             offline_replicas=(),
         )
         for p in range(3)
     )
-    response = r.MetadataResponse(
+    response = _make(
+        r.MetadataResponse,
         throttle_time=0 * MS,
-        brokers=(r.MetadataResponseBroker(node_id=0, host="b0", port=9092, rack="r1"),),
+        brokers=(
+            _make(r.MetadataResponseBroker, node_id=0, host="b0", port=9092, rack="r1"),
+            _make(r.MetadataResponseBroker, node_id=1, host="b1", port=9093, rack=None),
+        ),
         cluster_id="c",
         controller_id=0,
         topics=(
-            r.MetadataResponseTopic(
-                error_code=ErrorCode(0), name="ticks", topic_id=TOPIC_ID, partitions=partitions
+            _make(
+                r.MetadataResponseTopic,
+                error_code=ErrorCode(0),
+                name="ticks",
+                topic_id=TOPIC_ID,
+                is_internal=False,
+                partitions=partitions,
+                topic_authorized_operations=-2147483648,
             ),
-            r.MetadataResponseTopic(
-                error_code=ErrorCode(3), name="gone", topic_id=uuid.UUID(int=0), partitions=()
+            _make(
+                r.MetadataResponseTopic,
+                error_code=ErrorCode(3),
+                name="gone",
+                topic_id=uuid.UUID(int=0),
+                is_internal=False,
+                partitions=(),
+                topic_authorized_operations=-2147483648,
             ),
         ),
+        cluster_authorized_operations=-2147483648,
     )
-    topics = protocol.parse_metadata_response(b"\0" + _encode(response), version)
+    body = _response_header(METADATA, version) + _encode(response)
+    brokers, topics = protocol.parse_metadata(body, version)
+    assert brokers == {0: ("b0", 9092), 1: ("b1", 9093)}
+    ticks_id = TOPIC_ID.bytes if version >= 10 else bytes(16)
     assert topics == [
-        protocol.TopicMetadata("ticks", 0, TOPIC_ID.bytes, {0: 0, 1: 1, 2: 0}),
+        protocol.TopicMetadata("ticks", 0, ticks_id, {0: 0, 1: 1, 2: 0}),
         protocol.TopicMetadata("gone", 3, bytes(16), {}),
     ]
+    assert protocol.parse_metadata_response(body, version) == topics
 
 
 def test_kio_reads_our_flexible_fetch_request_back() -> None:

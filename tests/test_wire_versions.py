@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 from kio.schema.api_versions.v0.response import ApiVersion as ApiVersionV0
@@ -26,7 +26,7 @@ from kio.serial import entity_writer
 from deploy import cli
 from deploy.settings import Settings
 from stream.kafka import protocol, wire
-from stream.kafka.clients import ensure_topics, make_producer
+from stream.kafka.clients import ensure_topics
 from stream.kafka.protocol import API_VERSIONS, FETCH, METADATA, PRODUCE, SUPPORTED, Versions
 from stream.kafka.topic_ids import TopicIds
 from stream.kafka.wire import Connection, WireFetcher, WireProducer
@@ -220,21 +220,18 @@ async def _round_trip(
 ) -> tuple[dict[int, list[tuple[int, bytes | None]]], Versions, Versions, tuple[int, Any]]:
     """Records sent by WireProducer at `produce`, read back by WireFetcher at `fetch`."""
     await ensure_topics(bootstrap, [topic], 2)
-    producer: AIOKafkaProducer = make_producer(bootstrap)
-    await producer.start()
-    wire = WireProducer(producer, versions=_only(PRODUCE, produce))
+    wire = WireProducer(bootstrap, versions=_only(PRODUCE, produce))
     try:
-        await producer.partitions_for(topic)
+        await wire.leaders.refresh([topic])
         for call in range(3):
             batches = [(p, _batch(10, 100 * call + 10 * p), 10) for p in (0, 1)]
             await asyncio.wait_for(asyncio.gather(*wire.send(topic, batches)), 30)
         [produced] = [c.settled for c in wire._conns._conns.values()]
     finally:
         await wire.close()
-        await producer.stop()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
-    fetcher = WireFetcher(consumer, topic, 20, versions=_only(FETCH, fetch))
+    fetcher = WireFetcher(consumer, topic, 20, versions=_only(FETCH, fetch), bootstrap=bootstrap)
     got: dict[int, list[tuple[int, bytes | None]]] = {0: [], 1: []}
     try:
         parts = [TopicPartition(topic, p) for p in (0, 1)]
@@ -366,7 +363,7 @@ def test_a_topic_made_again_is_fetched_by_its_new_id(stack_settings: Settings) -
             bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
         )
         await consumer.start()
-        fetcher = WireFetcher(consumer, topic, 20)
+        fetcher = WireFetcher(consumer, topic, 20, bootstrap=bootstrap)
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:

@@ -1,23 +1,27 @@
-"""The data plane on aiokafka's own data path: for brokers the wire client does not serve.
+"""The data plane on aiokafka's own data path (getmany): for brokers the wire client does not serve.
 
 `GroupSource` is also the control plane of `stream.kafka.wire_io`: the group, the
-assignment, the rebalance callbacks, positions and commits stay aiokafka's there.
+assignment, the rebalance callbacks, positions and commits stay aiokafka's there,
+through its public API.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError
 
-from stream.kafka import aiokafka_adapter
-from stream.kafka.aiokafka_adapter import drain, send_batches
+from stream.kafka.aiokafka_adapter import send_batches
 from stream.kafka.base import DataPlane, DataPlaneConfig, Headers, Rebalance, RecordBatches
 from stream.kafka.clients import make_consumer, make_producer, start_client, wait_assigned
-from stream.kafka.fetched import Fetched, GapRetries
+from stream.kafka.fetched import Fetched, FetchedParts, GapRetries
 from tickserve.errors import OffsetCommitFailed
+
+logger = logging.getLogger(__name__)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -27,23 +31,31 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.source = source
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.source.revoking(revoked)
         if self.source.rebalance is not None:
             await self.source.rebalance.on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.source.assigning(assigned)
         if self.source.rebalance is not None:
             await self.source.rebalance.on_assigned(assigned)
 
 
 class GroupSource:
-    """A `TickSource` over an aiokafka group consumer, records drained as columns."""
+    """A `TickSource` over an aiokafka group consumer: `getmany`'s records as columns.
+
+    A fetch that skips offsets is read again from the gap (`GapRetries`: the local
+    broker answers with batches whose predecessors are not readable yet, and
+    `getmany` alone would skip them for good): the records up to the gap are handed
+    out and the consumer seeks back to it, until the gap has been seen `limit` times.
+    """
 
     def __init__(self, config: DataPlaneConfig) -> None:
         """Make the consumer (in the running event loop); `start` joins the group."""
-        aiokafka_adapter.install()  # record batches parsed as columns
         self.config = config
         self.rebalance: Rebalance | None = None
         self.gaps = GapRetries()  # the local broker's not-yet-readable batches
+        self._expected: dict[TopicPartition, int] = {}  # the next offset each partition owes
         self.consumer: AIOKafkaConsumer = make_consumer(
             config.bootstrap,
             config.group_id,
@@ -54,11 +66,16 @@ class GroupSource:
             security=config.security,
         )
 
+    def revoking(self, partitions: set[TopicPartition]) -> None:
+        """The group takes `partitions` away (before `Rebalance.on_revoked`)."""
+        for tp in partitions:
+            self._expected.pop(tp, None)
+
+    def assigning(self, partitions: set[TopicPartition]) -> None:
+        """The group's new assignment (before `Rebalance.on_assigned`, which may seek)."""
+
     async def start(self, rebalance: Rebalance) -> None:
-        """Load the parsers, then join the group (its first assignment may run inside)."""
-        # load (or compile, with a cold Numba cache) before joining the group, not on
-        # the first micro-batch while ticks pile up
-        aiokafka_adapter.warm_up()
+        """Join the group (its first assignment may run inside)."""
         self.rebalance = rebalance
         await start_client(self.consumer, self.config.bootstrap, self.config.security)
 
@@ -67,8 +84,46 @@ class GroupSource:
         await wait_assigned(self.consumer)
 
     async def poll(self, timeout_ms: int) -> Fetched:
-        """What aiokafka's fetcher has buffered (waiting up to `timeout_ms`), as columns."""
-        return await drain(self.consumer, self.config.topic, timeout_ms, self.gaps)
+        """`getmany`'s records (waiting up to `timeout_ms`), as columns."""
+        consumer = self.consumer
+        topic = self.config.topic
+        for tp in consumer.assignment():  # where each partition starts: for the gap check
+            if tp not in self._expected and tp.topic == topic:
+                self._expected[tp] = await consumer.position(tp)
+        parts = FetchedParts()
+        for tp, records in (await consumer.getmany(timeout_ms=timeout_ms)).items():
+            if tp.topic != topic or not records:
+                continue
+            records, next_offset = self._up_to_gap(tp, records)
+            if records:
+                parts.add_records(tp, records)
+            parts.next_offsets[tp] = next_offset
+            high_watermark = consumer.highwater(tp)
+            if high_watermark is not None:
+                parts.high_watermarks[tp] = high_watermark
+        return parts.build(topic)
+
+    def _up_to_gap(self, tp: TopicPartition, records: Sequence[Any]) -> tuple[Sequence[Any], int]:
+        """The records before the first skipped offset, and the offset to go on from.
+
+        A gap still there after `gaps.limit` reads is accepted (compaction and
+        transaction markers skip offsets too).
+        """
+        expected = self._expected.get(tp, records[0].offset)
+        for i, record in enumerate(records):
+            if record.offset == expected + i:
+                continue
+            gap_at = expected + i
+            if self.gaps.retry(tp, gap_at):
+                self.consumer.seek(tp, gap_at)
+                self._expected[tp] = gap_at
+                return records[:i], gap_at
+            break
+        else:
+            self.gaps.passed(tp)
+        next_offset = records[-1].offset + 1
+        self._expected[tp] = next_offset
+        return records, next_offset
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit `offsets`; OffsetCommitFailed when the group has moved on."""
@@ -86,10 +141,12 @@ class GroupSource:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         """Read `tp` from `offset` on."""
         self.consumer.seek(tp, offset)
+        self._expected[tp] = offset
 
     async def seek_to_beginning(self, tp: TopicPartition) -> None:
         """Read `tp` from its first offset on."""
         await self.consumer.seek_to_beginning(tp)
+        self._expected.pop(tp, None)
 
     async def log_range(self, tp: TopicPartition) -> tuple[int, int]:
         """The partition's log start offset and its end (ListOffsets, public API)."""

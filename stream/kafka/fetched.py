@@ -11,6 +11,7 @@ before earlier batches are readable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +102,7 @@ class FetchedParts:
         self.raws.append(raw)
         self.size += len(raw)
 
-    def add_records(self, tp: TopicPartition, records: list[Any]) -> None:
+    def add_records(self, tp: TopicPartition, records: Sequence[Any]) -> None:
         """Fallback: aiokafka's own ConsumerRecords (compressed, transactional, legacy)."""
         chunks: list[bytes] = []
         ks: list[int] = []

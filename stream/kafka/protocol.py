@@ -101,6 +101,22 @@ def negotiate(
     return Versions(chosen[FETCH], chosen[PRODUCE], metadata)
 
 
+def metadata_version(broker: Mapping[int, tuple[int, int]], address: str = "the broker") -> int:
+    """The Metadata version to ask leaders and brokers at: the highest in both ranges.
+
+    Raises:
+        BrokerIncompatible: No Metadata version from `METADATA_FROM` on in common.
+
+    >>> metadata_version({3: (0, 12)}), metadata_version({3: (0, 8)})
+    (12, 8)
+    """
+    ours = (METADATA_FROM, SUPPORTED[METADATA][1])
+    version = _common(broker, {METADATA: ours}, METADATA)
+    if version is None:
+        raise BrokerIncompatible(API_NAMES[METADATA], ours, broker.get(METADATA), address)
+    return version
+
+
 def _common(
     broker: Mapping[int, tuple[int, int]], ours: Mapping[int, tuple[int, int]], api: int
 ) -> int | None:
@@ -218,12 +234,14 @@ def parse_api_versions_response(
     return error, ranges
 
 
-# --- Metadata (topic ids) ---------------------------------------------------------------
+# --- Metadata (leaders, brokers, topic ids) --------------------------------------------
+
+METADATA_FROM = 1  # the oldest Metadata version read here (v0 has no controller, no racks)
 
 
 @dataclass(frozen=True, slots=True)
 class TopicMetadata:
-    """One topic of a Metadata response: its id and each partition's leader."""
+    """One topic of a Metadata response: its id (zeros before v10) and each partition's leader."""
 
     name: str
     error: int
@@ -232,46 +250,77 @@ class TopicMetadata:
 
 
 def metadata_request(topics: Sequence[str], version: int) -> bytes:
-    """A Metadata request body (v10..12) for `topics`, creating none."""
-    parts = [uvarint(len(topics) + 1)]
-    parts += [NO_TOPIC_ID + _string(topic, True) + b"\0" for topic in topics]
-    parts.append(b"\0")  # allow auto topic creation: false
-    if version == 10:
-        parts.append(b"\0")  # include cluster authorized operations (v8-10)
-    parts.append(b"\0\0")  # include topic authorized operations, tagged fields
+    """A Metadata request body (v1..12) for `topics`, creating none."""
+    flexible = is_flexible(METADATA, version)
+    parts = [_count(len(topics), flexible)]
+    for topic in topics:
+        if version >= 10:
+            parts.append(NO_TOPIC_ID)
+        parts.append(_string(topic, flexible) + (b"\0" if flexible else b""))
+    if version >= 4:
+        parts.append(b"\0")  # allow auto topic creation: false
+    if 8 <= version <= 10:
+        parts.append(b"\0")  # include cluster authorized operations
+    if version >= 8:
+        parts.append(b"\0")  # include topic authorized operations
+    if flexible:
+        parts.append(b"\0")  # tagged fields
     return b"".join(parts)
 
 
-def parse_metadata_response(body: bytes, version: int) -> list[TopicMetadata]:
-    """The topics of a Metadata response body (v10..12); brokers are skipped."""
-    pos = skip_tags(body, 0) + 4  # response header, throttle time
-    count, pos = read_uvarint(body, pos)
-    for _ in range(count - 1):  # brokers: node id, host, port, rack
-        _, pos = _read_string(body, pos + 4, True)
-        _, pos = _read_string(body, pos + 4, True)
-        pos = skip_tags(body, pos)
-    _, pos = _read_string(body, pos, True)  # cluster id
+def parse_metadata(
+    body: bytes, version: int
+) -> tuple[dict[int, tuple[str, int]], list[TopicMetadata]]:
+    """({node id: (host, port)}, topics) of a Metadata response body (v1..12)."""
+    flexible = is_flexible(METADATA, version)
+    pos = skip_tags(body, 0) if flexible else 0  # response header v1
+    if version >= 3:
+        pos += 4  # throttle time
+    brokers = {}
+    count, pos = _read_count(body, pos, flexible)
+    for _ in range(count):
+        (node,) = _I32.unpack_from(body, pos)
+        host, pos = _read_string(body, pos + 4, flexible)
+        (port,) = _I32.unpack_from(body, pos)
+        _, pos = _read_string(body, pos + 4, flexible)  # rack
+        if flexible:
+            pos = skip_tags(body, pos)
+        brokers[node] = (host or "", port)
+    if version >= 2:
+        _, pos = _read_string(body, pos, flexible)  # cluster id
     pos += 4  # controller id
     topics = []
-    count, pos = read_uvarint(body, pos)
-    for _ in range(count - 1):
+    count, pos = _read_count(body, pos, flexible)
+    for _ in range(count):
         (error,) = _I16.unpack_from(body, pos)
-        name, pos = _read_string(body, pos + 2, True)
-        topic_id = body[pos : pos + 16]
-        pos += 17  # topic id, is internal
+        name, pos = _read_string(body, pos + 2, flexible)
+        topic_id = NO_TOPIC_ID
+        if version >= 10:
+            topic_id, pos = body[pos : pos + 16], pos + 16
+        pos += 1  # is internal
         leaders = {}
-        partitions, pos = read_uvarint(body, pos)
-        for _ in range(partitions - 1):
+        partitions, pos = _read_count(body, pos, flexible)
+        for _ in range(partitions):
             _, partition, leader = struct.unpack_from(">hii", body, pos)
-            pos += 14  # error, index, leader, leader epoch
-            for _ in range(3):  # replicas, in-sync replicas, offline replicas
-                nodes, pos = read_uvarint(body, pos)
-                pos += 4 * max(nodes - 1, 0)
-            pos = skip_tags(body, pos)
+            pos += 10 + (4 if version >= 7 else 0)  # error, index, leader, leader epoch
+            # replicas, in-sync replicas, offline replicas (v5+)
+            for _ in range(3 if version >= 5 else 2):
+                nodes, pos = _read_count(body, pos, flexible)
+                pos += 4 * max(nodes, 0)
+            if flexible:
+                pos = skip_tags(body, pos)
             leaders[partition] = leader
-        pos = skip_tags(body, pos + 4)  # topic authorized operations
+        if version >= 8:
+            pos += 4  # topic authorized operations
+        if flexible:
+            pos = skip_tags(body, pos)
         topics.append(TopicMetadata(name or "", error, topic_id, leaders))
-    return topics
+    return brokers, topics
+
+
+def parse_metadata_response(body: bytes, version: int) -> list[TopicMetadata]:
+    """The topics of a Metadata response body (v1..12)."""
+    return parse_metadata(body, version)[1]
 
 
 # --- Fetch ------------------------------------------------------------------------------

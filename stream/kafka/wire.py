@@ -1,13 +1,14 @@
 """The hot path's Kafka data plane: Fetch and Produce on connections of our own.
 
-aiokafka stays the control plane: group membership, assignment, rebalance callbacks,
-offset commits, metadata and the rare sends (dead letters, shadow scores). On the
+aiokafka stays the control plane, through its public API: group membership,
+assignment, rebalance callbacks, starting positions, offset commits and the rare
+sends (dead letters, shadow scores). On the
 data path aiokafka's fetcher and sender build and decode request structs field by
 field in Python, with a future and a timeout per request and a sender task woken per
 batch: in a do-nothing echo worker that alone cost more CPU per tick than the
 worker's whole budget (docs/architecture.md has the figures). Here a fetch is one
 pre-laid request, its response is walked per partition (`stream.kafka.protocol`) and the record
-batches are parsed as columns by `stream.kafka.aiokafka_adapter`'s Numba kernels; a produce is the
+batches are parsed as columns by `stream.kafka.recordbatch`'s Numba kernels; a produce is the
 prebuilt record batches of `stream.kafka.signalbatch` behind a ~40-byte request header.
 
 Protocol: each connection first asks the broker's ApiVersions and settles on the
@@ -15,8 +16,9 @@ highest Fetch (4..18) and Produce (3..13) versions both sides speak; the message
 themselves are `stream.kafka.protocol`'s, and a broker with no version in common is
 `BrokerIncompatible` (docs/architecture.md says why these ranges). Connections are
 opened with TLS and a SASL login as the clients' `KafkaSecurity` says
-(`stream.kafka.transport`); `wire=False` runs the worker on aiokafka's own data path
-(`stream.kafka.aiokafka_adapter.drain` and `send_batch`).
+(`stream.kafka.transport`); leaders and broker addresses come from Metadata requests
+of its own (`stream.kafka.metadata`). `wire=False` runs the worker on aiokafka's own
+data path (`stream.kafka.aiokafka_io`: `getmany` and `send_batch`).
 
 Responses on one connection come back in request order (the protocol guarantees
 it), so a deque of futures is the whole correlation table. Fetches and produces use
@@ -36,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
@@ -49,6 +51,7 @@ from prometheus_client import Counter
 
 from stream.kafka import protocol, transport
 from stream.kafka.fetched import Fetched, FetchedParts, GapRetries, parse_records
+from stream.kafka.metadata import Leaders
 from stream.kafka.protocol import (
     API_VERSIONS,
     FETCH,
@@ -108,6 +111,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._lost = self._loop.create_future()
         self.versions: Versions | None = None  # settled by `negotiate`
+        self.ranges: dict[int, tuple[int, int]] = {}  # the broker's, per api (`negotiate`)
 
     @classmethod
     async def open(
@@ -148,6 +152,7 @@ class Connection(asyncio.Protocol):
             error, ranges = protocol.parse_api_versions_response(body, version)
         if error:
             raise for_code(error)(f"{self.address}: ApiVersions refused")
+        self.ranges = ranges
         self.versions = protocol.negotiate(ranges, ours, self.address)
         logger.info(
             "kafka versions settled",
@@ -279,11 +284,11 @@ class _Connections:
 
     def __init__(
         self,
-        cluster: Any,
+        leaders: Leaders,
         security: KafkaSecurity = PLAINTEXT,
         ours: Mapping[int, tuple[int, int]] = SUPPORTED,
     ) -> None:
-        self._cluster = cluster  # aiokafka's ClusterMetadata (kept current by aiokafka)
+        self._leaders = leaders  # where each node listens
         self._security = security
         self._ours = ours  # the versions to settle within
         self._conns: dict[int, Connection] = {}
@@ -303,12 +308,11 @@ class _Connections:
             return conn
         opening = self._opening.get(node_id)
         if opening is None:
-            broker = self._cluster.broker_metadata(node_id)
+            broker = self._leaders.broker(node_id)
             if broker is None:
                 raise KafkaConnectionError(f"no metadata for broker node {node_id}")
-            opening = asyncio.ensure_future(
-                Connection.open(broker.host, broker.port, self._security, self._ours)
-            )
+            host, port = broker
+            opening = asyncio.ensure_future(Connection.open(host, port, self._security, self._ours))
             self._opening[node_id] = opening
             opening.add_done_callback(functools.partial(self._opened, node_id))
         return await asyncio.shield(opening)  # a caller that gives up leaves the dial alone
@@ -435,9 +439,9 @@ def _settle(ack: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
 class WireProducer:
     """Sends prebuilt record batches with one Produce request per leader per call.
 
-    Uses the metadata of an aiokafka producer (started, with the topic's partitions
-    known) to find leaders. A retriable error (leader moved, timeout, connection
-    lost) refreshes metadata and re-sends the failed partitions, up to
+    Leaders come from Metadata requests of its own (`stream.kafka.metadata.Leaders`,
+    the fetcher's when it shares one). A retriable error (leader moved, timeout,
+    connection lost) asks for them again and re-sends the failed partitions, up to
     `PRODUCE_RETRIES` times; like any Kafka producer with more than one request in
     flight and no idempotence, a retry may land after a later request (reordering
     within a partition) and a lost ack may duplicate.
@@ -449,17 +453,18 @@ class WireProducer:
 
     def __init__(
         self,
-        producer: AIOKafkaProducer,
+        bootstrap: str,
         share: WireFetcher | None = None,
         security: KafkaSecurity = PLAINTEXT,
         versions: Mapping[int, tuple[int, int]] = SUPPORTED,
     ):
-        """Borrow `producer`'s metadata; it must stay started while this is used.
+        """Produce to the cluster at `bootstrap`, connecting as `security`.
 
         `versions`: the ranges to settle within with each broker (tests narrow them).
         """
-        self._client = producer.client
-        self._conns = _Connections(producer.client.cluster, security, versions)
+        self._own_leaders = share is None
+        self.leaders = Leaders(bootstrap, security, versions) if share is None else share.leaders
+        self._conns = _Connections(self.leaders, security, versions)
         self._shared = share._conns if share is not None else None
         self._ids = TopicIds()
 
@@ -472,9 +477,8 @@ class WireProducer:
         dialling and retries run in a task.
         """
         by_node: dict[int, list[tuple[int, bytes]]] = {}
-        cluster = self._client.cluster
         for partition, data, _ in batches:
-            leader = cluster.leader_for_partition(TopicPartition(topic, partition))
+            leader = self.leaders.leader(topic, partition)
             by_node.setdefault(-1 if leader is None else leader, []).append((partition, data))
         acks: list[asyncio.Future[Any]] = []
         for node, part in by_node.items():
@@ -537,29 +541,28 @@ class WireProducer:
                 if isinstance(exc, StaleTopicId):
                     self._ids.forget(topic)
                 await asyncio.sleep(RETRY_BACKOFF_S)
-                await self._client.force_metadata_update()
-                cluster = self._client.cluster
-                leaders = {
-                    cluster.leader_for_partition(TopicPartition(topic, p)) for p, _ in batches
-                }
+            if exc is not None or node < 0:  # leaders unknown yet, or moved
+                try:
+                    await self.leaders.refresh([topic])
+                except KafkaConnectionError as err:
+                    exc = err
+                    continue
+                leader_of = functools.partial(self.leaders.leader, topic)
+                leaders = {leader_of(p) for p, _ in batches}
                 if len(leaders) > 1:  # the partitions moved apart: one request per leader
                     await asyncio.gather(
                         *(
                             self._produce(
                                 topic,
                                 -1 if lead is None else lead,
-                                [
-                                    (p, d)
-                                    for p, d in batches
-                                    if cluster.leader_for_partition(TopicPartition(topic, p))
-                                    == lead
-                                ],
+                                [(p, d) for p, d in batches if leader_of(p) == lead],
                             )
                             for lead in leaders
                         )
                     )
                     return
-                node = -1 if not leaders or None in leaders else leaders.pop()
+                lead = leaders.pop() if len(leaders) == 1 else None
+                node = -1 if lead is None else lead
             try:
                 if node < 0:
                     raise NotLeaderForPartitionError(f"no leader known for {topic}")
@@ -578,19 +581,30 @@ class WireProducer:
     async def close(self) -> None:
         """Close its own connections (requests in flight fail; shared ones stay open)."""
         await self._conns.close()
+        if self._own_leaders:
+            await self.leaders.close()
 
 
 class WireFetcher:
-    """Fetches one subscribed topic's assigned partitions; aiokafka keeps the group.
+    """Fetches one topic's assigned partitions from positions of its own; aiokafka keeps the group.
 
-    aiokafka's consumer still joins the group, runs the rebalance callbacks, resolves
-    starting positions (committed offset or reset policy) and commits; its own
-    fetcher is kept idle by pausing every assigned partition. The positions stay
-    aiokafka's: a fetch starts at the consumer's position, and handing records out
-    moves that position on (as aiokafka's `getmany` does), so `consumer.seek` and
-    `consumer.position` work as usual. A response whose partition was moved (a seek,
-    a new assignment) while it was in flight is dropped. One fetch per leader is kept
-    in flight, so the next one is on its way while the caller works on the last.
+    aiokafka's consumer joins the group, runs the rebalance callbacks and commits,
+    and the fetcher talks to it through its public API only:
+    - the assignment is `consumer.assignment()`, or what a `ConsumerRebalanceListener`
+      passes on to `revoked` and `assigned` (a revoked partition is not fetched again
+      until the next assignment is known);
+    - every assigned partition is paused (`consumer.pause`), so aiokafka's own fetcher
+      stays idle, and `consumer.getmany(timeout_ms=0)` on each round of `poll` returns
+      nothing but raises the group's errors, waits out a rebalance and keeps aiokafka's
+      `max_poll_interval_ms` watchdog fed, as a consumer that polls does;
+    - a partition's first position is `consumer.position` (the committed offset, or the
+      reset policy); from there the position is the fetcher's own (`position`, `seek`),
+      moved on as records are handed out, and `reset` is applied to it with
+      `consumer.seek_to_beginning`/`seek_to_end` when the broker answers "out of range".
+    Leaders and broker addresses come from Metadata requests of its own
+    (`stream.kafka.metadata.Leaders`). A response whose partition was moved (a seek, a
+    new assignment) while it was in flight is dropped. One fetch per leader is kept in
+    flight, so the next one is on its way while the caller works on the last.
 
     The next Fetch leaves at the end of the event loop's turn, in one write with the
     Produce of a `WireProducer(share=this)` made in that turn (one loopback write per
@@ -608,70 +622,156 @@ class WireFetcher:
         gaps: GapRetries | None = None,
         security: KafkaSecurity = PLAINTEXT,
         versions: Mapping[int, tuple[int, int]] = SUPPORTED,
+        *,
+        bootstrap: str,
+        reset: str = "earliest",
     ):
-        """Fetch `topic` for `consumer` (started, subscribed to it), connecting as `security`.
+        """Fetch `topic` for `consumer` (started; subscribed, or assigned) from `bootstrap`.
 
-        `versions`: the ranges to settle within with each broker (tests narrow them).
+        `reset`: where an out-of-range position goes, "earliest" or "latest" (as the
+        consumer's `auto_offset_reset`); `versions`: the ranges to settle within with
+        each broker (tests narrow them).
         """
+        if reset not in ("earliest", "latest"):
+            raise ValueError(f"reset must be 'earliest' or 'latest', not {reset!r}")
         self.consumer = consumer
         self.topic = topic
         self._limits = (max_wait_ms, min_bytes, max_bytes, partition_max_bytes)
         self.gaps = gaps if gaps is not None else GapRetries(limit=0)
-        self._client = consumer._client
-        self._conns = _Connections(consumer._client.cluster, security, versions)
+        self._reset = reset
+        self.leaders = Leaders(bootstrap, security, versions)
+        self._conns = _Connections(self.leaders, security, versions)
         self._ids = TopicIds()
-        self._assignment: Any = None  # the aiokafka Assignment whose partitions are paused
+        self._seen: frozenset[TopicPartition] | set[TopicPartition] = frozenset()
+        self._assigned: frozenset[TopicPartition] = frozenset()  # of `topic`, all paused
+        self._held = False  # revoked: nothing is fetched until the next assignment
+        self._positions: dict[int, int] = {}  # partition -> next offset to fetch
+        self._resets: set[int] = set()  # partitions out of range: `reset` before fetching
+        self._moves = 0  # counts assignment changes (a position resolved across one is stale)
+        self._turn = 0  # fetches sent: where the next one starts in its partition list
         # per leader: the fetch (its response, or the version and response from a dial),
         # its positions and the version it was sent at (None: chosen after the dial)
         self._inflight: dict[int, tuple[asyncio.Future[Any], dict[int, int], int | None]] = {}
         self._ready: deque[tuple[dict[int, int], int, bytes]] = deque()
 
+    def position(self, tp: TopicPartition) -> int | None:
+        """The next offset to fetch from `tp` (None: not resolved yet)."""
+        return self._positions.get(tp.partition) if tp in self._assigned else None
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Fetch `tp` from `offset` on (the consumer's position moves too)."""
+        self.consumer.seek(tp, offset)  # raises IllegalStateError if not assigned
+        self._adopt(self.consumer.assignment())
+        self._positions[tp.partition] = offset
+        self._resets.discard(tp.partition)
+
+    def forget(self, tp: TopicPartition) -> None:
+        """Resolve `tp`'s position again (`consumer.position`) before fetching it."""
+        self._positions.pop(tp.partition, None)
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        """A rebalance takes `partitions` away: stop fetching them (call before committing)."""
+        self._held = True
+        self._drop({tp for tp in partitions if tp.topic == self.topic})
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        """The group's new assignment (call before anything seeks in it)."""
+        self._held = False
+        self._adopt(partitions)
+
+    def _adopt(self, assignment: frozenset[TopicPartition] | set[TopicPartition]) -> None:
+        self._seen = assignment
+        mine = frozenset(tp for tp in assignment if tp.topic == self.topic)
+        if mine == self._assigned:
+            return
+        new = mine - self._assigned
+        if new:
+            self.consumer.pause(*new)  # aiokafka's fetcher leaves them to us
+        self._drop(self._assigned - mine)
+        self._assigned = mine
+
+    def _drop(self, partitions: set[TopicPartition] | frozenset[TopicPartition]) -> None:
+        if not partitions:
+            return
+        self._moves += 1
+        self._assigned -= partitions
+        for tp in partitions:
+            self._positions.pop(tp.partition, None)
+            self._resets.discard(tp.partition)
+
     async def poll(self, timeout_ms: int) -> Fetched:
         """Records fetched since the last call (waiting up to `timeout_ms`), as columns."""
         consumer = self.consumer
-        subscription = consumer._subscription
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_ms / 1000
         # kept across rounds: a round without records still brings high watermarks
         parts = FetchedParts()
-        with subscription.fetch_context():  # aiokafka's max_poll_interval watchdog
-            while True:
-                consumer._coordinator.check_errors()
-                if subscription.reassignment_in_progress:
-                    await subscription.wait_for_assignment()
-                assignment = subscription.subscription.assignment
-                if assignment is not self._assignment:
-                    # new partitions: aiokafka's fetcher leaves them to us
-                    consumer.pause(*[tp for tp in assignment.tps if tp.topic == self.topic])
-                    self._assignment = assignment
-                while self._ready:  # positions advance here, before the next fetch is sent
-                    self._take(assignment, *self._ready.popleft(), parts)
-                self._send_fetches(assignment)
-                if parts.cols or parts.next_offsets:
-                    return parts.build(self.topic)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return parts.build(self.topic)
-                if not self._inflight:  # no position yet (aiokafka resolves it), or no leader
-                    await asyncio.sleep(min(remaining, 0.01))
-                    continue
-                await self._first_response(loop, deadline)
-                self._collect()
-
-    def _send_fetches(self, assignment: Any) -> None:
-        """A fetch for every leader that has none in flight."""
-        cluster = self._client.cluster
-        by_node: dict[int, list[tuple[int, int]]] = {}
-        for tp in assignment.tps:
-            state = assignment.state_value(tp)
-            if tp.topic != self.topic or not state.has_valid_position:
+        while True:
+            # every partition of ours is paused: this returns no records of them; it
+            # raises the group's errors, waits out a rebalance and feeds the watchdog
+            await consumer.getmany(timeout_ms=0)
+            assignment = consumer.assignment()
+            if assignment is not self._seen and not self._held:
+                self._adopt(assignment)
+            if len(self._positions) < len(self._assigned):
+                await self._resolve(deadline)
+            while self._ready:  # positions advance here, before the next fetch is sent
+                self._take(*self._ready.popleft(), parts)
+            self._send_fetches()
+            if parts.cols or parts.next_offsets:
+                return parts.build(self.topic)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return parts.build(self.topic)
+            if not self._inflight:  # no position yet, or no leader known yet
+                await asyncio.sleep(min(remaining, 0.01))
                 continue
-            leader = cluster.leader_for_partition(tp)
+            await self._first_response(loop, deadline)
+            self._collect()
+
+    async def _resolve(self, deadline: float) -> None:
+        """Positions of assigned partitions that have none: the consumer's, after a reset."""
+        moves = self._moves
+        for tp in sorted(self._assigned):
+            if tp.partition in self._positions:
+                continue
+            remaining = max(deadline - asyncio.get_running_loop().time(), 0.01)
+            try:
+                async with asyncio.timeout(remaining):
+                    if tp.partition in self._resets:
+                        if self._reset == "earliest":
+                            await self.consumer.seek_to_beginning(tp)
+                        else:
+                            await self.consumer.seek_to_end(tp)
+                    offset = await self.consumer.position(tp)
+            except TimeoutError:
+                return  # aiokafka is still resolving it (a first join): next round
+            if moves != self._moves or tp not in self._assigned or tp.partition in self._positions:
+                return  # the assignment moved meanwhile, or a seek set it: next round
+            self._positions[tp.partition] = offset
+            self._resets.discard(tp.partition)
+
+    def _send_fetches(self) -> None:
+        """A fetch for every leader that has none in flight, its partitions in turn first.
+
+        A broker fills a response in the order the request lists the partitions, up to
+        the request's byte limit (KIP-74; Tansu 0.6 also ignores the per-partition
+        limit), so a fixed order leaves the last partitions of a backlog waiting behind
+        the first ones: each request starts one partition further on, as the Java
+        client's and aiokafka's fetchers vary it too.
+        """
+        by_node: dict[int, list[tuple[int, int]]] = {}
+        for partition, offset in self._positions.items():
+            if partition in self._resets:
+                continue
+            leader = self.leaders.leader(self.topic, partition)
             if leader is None:
-                self._client.force_metadata_update()
+                self.leaders.refresh_soon([self.topic])
             elif leader not in self._inflight:
-                by_node.setdefault(leader, []).append((tp.partition, state.position))
+                by_node.setdefault(leader, []).append((partition, offset))
         for node, positions in by_node.items():
+            self._turn += 1
+            positions = rotated(positions, self._turn)
             conn = self._conns.ready(node)
             future: asyncio.Future[Any]
             version: int | None = None
@@ -727,49 +827,42 @@ class WireFetcher:
             elif isinstance(exc, KafkaError):
                 WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
                 logger.warning("fetch failed", extra={"node": node, "error": repr(exc)})
-                self._client.force_metadata_update()
+                self.leaders.refresh_soon([self.topic])
             else:
                 raise exc
 
     def _take(
-        self,
-        assignment: Any,
-        positions: dict[int, int],
-        version: int,
-        body: bytes,
-        parts: FetchedParts,
+        self, requested_at: dict[int, int], version: int, body: bytes, parts: FetchedParts
     ) -> None:
-        """Parse one response into `parts` and move the consumer's positions past it."""
-        taken = []  # (tp, state, requested offset, records span) of partitions still wanted
+        """Parse one response into `parts` and move the positions past it."""
+        taken = []  # (tp, requested offset, records span) of partitions still wanted
         error, fetched = parse_fetch_response(body, version)
         if error:
             self._fetch_error(error)
             return
+        positions = self._positions
         for topic, data in fetched:
-            tp = TopicPartition(self.topic, data.partition)
-            requested = positions.get(data.partition)
-            state = assignment.state_value(tp)
+            requested = requested_at.get(data.partition)
             if (
                 not self._ids.matches(self.topic, topic)
                 or requested is None
-                or state is None
-                or not state.has_valid_position
-                or state.position != requested
+                or positions.get(data.partition) != requested
             ):
                 continue  # moved while the fetch was in flight: fetched again from there
+            tp = TopicPartition(self.topic, data.partition)
             if data.error:
-                self._partition_error(state, tp, _error(data.error, isinstance(topic, bytes)))
+                self._partition_error(tp, _error(data.error, isinstance(topic, bytes)))
             else:
                 parts.high_watermarks[tp] = data.high_watermark
-                taken.append((tp, state, requested, data))
+                taken.append((tp, requested, data))
         if not taken:
             return
         buf = np.frombuffer(body, np.uint8)
         cols, part, next_offsets, status, starts, ends = parse_partitions(
             buf,
-            np.array([t[3].start for t in taken], np.int64),
-            np.array([t[3].end for t in taken], np.int64),
-            np.array([t[2] for t in taken], np.int64),
+            np.array([t[2].start for t in taken], np.int64),
+            np.array([t[2].end for t in taken], np.int64),
+            np.array([t[1] for t in taken], np.int64),
         )
         if status.any() or first_bad_crc(buf, starts, ends) >= 0:
             self._take_each(taken, body, parts)  # gaps, compression, damage: the careful path
@@ -777,28 +870,26 @@ class WireFetcher:
         if cols.shape[1]:
             numbers = np.array([t[0].partition for t in taken], np.int32)
             parts.add_columns(body, numbers[part], cols)
-        for (tp, state, requested, _), next_offset in zip(
-            taken, next_offsets.tolist(), strict=True
-        ):
+        for (tp, requested, _), next_offset in zip(taken, next_offsets.tolist(), strict=True):
             self.gaps.passed(tp)
             if next_offset != requested:
-                state.consumed_to(next_offset)
+                positions[tp.partition] = next_offset
                 parts.next_offsets[tp] = next_offset
 
     def _take_each(self, taken: list[tuple[Any, ...]], body: bytes, parts: FetchedParts) -> None:
-        """Partition by partition, through `stream.kafka.aiokafka_adapter.parse_records`.
+        """Partition by partition, through `stream.kafka.fetched.parse_records`.
 
         That path retries gaps, reads anything but plain v2 batches with aiokafka's
-        reader and raises on a CRC mismatch.
+        record reader and raises on a CRC mismatch.
         """
-        for tp, state, requested, data in taken:
+        for tp, requested, data in taken:
             raw, cols, next_offset = parse_records(
                 tp, body[data.start : data.end], requested, self.gaps
             )
             if len(cols[0]):
                 parts.add(tp, raw, cols)
             if next_offset != requested:
-                state.consumed_to(next_offset)
+                self._positions[tp.partition] = next_offset
                 parts.next_offsets[tp] = next_offset
 
     def _fetch_error(self, code: int) -> None:
@@ -807,29 +898,41 @@ class WireFetcher:
         if not exc.retriable:
             raise exc
         WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
-        self._client.force_metadata_update()
+        self.leaders.refresh_soon([self.topic])
 
-    def _partition_error(self, state: Any, tp: TopicPartition, exc: KafkaError) -> None:
+    def _partition_error(self, tp: TopicPartition, exc: KafkaError) -> None:
         if isinstance(exc, StaleTopicId):
             self._ids.forget(self.topic)
         if isinstance(exc, OffsetOutOfRangeError):
-            # as aiokafka does: reset by the consumer's policy (its fetcher resolves it)
+            # as aiokafka does: the consumer's reset policy, applied before the next fetch
             logger.warning("offset out of range", extra={"partition": tp.partition})
-            state.await_reset(self.consumer._fetcher._default_reset_strategy)
+            self._positions.pop(tp.partition, None)
+            self._resets.add(tp.partition)
             return
         if not exc.retriable:
             raise exc
         WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
         if getattr(exc, "invalid_metadata", False):
-            self._client.force_metadata_update()
+            self.leaders.refresh_soon([self.topic])
 
     async def close(self) -> None:
-        """Close the fetch connections."""
+        """Close the fetch connections and the metadata connection."""
         for future, _, _ in self._inflight.values():
             future.cancel()
         await self._conns.close()
+        await self.leaders.close()
         self._inflight.clear()
         self._ready.clear()
+
+
+def rotated(positions: list[tuple[int, int]], turn: int) -> list[tuple[int, int]]:
+    """`positions` starting at item `turn` (modulo their number).
+
+    >>> rotated([(0, 5), (1, 7), (2, 9)], 4)
+    [(1, 7), (2, 9), (0, 5)]
+    """
+    k = turn % len(positions)
+    return positions[k:] + positions[:k]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -838,13 +941,17 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+# one v2 record batch (offset 0, key b"k", value b"v"), for `warm_up`
+_WARM_UP_BATCH = bytes.fromhex(
+    "00000000000000000000003affffffff026f484c2300000000000000000000000000010000000000000001"
+    "ffffffffffffffffffffffffffff0000000110000000026b027600"
+)
+
+
 def warm_up() -> None:
     """Load (or compile) the response parser now, before the first fetch."""
-    from aiokafka.record.default_records import DefaultRecordBatchBuilder
-
-    builder = DefaultRecordBatchBuilder(2, 0, 0, -1, -1, -1, 1 << 16)
-    builder.append(0, timestamp=1, key=b"k", value=b"v", headers=[])
-    buf = np.frombuffer(bytes(builder.build()), np.uint8)
+    buf = np.frombuffer(_WARM_UP_BATCH, np.uint8)
     one = np.zeros(1, np.int64)
     *_, starts, ends = parse_partitions(buf, one, one + len(buf), one)
-    first_bad_crc(buf, starts, ends)
+    if first_bad_crc(buf, starts, ends) >= 0:
+        raise AssertionError("the warm-up batch is damaged")

@@ -1,15 +1,19 @@
 """The default data plane: ticks and signals over `stream.kafka.wire`'s own connections.
 
-aiokafka stays the control plane (`stream.kafka.aiokafka_io.GroupSource`: group,
-assignment, commits, metadata) and sends the rare single records (dead letters,
-shadow scores). Both connect as `DataPlaneConfig.security` says; `stream.kafka.aiokafka_io`
-is aiokafka's own data path.
+aiokafka stays the control plane through its public API
+(`stream.kafka.aiokafka_io.GroupSource`: group, assignment, rebalance callbacks,
+commits) and sends the rare single records (dead letters, shadow scores); the
+fetcher keeps its own positions and asks its own Metadata for leaders. Both connect
+as `DataPlaneConfig.security` says; `stream.kafka.aiokafka_io` is aiokafka's own
+data path.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+from aiokafka import TopicPartition
 
 from stream.kafka import wire
 from stream.kafka.aiokafka_io import GroupSource, ProducerSink
@@ -32,7 +36,19 @@ class WireSource(GroupSource):
             partition_max_bytes=MAX_PARTITION_FETCH_BYTES,
             gaps=self.gaps,
             security=config.security,
+            bootstrap=config.bootstrap,
+            reset="earliest",  # as `make_consumer`'s auto_offset_reset
         )
+
+    def revoking(self, partitions: set[TopicPartition]) -> None:
+        """Stop fetching `partitions` before the worker commits what it has acknowledged."""
+        super().revoking(partitions)
+        self.fetcher.revoked(partitions)
+
+    def assigning(self, partitions: set[TopicPartition]) -> None:
+        """Take the new assignment before the worker seeks in it."""
+        super().assigning(partitions)
+        self.fetcher.assigned(partitions)
 
     async def start(self, rebalance: Rebalance) -> None:
         """Load the response parser, then join the group."""
@@ -42,6 +58,15 @@ class WireSource(GroupSource):
     async def poll(self, timeout_ms: int) -> Fetched:
         """What the fetches in flight brought (waiting up to `timeout_ms`), as columns."""
         return await self.fetcher.poll(timeout_ms)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Fetch `tp` from `offset` on."""
+        self.fetcher.seek(tp, offset)
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        """Fetch `tp` from its first offset on (resolved through the consumer)."""
+        await self.consumer.seek_to_beginning(tp)
+        self.fetcher.forget(tp)
 
     async def close(self) -> None:
         """Close the fetch connections, then leave the group."""
@@ -59,9 +84,14 @@ class WireSink(ProducerSink):
     """
 
     def __init__(self, config: DataPlaneConfig, share: WireSource) -> None:
-        """Borrow the producer's metadata and the source's fetch connections."""
+        """Borrow the source's leaders and fetch connections."""
         super().__init__(config)
-        self.wire = WireProducer(self.producer, share=share.fetcher, security=config.security)
+        self.wire = WireProducer(config.bootstrap, share=share.fetcher, security=config.security)
+
+    async def partitions(self, topic: str) -> int:
+        """How many partitions `topic` has; its leaders are asked for now, not on the first send."""
+        await self.wire.leaders.refresh([topic])
+        return await super().partitions(topic)
 
     async def send(self, topic: str, batches: RecordBatches) -> list[asyncio.Future[Any]]:
         """One Produce per leader, no task on a connection that is up."""

@@ -1,0 +1,113 @@
+"""An independent floor: a do-nothing echo on confluent-kafka (librdkafka).
+
+Consumes the ticks in a consumer group (`consume` up to --max-batch at a time) and
+produces each tick's bytes, unchanged, to the output topic, waits for the delivery
+reports (`flush`) and commits the next offsets: the job of the worker minus all of its
+work, done by the C client most Kafka shops run. Same knobs as the worker's clients
+(fetch wait, linger, acks=all, no idempotence, manual commits, earliest) and its
+TICKSERVE_KAFKA_* security settings. librdkafka runs its own threads: their CPU is
+this process's, as it should be.
+
+Run: python -m bench.echo_confluent --bootstrap HOST:PORT --source T --sink T2 --group G
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from deploy.settings import load_settings
+from stream.kafka.clients import MAX_PARTITION_FETCH_BYTES
+from stream.kafka.security import KafkaSecurity
+
+
+def librdkafka_security(security: KafkaSecurity) -> dict[str, Any]:
+    """librdkafka's settings for `security` (TLS files, SASL login, hostname check)."""
+    config: dict[str, Any] = {"security.protocol": security.protocol.lower()}
+    if security.tls:
+        if security.ca_file is not None:
+            config["ssl.ca.location"] = str(security.ca_file)
+        if security.cert_file is not None:
+            config["ssl.certificate.location"] = str(security.cert_file)
+        if security.key_file is not None:
+            config["ssl.key.location"] = str(security.key_file)
+        config["ssl.endpoint.identification.algorithm"] = (
+            "https" if security.check_hostname else "none"
+        )
+    if security.sasl:
+        config["sasl.mechanism"] = security.sasl_mechanism
+        config["sasl.username"] = security.username
+        config["sasl.password"] = security.password.get_secret_value() if security.password else ""
+    return config
+
+
+def echo(args: argparse.Namespace) -> None:
+    """Forward until SIGTERM."""
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+    security = librdkafka_security(load_settings().kafka_security)
+    common = {"bootstrap.servers": args.bootstrap, **security}
+    consumer = Consumer(
+        {
+            **common,
+            "group.id": args.group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": args.fetch_max_wait_ms,
+            "max.partition.fetch.bytes": MAX_PARTITION_FETCH_BYTES,
+        }
+    )
+    producer = Producer(
+        {**common, "acks": "all", "linger.ms": args.linger_ms, "enable.idempotence": False}
+    )
+    assigned: list[TopicPartition] = []
+    consumer.subscribe([args.source], on_assign=lambda c, parts: assigned.extend(parts))
+    try:
+        partitions = len(producer.list_topics(args.sink, timeout=30).topics[args.sink].partitions)
+        deadline = time.monotonic() + 120
+        while not assigned:  # librdkafka joins a group in the background (~23 s here)
+            if time.monotonic() > deadline:
+                raise SystemExit("no partitions assigned within 120 s")
+            for m in consumer.consume(num_messages=args.max_batch, timeout=0.1):
+                raise SystemExit(f"a record before the assignment: {m.topic()}")
+        print("assigned", flush=True)
+        while not stopping:
+            msgs = consumer.consume(num_messages=args.max_batch, timeout=0.1)
+            if not msgs:
+                continue
+            offsets: dict[int, int] = {}
+            for m in msgs:
+                if m.error() is not None:
+                    raise KafkaException(m.error())
+                partition = m.partition()
+                producer.produce(args.sink, m.value(), m.key(), partition=partition % partitions)
+                offsets[partition] = m.offset() + 1
+            producer.flush()
+            consumer.commit(
+                offsets=[TopicPartition(args.source, p, o) for p, o in offsets.items()],
+                asynchronous=True,
+            )
+    finally:
+        producer.flush(10)
+        consumer.close()
+
+
+def main() -> None:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--source", required=True)
+    parser.add_argument("--sink", required=True)
+    parser.add_argument("--group", required=True)
+    parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
+    parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument("--max-batch", type=int, default=2000)
+    echo(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
