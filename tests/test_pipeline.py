@@ -34,10 +34,11 @@ from tests.helpers import (
 )
 from tickserve.errors import ModelNotFound, ModelRejected
 
-# docs/metrics.md lists the monitor's metrics too: the worker's process serves them once
-# their module is loaded (an earlier test may load it); load it here so the check below
-# does not depend on the order tests run in
-importlib.import_module("stream.monitor.app")
+# docs/metrics.md lists the monitor's and the live ingest's metrics too: this process
+# serves them once their modules are loaded (an earlier test may load them); load them
+# here so the check below does not depend on the order tests run in
+for _module in ("stream.monitor.app", "stream.ingest.live"):
+    importlib.import_module(_module)
 
 pytestmark = pytest.mark.services
 
