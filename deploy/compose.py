@@ -96,6 +96,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         dlq_topic=settings.dlq_topic,
         max_future_ns=settings.max_future_ms * 1_000_000,
         snapshot_interval_s=settings.snapshot_interval_s,
+        stall_after_s=settings.stall_after_s,
         commit_interval_s=settings.commit_interval_ms / 1000,
         shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
         summary_topic=settings.summary_topic,

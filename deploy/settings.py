@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         description="How often each partition's feature state is snapshotted to Redis (also "
         "on revoke and shutdown)",
     )
+    stall_after_s: float = Field(
+        30.0,
+        gt=0,
+        description='/ready turns false (reason "stalled ...") once the worker\'s positions '
+        "have not moved for this long while its partitions lag",
+    )
     online_flush_s: float = Field(
         0.25,
         gt=0,

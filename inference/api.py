@@ -133,7 +133,9 @@ class Readiness(BaseModel):
     ready: bool
     model_loaded: bool
     consumer_assigned: bool
-    reason: str | None = Field(None, description="why not ready, when the stream says why")
+    reason: str | None = Field(
+        None, description="why not ready: no model, no partitions, replaying, rebuilding, stalled"
+    )
 
 
 class WebhookAnswer(BaseModel):
@@ -313,14 +315,23 @@ def create_app(ctx: ApiContext) -> FastAPI:
         responses={503: {"model": Readiness, "description": "not ready"}},
     )
     async def ready() -> Any:
-        """A model is loaded and the Kafka consumer has its partitions."""
+        """A model serves, the consumer has its partitions and the stream advances.
+
+        Not ready, the body says why: no model, no partitions, replaying or rebuilding
+        after a restore, or stalled (lag that has not moved for `stall_after_s`).
+        """
         state = Readiness(
             ready=False,
             model_loaded=ctx.batcher.model is not None,
             consumer_assigned=ctx.consumer_ready(),
         )
-        state.reason = ctx.stream_not_ready()
-        state.ready = state.model_loaded and state.consumer_assigned and state.reason is None
+        if not state.model_loaded:
+            state.reason = "no model serves"
+        elif not state.consumer_assigned:
+            state.reason = "the consumer has no partitions yet"
+        else:
+            state.reason = ctx.stream_not_ready()
+        state.ready = state.reason is None
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     _add_webhook_route(app, ctx.webhook)
