@@ -200,7 +200,7 @@ class Settings(BaseSettings):
     )
 
     # Serving
-    # HTTP API, probes and /metrics on the worker's event loop; 0 disables it
+    # HTTP API, probes and /metrics on a thread and event loop of their own; 0 disables it
     http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = Field(
         "127.0.0.1",

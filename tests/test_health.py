@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import httpx
+import numpy as np
 import pytest
 from aiokafka import TopicPartition
 from prometheus_client import REGISTRY
@@ -17,7 +18,9 @@ from deploy.compose import build_service
 from deploy.settings import Settings
 from deploy.stack import free_port
 from features.spec import FeatureSpec
-from inference.testing import golden_for, make_onnx_classifier, register_version
+from inference.api import ApiContext, create_app, serve_http_apart
+from inference.batcher import BatcherConfig, MicroBatcher
+from inference.testing import golden_for, loaded, make_onnx_classifier, register_version
 from stream.ingest.feed import Pacing, publish, read_trades
 from stream.kafka.clients import ensure_topics
 from stream.kafka.fetched import Fetched
@@ -188,3 +191,48 @@ def test_a_blocked_stream_with_lag_is_not_ready_until_it_resumes(
     _wait(lambda: worker.processed >= 3000, "the held ticks", 60)  # type: ignore[attr-defined]
     _wait(lambda: ready()["ready"] is True, "/ready to turn true again", 15)
     assert ready()["reason"] is None
+
+
+def test_the_api_on_its_own_thread_reads_the_stream_on_the_stream_loop() -> None:
+    """serve_http_apart: requests are parsed on the API's thread; state is read on the stream's."""
+    n = 4
+    batcher = MicroBatcher(loaded(make_onnx_classifier(n, "logistic", seed=4), n), n,
+                           BatcherConfig(max_batch=16, max_delay_us=200))  # fmt: skip
+    stream = LoopThread()
+    on: list[int] = []
+
+    def latest(symbol: str) -> tuple[int, np.ndarray] | None:
+        on.append(threading.get_ident())
+        return (7, np.full(n, 0.5, np.float32)) if symbol == "A" else None
+
+    def reason() -> str | None:
+        on.append(threading.get_ident())
+        return "stalled: as a test says"
+
+    ctx = ApiContext(batcher, ("a", "b", "c", "d"), latest, lambda: True,
+                     stream_not_ready=reason, stream_loop=stream.loop)  # fmt: skip
+    port = free_port()
+    stop: asyncio.Event = stream.submit(_event()).result(5)  # type: ignore[attr-defined]
+    done = stream.submit(serve_http_apart(create_app(ctx), "127.0.0.1", port, stop))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: _answers(f"{base}/health"), "the API", 20)
+        by_symbol = httpx.post(f"{base}/predict", json={"symbol": "A"}, timeout=5)
+        assert by_symbol.status_code == 200 and by_symbol.json()["features_event_ns"] == 7
+        by_row = httpx.post(f"{base}/predict", json={"features": [0.5] * n}, timeout=5)
+        assert by_row.json()["score"] == by_symbol.json()["score"]
+        assert httpx.post(f"{base}/predict", json={"symbol": "B"}, timeout=5).status_code == 404
+        ready = httpx.get(f"{base}/ready", timeout=5)
+        assert (ready.status_code, ready.json()["reason"]) == (503, "stalled: as a test says")
+        assert on and set(on) == {stream.thread.ident}  # never on the API's own thread
+    finally:
+        stream.loop.call_soon_threadsafe(stop.set)
+        done.result(20)  # type: ignore[attr-defined]
+        stream.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
