@@ -498,8 +498,13 @@ async def serve_http_apart(app: FastAPI, host: str, port: int, stop: asyncio.Eve
     try:
         await stop.wait()
     finally:
-        server.should_exit = True
-        await asyncio.get_running_loop().run_in_executor(None, thread.join, 10.0)
+        server.should_exit = True  # uvicorn looks every 0.1 s
+        # waited for here, not in an executor whose threads may all be busy at shutdown
+        deadline = time.monotonic() + 10.0
+        while thread.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if thread.is_alive():
+            logger.warning("http api thread still running at shutdown")
 
 
 def _server(app: FastAPI, host: str, port: int) -> Any:
