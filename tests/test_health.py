@@ -99,6 +99,9 @@ def served(stack_settings: Settings) -> Iterator[tuple[Settings, object]]:
             "http_port": free_port(),
             "stall_after_s": 2.0,
             "prefer_gpu": False,
+            # no tree-kernel compiler child: under load its start outlasts the teardown
+            # (ModelWatcher.close waits for it on the loop)
+            "numba_kernels": False,
             "partitions": 2,
         }
     )
