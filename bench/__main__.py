@@ -7,6 +7,7 @@ Run from a source checkout (benchmarks are not installed with the package):
     python -m bench e2e --trace-sample-rate 0.001   (tracing on, for CPU per tick)
     python -m bench compare A.json B.json
     python -m bench monitor [--ticks 400000 --batch 1000 --symbols 20]
+    python -m bench hammer [--rate 2000 --duration 15 --rounds 2 --clients 4]
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--batch", type=int, default=1000, help="ticks per summary (micro-batch)")
     mon.add_argument("--symbols", type=int, default=20)
     mon.add_argument("--out", default="bench/results", help="directory for the JSON")
+    ham = sub.add_parser("hammer", help="tick-to-signal latency with /predict hammered, and not")
+    ham.add_argument("--rate", type=float, default=2000, help="ticks/s offered")
+    ham.add_argument("--duration", type=float, default=15.0, help="seconds per run")
+    ham.add_argument("--rounds", type=int, default=2, help="quiet and hammered runs, alternating")
+    ham.add_argument("--clients", type=int, default=4, help="processes posting to /predict")
+    ham.add_argument("--symbols", type=int, default=20)
+    ham.add_argument("--out", default="bench/results", help="directory for the JSON")
     cmp_ = sub.add_parser("compare", help="print the differences between two reports")
     cmp_.add_argument("a")
     cmp_.add_argument("b")
@@ -106,6 +114,18 @@ def run(args: argparse.Namespace) -> int:
             MonitorBenchConfig(args.ticks, args.batch, args.symbols, out_dir=Path(args.out))
         )
         print(monitor_summary(figures))
+        return 0
+    if args.bench == "hammer":
+        from bench.predict_hammer import HammerConfig, run_hammer
+        from bench.predict_hammer import summary as hammer_summary
+
+        hammer = HammerConfig(
+            args.rate, args.duration, args.rounds, args.clients, args.symbols,
+            out_dir=Path(args.out),
+        )  # fmt: skip
+        report = run_hammer(hammer)
+        print(hammer_summary(report))
+        print(f"report: {report}")
         return 0
     if args.bench == "compare":
         print(compare(Path(args.a), Path(args.b)))

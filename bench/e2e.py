@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,8 @@ class E2EConfig:
     # may use a GPU (TICKSERVE_PREFER_GPU): issue 23 compares the worker on CPU and GPU
     model_type: str = "logistic"
     gpu: bool = False
+    # how long a system may take to start (imports, model load, Numba cache, group join)
+    start_timeout_s: float = 300.0
     # the echo floors measured, in this order each round (`FLOORS`)
     floors: tuple[str, ...] = ("aiokafka", "confluent", "echo")
     # every Kafka connection over TLS: each fresh broker behind stunnel4 (bench.tls), a
@@ -238,8 +240,13 @@ class Bench:
         return proc, log
 
     @contextlib.contextmanager
-    def system(self, kind: str, rate: float) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-        """Start an echo floor or the tickserve worker; yields (output topic, process)."""
+    def system(
+        self, kind: str, rate: float, worker_env: dict[str, str] | None = None
+    ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+        """Start an echo floor or the tickserve worker; yields (output topic, process).
+
+        `worker_env` adds to (or overrides) the worker's TICKSERVE_* variables.
+        """
         import asyncio
 
         from stream.kafka.clients import ensure_topics
@@ -271,10 +278,11 @@ class Bench:
                 TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
                 **self._tracing_env(),
             )  # fmt: skip
+            env.update(worker_env or {})
             proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
             ready_text = "worker consuming"
         try:
-            _wait_for(log, ready_text, proc, 300)  # a cold Numba cache on a busy machine
+            _wait_for(log, ready_text, proc, self.config.start_timeout_s)
             self.source = source
             self.dlq = f"dlq-{tag}"
             yield sink, proc
@@ -289,10 +297,24 @@ class Bench:
             self.config.out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(log, self.config.out_dir / log.name)
 
-    def measure(self, kind: str, rate: float, duration_s: float) -> dict[str, Any]:
-        """One system at one rate: latency, stages, CPU per tick, RSS, lost, duplicates."""
+    def measure(
+        self,
+        kind: str,
+        rate: float,
+        duration_s: float,
+        worker_env: dict[str, str] | None = None,
+        alongside: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> dict[str, Any]:
+        """One system at one rate: latency, stages, CPU per tick, RSS, lost, duplicates.
+
+        `alongside(start_ns)` is entered before the senders start (they send from
+        `start_ns` on) and left once they are done: other load during the measurement.
+        """
         cfg = self.config
-        with self.system(kind, rate) as (sink_topic, proc):
+        with (
+            self.system(kind, rate, worker_env) as (sink_topic, proc),
+            contextlib.ExitStack() as beside,
+        ):
             expected = int(rate * duration_s)
             out = self.workdir / f"{kind}-{int(rate)}.npz"
             sink = subprocess.Popen(
@@ -305,6 +327,8 @@ class Bench:
             if sink.stdout.readline().strip() != "ready":
                 raise RuntimeError("the sink did not start")
             start_ns = time.time_ns() + 1_000_000_000
+            if alongside is not None:
+                beside.enter_context(alongside(start_ns))
             n_senders = cfg.senders or max(1, math.ceil(rate / 50_000))
             senders = [
                 subprocess.Popen(
@@ -350,6 +374,7 @@ class Bench:
             sampler.start()
             lags = [float(s.communicate()[0].split("worst_lag_ms=")[1]) for s in senders]
             sampler.join()
+            beside.close()
             sink.wait()
             rss = _rss_mb(proc.pid)
             dead = self._dead_letters()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -16,7 +17,7 @@ from features.engine import FeatureEngine
 from features.engine import warm_up as warm_up_features
 from features.online import OnlineWriter, open_store
 from features.snapshot import SnapshotStore
-from inference.api import ApiContext, create_app, serve_http
+from inference.api import ApiContext, create_app, serve_http_apart
 from inference.batcher import BatcherConfig, MicroBatcher
 from inference.engines import GpuPolicy
 from inference.linear import warm_up as warm_up_linear
@@ -69,10 +70,13 @@ class Service:
         if settings.metrics_port:  # scrapes on a thread of their own, off the stream's loop
             start_http_server(settings.metrics_port, addr=settings.http_host)
         if settings.http_port:
-            app = create_app(self.api)
-            others.append(
-                asyncio.create_task(serve_http(app, settings.http_host, settings.http_port, stop))
+            # on a thread and loop of its own: requests are read and checked there, and
+            # only what touches the stream's state hops to this loop (bench.predict_hammer)
+            api = dataclasses.replace(self.api, stream_loop=asyncio.get_running_loop())
+            serving = serve_http_apart(
+                create_app(api), settings.http_host, settings.http_port, stop
             )
+            others.append(asyncio.create_task(serving))
         try:
             await self.worker.run(stop)
         finally:
@@ -96,6 +100,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         dlq_topic=settings.dlq_topic,
         max_future_ns=settings.max_future_ms * 1_000_000,
         snapshot_interval_s=settings.snapshot_interval_s,
+        stall_after_s=settings.stall_after_s,
         commit_interval_s=settings.commit_interval_ms / 1000,
         shadow_topic=settings.shadow_topic if settings.challenger_alias else "",
         summary_topic=settings.summary_topic,

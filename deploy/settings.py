@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         description="How often each partition's feature state is snapshotted to Redis (also "
         "on revoke and shutdown)",
     )
+    stall_after_s: float = Field(
+        30.0,
+        gt=0,
+        description='/ready turns false (reason "stalled ...") once the worker\'s positions '
+        "have not moved for this long while its partitions lag",
+    )
     online_flush_s: float = Field(
         0.25,
         gt=0,
@@ -194,7 +200,7 @@ class Settings(BaseSettings):
     )
 
     # Serving
-    # HTTP API, probes and /metrics on the worker's event loop; 0 disables it
+    # HTTP API, probes and /metrics on a thread and event loop of their own; 0 disables it
     http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = Field(
         "127.0.0.1",

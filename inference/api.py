@@ -9,11 +9,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model, model_validator
 
-from inference.batcher import MicroBatcher
+from inference.batcher import MicroBatcher, RowScore
 from inference.guard import BodyLimit, bearer
 from inference.registry import LoadedModel
 from inference.webhook import WEBHOOKS, WebhookConfig, WebhookPayload, ignore_reason, verify
@@ -39,6 +40,7 @@ FeatureValue = Annotated[
     float, Field(strict=True, allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)
 ]
 MAX_BODY_BYTES = 64 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,9 @@ class ApiContext:
         metrics_route: Serve `GET /metrics` here (False: it has a port of its own).
         symbols: The `symbol` labels of predictions_total (the stream worker's, so both
             count under the same bounded set); None: a set of this API's own.
+        stream_loop: The event loop the batcher, the feature rows, the readiness reasons
+            and the webhook's wake live on, when the API is served on a loop of its own
+            (`serve_http_apart`); None: the API's loop is theirs.
     """
 
     batcher: MicroBatcher
@@ -73,6 +78,14 @@ class ApiContext:
     max_body_bytes: int = MAX_BODY_BYTES
     metrics_route: bool = True
     symbols: SymbolLabels | None = None
+    stream_loop: asyncio.AbstractEventLoop | None = None
+
+
+async def on_stream(loop: asyncio.AbstractEventLoop | None, coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on the stream's loop (`ApiContext.stream_loop`) and wait for it here."""
+    if loop is None or loop is asyncio.get_running_loop():
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
 
 class ErrorBody(BaseModel):
@@ -133,7 +146,9 @@ class Readiness(BaseModel):
     ready: bool
     model_loaded: bool
     consumer_assigned: bool
-    reason: str | None = Field(None, description="why not ready, when the stream says why")
+    reason: str | None = Field(
+        None, description="why not ready: no model, no partitions, replaying, rebuilding, stalled"
+    )
 
 
 class WebhookAnswer(BaseModel):
@@ -247,22 +262,31 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def predict(body: request_model) -> PredictResponse:  # type: ignore[valid-type]
         """Score `features`, or the newest ready features the worker computed for `symbol`."""
         origin_ns = time.time_ns()
-        event_ns = None
-        if body.symbol is not None:  # type: ignore[attr-defined]
-            latest = ctx.latest(body.symbol)  # type: ignore[attr-defined]
-            if latest is None:
-                raise HTTPException(404, f"no ready features for symbol {body.symbol!r}")  # type: ignore[attr-defined]
-            event_ns, row = latest
-        else:
-            row = np.asarray(body.features, np.float32)  # type: ignore[attr-defined]
+        symbol = body.symbol  # type: ignore[attr-defined]
+        features = body.features  # type: ignore[attr-defined]
+
+        async def scored() -> tuple[int | None, RowScore] | None:
+            # on the stream's loop: the feature rows and the batcher's queue live there
+            event_ns = None
+            if symbol is not None:
+                latest = ctx.latest(symbol)
+                if latest is None:
+                    return None
+                event_ns, row = latest
+            else:
+                row = np.asarray(features, np.float32)
+            return event_ns, await ctx.batcher.score_row(row, origin_ns)
+
         try:
-            answer = await ctx.batcher.score_row(row, origin_ns)
+            found = await on_stream(ctx.stream_loop, scored())
         except StaleRow as exc:
             raise HTTPException(503, f"not scored: {exc}") from exc
+        if found is None:
+            raise HTTPException(404, f"no ready features for symbol {symbol!r}")
+        event_ns, answer = found
         score = answer.score
         if not math.isfinite(score):
             raise HTTPException(503, "the model returned a non-finite score")
-        symbol = body.symbol  # type: ignore[attr-defined]
         # a row given as features has no symbol: it counts under symbol=""
         PREDICTIONS.labels(answer.model.name, "" if symbol is None else symbol_label(symbol)).inc()
         return PredictResponse(
@@ -270,7 +294,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             version=answer.model.version,
             score=score,
             direction=1 if score >= ctx.threshold else -1,
-            symbol=body.symbol,  # type: ignore[attr-defined]
+            symbol=symbol,
             features_event_ns=event_ns,
         )
 
@@ -313,17 +337,31 @@ def create_app(ctx: ApiContext) -> FastAPI:
         responses={503: {"model": Readiness, "description": "not ready"}},
     )
     async def ready() -> Any:
-        """A model is loaded and the Kafka consumer has its partitions."""
-        state = Readiness(
-            ready=False,
-            model_loaded=ctx.batcher.model is not None,
-            consumer_assigned=ctx.consumer_ready(),
-        )
-        state.reason = ctx.stream_not_ready()
-        state.ready = state.model_loaded and state.consumer_assigned and state.reason is None
+        """A model serves, the consumer has its partitions and the stream advances.
+
+        Not ready, the body says why: no model, no partitions, replaying or rebuilding
+        after a restore, or stalled (lag that has not moved for `stall_after_s`).
+        """
+
+        async def readiness() -> Readiness:  # on the stream's loop, which owns the state
+            state = Readiness(
+                ready=False,
+                model_loaded=ctx.batcher.model is not None,
+                consumer_assigned=ctx.consumer_ready(),
+            )
+            if not state.model_loaded:
+                state.reason = "no model serves"
+            elif not state.consumer_assigned:
+                state.reason = "the consumer has no partitions yet"
+            else:
+                state.reason = ctx.stream_not_ready()
+            state.ready = state.reason is None
+            return state
+
+        state = await on_stream(ctx.stream_loop, readiness())
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
-    _add_webhook_route(app, ctx.webhook)
+    _add_webhook_route(app, ctx.webhook, ctx.stream_loop)
     if ctx.metrics_route:
         _add_metrics_route(app)
     return app
@@ -341,7 +379,9 @@ def _add_metrics_route(app: FastAPI) -> None:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
+def _add_webhook_route(
+    app: FastAPI, config: WebhookConfig | None, stream_loop: asyncio.AbstractEventLoop | None
+) -> None:
     """`POST /webhooks/mlflow`: a signed alias change makes the watcher poll now."""
     body_schema = WebhookPayload.model_json_schema()
     refusals: dict[int | str, dict[str, Any]] = {
@@ -403,7 +443,11 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
             WEBHOOKS.labels("ignored").inc()
             return WebhookAnswer(status="ignored", detail=ignored)
         WEBHOOKS.labels("polling").inc()
-        config.wake()
+
+        async def wake() -> None:  # the watcher's event belongs to the stream's loop
+            config.wake()
+
+        await on_stream(stream_loop, wake())
         logger.info(
             "mlflow webhook: polling the registry now",
             extra={
@@ -419,21 +463,11 @@ def _add_webhook_route(app: FastAPI, config: WebhookConfig | None) -> None:
 async def serve_http(app: FastAPI, host: str, port: int, stop: asyncio.Event) -> None:
     """Serve `app` on the running event loop until `stop` is set.
 
-    The loop is the stream worker's: requests and micro-batches share one thread, so a
-    request's row joins the same queue and a model swap lands between batches for both.
+    `tickserve serve` uses `serve_http_apart`; here a request's row joins the batcher's
+    queue on this loop, so a model swap lands between batches for the stream and the API
+    alike.
     """
-    import uvicorn
-
-    class LoopServer(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            # the process owns SIGTERM/SIGINT (they set `stop`); uvicorn must not re-raise them
-            yield
-
-    config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
-    )
-    server = LoopServer(config)
+    server = _server(app, host, port)
 
     async def stop_server() -> None:
         await stop.wait()
@@ -445,3 +479,45 @@ async def serve_http(app: FastAPI, host: str, port: int, stop: asyncio.Event) ->
         await server.serve()
     finally:
         stopper.cancel()
+
+
+async def serve_http_apart(app: FastAPI, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve `app` on a thread and event loop of its own until `stop` is set.
+
+    Reading, parsing and validating requests then never runs on the stream's loop:
+    only the work that touches the stream's state hops there (`ApiContext.stream_loop`,
+    `on_stream`): a row joining the batcher's queue, a symbol's feature row, the
+    readiness reasons, the webhook's wake.
+    """
+    server = _server(app, host, port)
+    thread = threading.Thread(
+        target=asyncio.run, args=(server.serve(),), name="http-api", daemon=True
+    )
+    logger.info("http api serving on its own thread", extra={"host": host, "port": port})
+    thread.start()
+    try:
+        await stop.wait()
+    finally:
+        server.should_exit = True  # uvicorn looks every 0.1 s
+        # waited for here, not in an executor whose threads may all be busy at shutdown
+        deadline = time.monotonic() + 10.0
+        while thread.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if thread.is_alive():
+            logger.warning("http api thread still running at shutdown")
+
+
+def _server(app: FastAPI, host: str, port: int) -> Any:
+    """A uvicorn server for `app` that leaves the process's signals alone."""
+    import uvicorn
+
+    class LoopServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # the process owns SIGTERM/SIGINT (they set `stop`); uvicorn must not re-raise them
+            yield
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+    )
+    return LoopServer(config)

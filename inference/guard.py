@@ -1,7 +1,7 @@
 """What the HTTP API checks before a request reaches its handlers: size and bearer token.
 
-The API shares the stream's event loop, so a request must not be able to make the
-worker parse megabytes: bodies are cut off at a limit before any JSON is read.
+The API shares the stream's process (and its CPU), so a request must not be able to make
+the worker parse megabytes: bodies are cut off at a limit before any JSON is read.
 """
 
 from __future__ import annotations

@@ -62,7 +62,6 @@ class WatcherConfig:
         poll_interval_s: Seconds between registry polls.
         prefer_gpu: Ask for CUDA when it is usable.
         policy: The serving checks' tolerances and budgets.
-        keep_versions: Checked versions kept loaded, so a rollback swaps at once.
         onnx_threads: ONNX Runtime intra-op threads per session.
         numba_kernels: Score tree ensembles with `inference.trees` and logistic
             regressions with `inference.linear` where they cover them.
@@ -81,7 +80,6 @@ class WatcherConfig:
     poll_interval_s: float = 1.0
     prefer_gpu: bool = True
     policy: ValidationPolicy = ValidationPolicy()
-    keep_versions: int = 3
     onnx_threads: int = 1
     numba_kernels: bool = True
     tensorrt: bool = False
@@ -277,10 +275,35 @@ class ModelWatcher:
         self._apply(batcher, role, dataclasses.replace(model, alias=alias))
 
     def remember(self, model: LoadedModel) -> None:
-        """Keep a checked version loaded (the newest `keep_versions`), for rollbacks."""
+        """Keep a checked version loaded until it neither serves nor is the fallback."""
         self._checked[model.version] = model
-        while len(self._checked) > self.config.keep_versions:
-            self._checked.popitem(last=False)
+
+    def fallback(self) -> str | None:
+        """The version the champion replaced, kept loaded for `roll_back_if_failing`.
+
+        None right after a rollback (a return to the version the one before replaced):
+        the version rolled back from is not something to go back to.
+        """
+        events = [e for e in self.history if e.role == CHAMPION]
+        if not events:
+            return None
+        if len(events) > 1 and events[-1].version == events[-2].previous:
+            return None
+        return events[-1].previous or None
+
+    def release(self, batcher: MicroBatcher) -> None:
+        """Drop every checked version that neither serves nor is the fallback.
+
+        The loaded model (its ONNX Runtime session, kernels and buffers) is referenced
+        from here and from the batcher only, so its memory goes back to the allocator
+        here (docs/architecture.md, "Model memory").
+        """
+        keep = {batcher.model.version, self.fallback()}
+        if batcher.challenger is not None:
+            keep.add(batcher.challenger.version)
+        for version in [v for v in self._checked if v not in keep]:
+            del self._checked[version]
+            logger.info("model version released", extra={"version": version})
 
     def refused(self, role: str) -> str | None:
         """The version `role`'s alias points at that is refused until the alias moves."""
@@ -296,10 +319,7 @@ class ModelWatcher:
         if health.scored < cfg.min_rows_for_rate or health.rate <= cfg.max_non_finite_rate:
             return False
         failing = batcher.model
-        previous = next(
-            (e.previous for e in reversed(self.history) if e.role == CHAMPION),
-            None,
-        )
+        previous = self.fallback()
         model = self._checked.get(previous) if previous else None
         self._rejected[CHAMPION] = failing.version
         REJECTIONS.labels(CHAMPION, "non_finite").inc()
@@ -335,6 +355,7 @@ class ModelWatcher:
         self.history.append(SwapEvent(time.time_ns(), role, version, previous))
         SWAPS.labels(role).inc()
         SERVING.labels(role).set(_as_number(version))
+        self.release(batcher)
 
 
 async def _first_of(a: asyncio.Event, b: asyncio.Event, timeout_s: float) -> None:

@@ -11,7 +11,7 @@ listed in docs/metrics.md (a test holds the two equal).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from aiokafka import TopicPartition
@@ -99,12 +99,26 @@ class BatchTelemetry:
             produced_ms = stamps_ns[4] / 1e6
             LATENCY.observe_many((produced_ms - fetched.timestamp_ms[records]) / 1e3)
 
-    def fetched(self, fetched: Fetched) -> None:
-        """Consumer lag per partition from the high watermarks of this fetch."""
-        positions = fetched.next_offsets
+    def fetched(
+        self, fetched: Fetched, positions: Mapping[TopicPartition, int] | None = None
+    ) -> dict[TopicPartition, int]:
+        """Consumer lag per partition from the high watermarks of this fetch, returned too.
+
+        A partition without records this time is at `positions` (the worker's next
+        offset), or caught up to its high watermark where no position is known.
+        """
+        known = positions or {}
+        moved = fetched.next_offsets
+        lag = {}
         for tp, high in fetched.high_watermarks.items():
-            # a partition without records this time is caught up to its high watermark
-            LAG.set((tp.topic, str(tp.partition)), max(high - positions.get(tp, high), 0))
+            lag[tp] = max(high - moved.get(tp, known.get(tp, high)), 0)
+        self.lagged(lag)
+        return lag
+
+    def lagged(self, lag: Mapping[TopicPartition, int]) -> None:
+        """Set `consumer_lag` of these partitions."""
+        for tp, n in lag.items():
+            LAG.set((tp.topic, str(tp.partition)), n)
             self._lagging.add(tp)
 
     def progressed(self) -> None:

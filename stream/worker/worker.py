@@ -30,6 +30,7 @@ from stream.kafka.fetched import Fetched
 from stream.kafka.signalbatch import encode_signal_batches
 from stream.worker.commits import CommitTracker
 from stream.worker.deadletters import DeadLetters
+from stream.worker.health import ProgressWatch
 from stream.worker.recovery import Recovery, SnapshotKeeper
 from stream.worker.shadow import ShadowSignals
 from stream.worker.summaries import SummaryPublisher
@@ -66,6 +67,8 @@ class WorkerConfig:
     commit_interval_s: float = 0.1
     shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
     summary_topic: str = ""  # one summary per micro-batch for the monitor; "" = not sent
+    # /ready says "stalled" once no position moved for this long while partitions lag
+    stall_after_s: float = 30.0
 
 
 class StreamWorker:
@@ -115,6 +118,7 @@ class StreamWorker:
         self._signal_partitions = 0
         self._symbol_table = SymbolTable()
         self.telemetry = BatchTelemetry(symbols)
+        self.progress = ProgressWatch(config.stall_after_s)
         plane = config.dataplane
         self.tracing = (
             None
@@ -128,10 +132,14 @@ class StreamWorker:
         return self.batcher.model
 
     def not_ready_reason(self) -> str | None:
-        """Why signals are held back now (`/ready` says it), or None."""
+        """Why signals are held back now (`/ready` says it), or None.
+
+        Replaying after a restore (rebuilding, where positions were stale), or stalled:
+        no position moved for `stall_after_s` while partitions lag.
+        """
         replaying = self.recovery.replay_until
         if not replaying:
-            return None
+            return self.progress.reason()
         parts = ", ".join(str(tp.partition) for tp in sorted(replaying))
         rebuilt = "; ".join(self.recovery.rebuilt.values())
         why = f"replaying partitions {parts} up to their committed offsets"
@@ -184,7 +192,11 @@ class StreamWorker:
                     "version": self.model.version,
                 },
             )
-            await self._loop(stop)
+            probe = asyncio.create_task(self._probe_lag(stop))
+            try:
+                await self._loop(stop)
+            finally:
+                probe.cancel()
             clean = True
         finally:
             try:
@@ -209,7 +221,9 @@ class StreamWorker:
         source, commits = self.source, self.commits
         while not stop.is_set():
             fetched = await source.poll(100)
-            self.telemetry.fetched(fetched)
+            positions = self.recovery.positions
+            lag = self.telemetry.fetched(fetched, positions)
+            self.progress.observe({**positions, **fetched.next_offsets}, lag)
             if len(fetched):
                 async with self._batch_lock:
                     await self._handle(fetched)
@@ -220,6 +234,32 @@ class StreamWorker:
                 self.latest_rows.offer(force=False)  # a quiet stream still reaches the store
             if commits.idle_with_acks and commits.due():
                 await commits.commit()  # a quiet stream still commits what was acked
+
+    async def _probe_lag(self, stop: asyncio.Event) -> None:
+        """Ask the broker for the log ends while nothing advances, so lag stays true.
+
+        Fetches that bring nothing (a stuck connection, a broker answering empty, a
+        loop stuck on acks) carry no high watermarks: without this, a stall would
+        show the last lag seen, often 0.
+        """
+        every_s = min(self.progress.stall_after_s / 2, 5.0)
+        warned = False
+        while not stop.is_set():
+            await asyncio.sleep(every_s)
+            if self.progress.quiet_s() < every_s:
+                continue
+            positions = self.progress.positions()
+            try:
+                ends = {tp: (await self.source.log_range(tp))[1] for tp in positions}
+            except Exception as exc:  # the broker may be away: keep the lag last known
+                if not warned:
+                    logger.warning("lag probe failed", extra={"error": repr(exc)})
+                warned = True
+                continue
+            warned = False
+            lag = {tp: max(end - positions[tp], 0) for tp, end in ends.items()}
+            self.telemetry.lagged(lag)
+            self.progress.observe(positions, lag)
 
     async def _handle(self, fetched: Fetched) -> None:
         """Process a micro-batch; its acks and commit complete in the background, in order."""
@@ -420,6 +460,7 @@ class StreamWorker:
         """Restore assigned partitions' symbols and position the source to replay."""
         for tp, start in (await self.recovery.restore(self.source, assigned)).items():
             self.commits.restored(tp, start)
+        self.progress.restart()
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Snapshot revoked partitions (between batches) so their next owner resumes exactly."""
@@ -430,3 +471,4 @@ class StreamWorker:
             self.commits.forget(revoked)
             self.recovery.forget(revoked)
             self.telemetry.forget(revoked)
+            self.progress.forget(revoked)
