@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def pytest_configure(config: pytest.Config) -> None:
         if imported:
             names = ", ".join(imported)
             raise pytest.UsageError(f"{path.name} imports {names}: share it from tests/helpers.py")
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test leaves os.environ as it found it.
+
+    MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ, where every
+    process a later test starts (workers, `make weekly`) would find this test's registry.
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

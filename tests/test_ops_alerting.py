@@ -198,6 +198,9 @@ async def _make_event() -> asyncio.Event:
     return asyncio.Event()
 
 
+# failed in the fresh-clone suite of 2026-12-04 evening (no page in 180 s; passes alone).
+# Suspect: os.environ leaked by an earlier test (tests/conftest.py now restores it).
+@pytest.mark.quarantine
 def test_a_latency_burn_pages_through_alertmanager(
     monitoring: Monitoring, capsys: pytest.CaptureFixture[str]
 ) -> None:
