@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,33 @@ class VersionRef:
     alias: str
     spec_hash: str
     run_id: str
+
+
+@contextmanager
+def fluent_mlflow(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.start_run`, `models:/` URIs) on `tracking_uri`, for a block.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI (and the registry's
+    MLFLOW_REGISTRY_URI) into os.environ, where every process started later would
+    find it; afterwards both are as they were, so a training or a gate run in-process
+    (the demo, tests) leaves no registry behind for the next process.
+    """
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def open_client(tracking_uri: str) -> Any:

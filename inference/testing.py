@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.registry import SPEC_HASH_TAG, LoadedModel
+from inference.registry import SPEC_HASH_TAG, LoadedModel, fluent_mlflow
 from inference.session import OnnxScorer
 
 
@@ -118,15 +118,17 @@ def register_version(
     import onnx
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    if client.get_experiment_by_name(name) is None and tracking_uri.startswith("sqlite:///"):
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    elif tracking_uri.startswith("sqlite:///"):
         # keep artifacts beside the database, not in ./mlruns of whatever the cwd is
         where = Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts" / name
-        client.create_experiment(name, artifact_location=where.as_uri())
-    mlflow.set_experiment(name)
-    with mlflow.start_run():
+        experiment_id = client.create_experiment(name, artifact_location=where.as_uri())
+    else:
+        experiment_id = client.create_experiment(name)
+    with fluent_mlflow(tracking_uri), mlflow.start_run(experiment_id=experiment_id):
         if golden is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "golden_rows.json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,20 +74,12 @@ def test_a_moving_position_is_progress_even_with_lag() -> None:
 @pytest.fixture
 def served(stack_settings: Settings) -> Iterator[tuple[Settings, object]]:
     """`tickserve serve`'s service on the real broker, its HTTP API on a free port."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     name = unique("health")
     n = FeatureSpec().n_features
     model = make_onnx_classifier(n, "logistic", seed=1)
     spec_hash = stack_settings.feature_spec.hash
-    try:
-        register_version(stack_settings.mlflow_uri, name, model, spec_hash, golden_for(model, n),
-                         alias="champion")  # fmt: skip
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    register_version(stack_settings.mlflow_uri, name, model, spec_hash, golden_for(model, n),
+                     alias="champion")  # fmt: skip
     settings = stack_settings.model_copy(
         update={
             "model_name": name,

@@ -93,12 +93,8 @@ def test_only_the_champion_its_fallback_and_the_challenger_stay_loaded() -> None
 
 @pytest.mark.services
 @pytest.mark.timeout(900)  # logging and loading a 200 MB model through MLflow, twice
-def test_rolling_back_from_a_big_version_gives_its_memory_back(
-    stack_settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_rolling_back_from_a_big_version_gives_its_memory_back(stack_settings: Settings) -> None:
     """v1 -> v2 (a 200 MB initializer) -> v1 through the registry: RSS falls back."""
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # register_version sets them
-        monkeypatch.delenv(key, raising=False)
     uri, name, n = stack_settings.mlflow_uri, unique("memory"), SPEC.n_features
     spec_hash = stack_settings.feature_spec.hash
     base = make_onnx_classifier(n, "logistic", seed=1)

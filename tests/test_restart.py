@@ -105,10 +105,6 @@ def _signals(settings: Settings, distinct: int, timeout_s: float = 120) -> list[
     return [Signal.decode(r.value) for r in records]  # type: ignore[attr-defined]
 
 
-# failed in the fresh-clone suite of 2026-12-04 evening (0 signals from the spawned workers;
-# passes alone). Suspect: os.environ leaked by an earlier test into the workers' environment
-# (tests/conftest.py now restores it after each test). Rerun in the full suite, then release
-@pytest.mark.quarantine
 def test_sigkill_and_restart_give_the_uninterrupted_rows(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
@@ -186,10 +182,6 @@ def test_sigkill_and_restart_give_the_uninterrupted_rows(
     assert seen == {"XRP/ETH", "XRPX/ETH"}
 
 
-# failed in the fresh-clone suite of 2026-12-04 evening (0 signals from the spawned workers;
-# passes alone). Suspect: os.environ leaked by an earlier test into the workers' environment
-# (tests/conftest.py now restores it after each test). Rerun in the full suite, then release
-@pytest.mark.quarantine
 def test_a_rebalance_moves_symbols_with_their_state(pipeline: Pipeline, tmp_path: Path) -> None:
     settings = pipeline.settings.model_copy(
         update={
@@ -226,10 +218,6 @@ def test_a_rebalance_moves_symbols_with_their_state(pipeline: Pipeline, tmp_path
     assert _assert_scores(signals, want) == 0  # a rebalance commits before it moves anything
 
 
-# failed in the fresh-clone suite of 2026-12-04 evening (0 signals from the spawned workers;
-# passes alone). Suspect: os.environ leaked by an earlier test into the workers' environment
-# (tests/conftest.py now restores it after each test). Rerun in the full suite, then release
-@pytest.mark.quarantine
 def test_a_recreated_topic_is_read_from_its_start_not_from_stale_positions(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:

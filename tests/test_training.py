@@ -12,7 +12,7 @@ import pytest
 
 from deploy.settings import Settings
 from features.spec import FeatureSpec
-from inference.registry import SPEC_HASH_TAG
+from inference.registry import SPEC_HASH_TAG, fluent_mlflow
 from tests.helpers import TRADES, tickserve, unique
 from tickserve.errors import BudgetExceeded, ConfigError, ModelRejected
 from training.cost import check_budget, month_cost
@@ -93,7 +93,8 @@ def test_a_run_logs_what_the_issue_asks_for(
     mv = client.get_model_version(name, result.version)
     assert mv.tags[SPEC_HASH_TAG] == SPEC.hash and mv.tags["model_type"] == model_type
     assert not client.get_registered_model(name).aliases  # the gate decides, not training
-    info = mlflow.models.get_model_info(f"models:/{name}/{result.version}")
+    with fluent_mlflow(client.tracking_uri):
+        info = mlflow.models.get_model_info(f"models:/{name}/{result.version}")
     assert info.signature is not None and info.saved_input_example_info is not None
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.registry import SPEC_HASH_TAG
+from inference.registry import SPEC_HASH_TAG, fluent_mlflow
 from inference.session import OnnxScorer
 from tickserve.errors import ModelNotFound, RegistryError
 from training.evaluate import evaluate
@@ -56,7 +56,8 @@ def _score_on_window(client: Any, name: str, version: str, window: Any) -> np.nd
 
     uri = f"models:/{name}/{version}"
     try:
-        path = Path(download_artifacts(uri, tracking_uri=client.tracking_uri))
+        with fluent_mlflow(client.tracking_uri):  # models:/ URIs resolve through the registry
+            path = Path(download_artifacts(uri, tracking_uri=client.tracking_uri))
     except MlflowException as exc:
         message = f"downloading {uri} failed: {exc.message}"
         raise RegistryError(message, model=name, version=version) from exc
@@ -106,12 +107,9 @@ def evaluate_version(tracking_uri: str, name: str, version: str) -> dict[str, fl
         ModelNotFound: No such model or version.
         RegistryError: MLflow failed to hand over the model or its test window.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         mv = client.get_model_version(name, version)
@@ -141,12 +139,9 @@ def validate_version(
         ModelNotFound: No such model or version.
         RegistryError: MLflow failed to hand over the model, or to record the decision.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the global registry
-    mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if version is None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from features.spec import FeatureSpec
-from inference.registry import REFERENCE_ARTIFACT, SPEC_HASH_TAG
+from inference.registry import REFERENCE_ARTIFACT, SPEC_HASH_TAG, fluent_mlflow
 from tickserve.errors import ConfigError, DataError, RegistryError
 from tickserve.progress import progress_bar
 from training import report
@@ -139,7 +139,10 @@ def train_and_register(
     meter = meter or CostMeter((params or TrainParams()).cost)
     params = params or _default_params(ds)
     steps = params.splits.n_folds + 3  # each fold, the ONNX export, the figures, MLflow
-    with progress_bar("train", total=steps, unit="step", enabled=progress) as bar:
+    with (
+        progress_bar("train", total=steps, unit="step", enabled=progress) as bar,
+        fluent_mlflow(tracking_uri),
+    ):
         try:
             return _train_and_register(
                 ds,
@@ -235,8 +238,6 @@ def _train_and_register(
     bar.update(1)
     bar.set_description_str("train: MLflow log + register")
     experiment = f"tickserve/{universe_of(ds.symbols)}"
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment_id = _experiment_id(client, tracking_uri, experiment)
     test_rows = last.test
