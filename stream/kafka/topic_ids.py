@@ -4,7 +4,9 @@ Fetch and Produce from v13 carry a topic's 16-byte id instead of its name; the i
 comes from a Metadata (v10+) answer. As the Java client does, a topic whose id the
 broker does not give (none assigned, or the topic unknown to Metadata yet) is named
 instead, at the highest version that still takes a name (12). An id the broker stops
-recognising (the topic was deleted and created again) is forgotten and asked again.
+recognising (the topic was deleted and created again) is forgotten and asked again;
+when the answer is another id, the topic was recreated (`recreated`): every position in
+it belongs to a log that is gone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class TopicIds:
 
     def __init__(self) -> None:
         self._ids: dict[str, bytes | None] = {}
+        self._forgotten: dict[str, bytes] = {}  # the id a broker stopped recognising
+        self._recreated: set[str] = set()
 
     def ready(self, topic: str, version: int) -> bool:
         """Whether a request at `version` for `topic` can be built now (no Metadata to ask)."""
@@ -65,11 +69,23 @@ class TopicIds:
             topic_id = None
         if topic_id is None:
             logger.info("no topic id, the topic is named", extra={"topic": topic})
+        old = self._forgotten.pop(topic, None)
+        if old is not None and topic_id is not None and topic_id != old:
+            self._recreated.add(topic)
         self._ids[topic] = topic_id
 
     def forget(self, topic: str) -> None:
         """Ask for `topic`'s id again before the next request that needs it."""
-        self._ids.pop(topic, None)
+        old = self._ids.pop(topic, None)
+        if old is not None:
+            self._forgotten[topic] = old
+
+    def recreated(self, topic: str) -> bool:
+        """Whether `topic` came back under another id since the last call (then forgotten)."""
+        if topic not in self._recreated:
+            return False
+        self._recreated.discard(topic)
+        return True
 
     def matches(self, topic: str, key: str | bytes) -> bool:
         """Whether a response's topic (a name, or an id) is `topic`, asked alone by it.

@@ -82,6 +82,11 @@ REQUEST_TIMEOUT_MS = 30_000
 NEGOTIATE_TIMEOUT_S = 10.0  # a broker that never answers ApiVersions: dial again
 
 WIRE_RETRIES = Counter("wire_retries_total", "Produce or fetch rounds retried", ["api", "error"])
+POSITION_RESETS = Counter(
+    "consumer_position_resets_total",
+    "Fetch positions moved by the reset policy: out of range, or the topic recreated",
+    ["reason"],
+)
 
 _FRAME = struct.Struct(">ii")  # response size, correlation id
 _HEADER = struct.Struct(">ihhih")  # size, api_key, api_version, correlation_id, client_id length
@@ -817,6 +822,9 @@ class WireFetcher:
             if not future.done():
                 continue
             del self._inflight[node]
+            if self._ids.recreated(self.topic):
+                self._reset_all("topic recreated")  # this answer is for the old positions
+                continue
             exc = future.exception()
             if exc is None:
                 if version is None:  # a dial's `_fetch`
@@ -905,7 +913,10 @@ class WireFetcher:
             self._ids.forget(self.topic)
         if isinstance(exc, OffsetOutOfRangeError):
             # as aiokafka does: the consumer's reset policy, applied before the next fetch
-            logger.warning("offset out of range", extra={"partition": tp.partition})
+            logger.warning(
+                "offset out of range", extra={"partition": tp.partition, "reset": self._reset}
+            )
+            POSITION_RESETS.labels("out_of_range").inc()
             self._positions.pop(tp.partition, None)
             self._resets.add(tp.partition)
             return
@@ -914,6 +925,22 @@ class WireFetcher:
         WIRE_RETRIES.labels("fetch", type(exc).__name__).inc()
         if getattr(exc, "invalid_metadata", False):
             self.leaders.refresh_soon([self.topic])
+
+    def _reset_all(self, why: str) -> None:
+        """Every assigned partition's position goes by the reset policy before the next fetch.
+
+        A recreated topic's log starts again at 0: positions in the old one would wait
+        (silently) for the new log to grow past them and lose what comes before.
+        """
+        partitions = sorted(tp.partition for tp in self._assigned)
+        logger.warning(
+            "fetch positions reset",
+            extra={"topic": self.topic, "why": why, "reset": self._reset, "partitions": partitions},
+        )
+        POSITION_RESETS.labels(why.replace(" ", "_")).inc(len(partitions))
+        for partition in partitions:
+            self._positions.pop(partition, None)
+            self._resets.add(partition)
 
     async def close(self) -> None:
         """Close the fetch connections and the metadata connection."""
