@@ -73,6 +73,18 @@ class FeatureEngine:
         self.rings = np.concatenate([self.rings, rings])
         logger.info("feature state grown", extra={"symbols": new})
 
+    def reset(self, symbols: Sequence[str]) -> None:
+        """Forget what these symbols have seen (they keep their slots), as if new.
+
+        For a rebuild from the start of a log: state built from other records (a log
+        that is gone) would make the log's own ticks look late.
+        """
+        slots = [self.slot_of[s] for s in symbols if s in self.slot_of]
+        self.fstate[slots] = 0.0
+        self.istate[slots] = 0
+        self.istate[slots, kernels.I_BAR] = -1
+        self.rings[slots] = 0.0
+
     @property
     def full(self) -> bool:
         """Every one of the `max_symbols` slots is taken."""

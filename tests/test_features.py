@@ -243,3 +243,19 @@ def test_symbols_do_not_share_state(trades: pd.DataFrame) -> None:
         mixed["quantity"].to_numpy(), mixed["is_buy"].to_numpy(),
     ).values  # fmt: skip
     np.testing.assert_array_equal(feats[(mixed["symbol"] == "XRP/ETH").to_numpy()], alone)
+
+
+def test_a_reset_symbol_reads_its_ticks_again_as_new(trades: pd.DataFrame) -> None:
+    part = trades.iloc[:2000]
+    columns = [part[c].to_numpy() for c in ("event_ns", "price", "quantity", "is_buy")]
+    engine = FeatureEngine(SPEC)
+    first = engine.update(engine.slots(["A"] * len(part)), *columns)
+    engine.update(engine.slots(["B"] * len(part)), *columns)
+    b_state = engine.fstate[engine.slot_of["B"]].copy()
+    again = engine.update(engine.slots(["A"] * len(part)), *columns)
+    assert (again.status == STATUS_LATE).sum() > 1000  # what a rebuild without reset gave
+    engine.reset(["A"])
+    rebuilt = engine.update(engine.slots(["A"] * len(part)), *columns)
+    np.testing.assert_array_equal(rebuilt.values, first.values)
+    np.testing.assert_array_equal(rebuilt.status, first.status)
+    np.testing.assert_array_equal(engine.fstate[engine.slot_of["B"]], b_state)

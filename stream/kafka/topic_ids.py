@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from aiokafka.errors import KafkaError
+
 from stream.kafka import protocol
 
 if TYPE_CHECKING:
@@ -26,11 +28,25 @@ NAMES_UP_TO = protocol.TOPIC_IDS_FROM - 1
 STALE_ID_ERRORS = frozenset({3, 100, 103})  # unknown topic, unknown topic id, inconsistent id
 
 
+class StaleTopicId(KafkaError):  # type: ignore[misc]  # aiokafka is untyped
+    """A request named a topic by an id its broker no longer holds: the id is asked again."""
+
+    retriable = True
+    invalid_metadata = True
+
+
 class TopicIds:
     """Each topic's id as a broker gave it (None: it gave none, so the topic is named)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recreation: bool = False) -> None:
+        """With `recreation` (a fetcher), a forgotten id is compared with the next one.
+
+        Until the topic is known again, `resolve` raises `StaleTopicId` instead of
+        naming it. A producer goes without: it names a topic it cannot find (the
+        broker may create it on the first produce).
+        """
         self._ids: dict[str, bytes | None] = {}
+        self._recreation = recreation
         self._forgotten: dict[str, bytes] = {}  # the id a broker stopped recognising
         self._recreated: set[str] = set()
 
@@ -64,7 +80,13 @@ class TopicIds:
         found = [
             t for t in protocol.parse_metadata_response(body, versions.metadata) if t.name == topic
         ]
-        topic_id = found[0].topic_id if found and found[0].error == 0 else None
+        known = bool(found) and found[0].error == 0
+        if not known and topic in self._forgotten:
+            # deleted, not (yet) created again: ask again next time, so that the new
+            # topic's id is compared with the old one (named meanwhile, it would be read
+            # from positions in the old log)
+            raise StaleTopicId(f"{topic} is not known to the broker (deleted?)")
+        topic_id = found[0].topic_id if known else None
         if topic_id == protocol.NO_TOPIC_ID:
             topic_id = None
         if topic_id is None:
@@ -77,7 +99,7 @@ class TopicIds:
     def forget(self, topic: str) -> None:
         """Ask for `topic`'s id again before the next request that needs it."""
         old = self._ids.pop(topic, None)
-        if old is not None:
+        if old is not None and self._recreation:
             self._forgotten[topic] = old
 
     def recreated(self, topic: str) -> bool:

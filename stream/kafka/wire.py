@@ -71,7 +71,7 @@ from stream.kafka.recordbatch import (
     read_be,
 )
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
-from stream.kafka.topic_ids import STALE_ID_ERRORS, TopicIds
+from stream.kafka.topic_ids import STALE_ID_ERRORS, StaleTopicId, TopicIds
 
 logger = logging.getLogger(__name__)
 
@@ -388,13 +388,6 @@ def parse_partitions(
     return cols[:, :k], part[:k], next_offsets, status, starts[:n_batches], ends[:n_batches]
 
 
-class StaleTopicId(KafkaError):  # type: ignore[misc]  # aiokafka is untyped
-    """A request named a topic by an id its broker no longer holds: the id is asked again."""
-
-    retriable = True
-    invalid_metadata = True
-
-
 def _error(code: int, by_id: bool) -> KafkaError:
     """The aiokafka error for `code`; an unknown id (`by_id`: the request named one) is stale."""
     if by_id and code in STALE_ID_ERRORS:
@@ -646,7 +639,7 @@ class WireFetcher:
         self._reset = reset
         self.leaders = Leaders(bootstrap, security, versions)
         self._conns = _Connections(self.leaders, security, versions)
-        self._ids = TopicIds()
+        self._ids = TopicIds(recreation=True)
         self._seen: frozenset[TopicPartition] | set[TopicPartition] = frozenset()
         self._assigned: frozenset[TopicPartition] = frozenset()  # of `topic`, all paused
         self._held = False  # revoked: nothing is fetched until the next assignment
@@ -811,7 +804,11 @@ class WireFetcher:
     async def _fetch(self, node: int, positions: list[tuple[int, int]]) -> tuple[int, bytes]:
         """Dial `node`, learn the topic's id if the version needs it, fetch: (version, body)."""
         conn = await self._conns.get(node)
-        await self._ids.resolve(conn, self.topic, conn.settled.fetch)
+        try:
+            await self._ids.resolve(conn, self.topic, conn.settled.fetch)
+        except StaleTopicId:
+            await asyncio.sleep(RETRY_BACKOFF_S)  # deleted, maybe not created again yet
+            raise
         version, key = self._ids.pick(self.topic, conn.settled.fetch)
         body = protocol.fetch_request(version, key, positions, *self._limits)
         return version, await conn.request(FETCH, version, [body], parks=True)

@@ -185,7 +185,8 @@ class Recovery:
                 start = snap.next_offset
             elif committed is not None or tp in self.rebuilt:
                 # no usable snapshot, or positions the log no longer holds: rebuild
-                # the state from the start of the partition
+                # the state from the start of the partition, on a clean slate
+                self.engine.reset([s for s, p in self.partition_of.items() if p == tp.partition])
                 await source.seek_to_beginning(tp)
                 start = 0
             else:

@@ -278,6 +278,7 @@ def _tally(
             matched_letters += len(letters)
             if sigs and letters:
                 conflicts += 1
+                reasons[letters[0][1]] += 1
             elif sigs:
                 signalled += 1
             elif letters:
