@@ -18,6 +18,7 @@ import time
 from aiokafka import TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from bench.floor_args import floor_parser
 from deploy.settings import load_settings
 from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlaneConfig
@@ -90,14 +91,7 @@ def _record_batches(fetched: Fetched, partitions: int, now_ms: int) -> list[tupl
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--sink", required=True)
-    parser.add_argument("--group", required=True)
-    parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
-    parser.add_argument("--linger-ms", type=int, default=5)
-    parser.add_argument("--max-batch", type=int, default=2000)
+    parser = floor_parser(__doc__)
     parser.add_argument("--realtime-priority", type=int, default=0)
     parser.add_argument(
         "--wire",

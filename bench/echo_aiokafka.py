@@ -19,6 +19,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.floor_args import floor_parser
 from deploy.settings import load_settings
 from stream.kafka.clients import make_consumer, make_producer, start_client, wait_assigned
 
@@ -73,14 +74,7 @@ async def echo(args: argparse.Namespace) -> None:
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--sink", required=True)
-    parser.add_argument("--group", required=True)
-    parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
-    parser.add_argument("--linger-ms", type=int, default=5)
-    parser.add_argument("--max-batch", type=int, default=2000)
+    parser = floor_parser(__doc__)
     import uvloop
 
     uvloop.run(echo(parser.parse_args()))

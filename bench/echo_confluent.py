@@ -20,6 +20,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from bench.floor_args import floor_parser
 from deploy.settings import load_settings
 from stream.kafka.clients import MAX_PARTITION_FETCH_BYTES
 from stream.kafka.security import KafkaSecurity
@@ -98,14 +99,7 @@ def echo(args: argparse.Namespace) -> None:
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--source", required=True)
-    parser.add_argument("--sink", required=True)
-    parser.add_argument("--group", required=True)
-    parser.add_argument("--fetch-max-wait-ms", type=int, default=20)
-    parser.add_argument("--linger-ms", type=int, default=5)
-    parser.add_argument("--max-batch", type=int, default=2000)
+    parser = floor_parser(__doc__)
     echo(parser.parse_args())
 
 
