@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
+from stream.kafka.clients import ensure_topics
 from training.train import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,22 @@ def unique(prefix: str) -> str:
 def run(coro: object) -> object:
     """asyncio.run for helpers called from synchronous tests."""
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def fresh(settings: Settings, **update: Any) -> Settings:
+    """`settings` with topics and a group of their own (created), plus `update`."""
+    fresh = settings.model_copy(
+        update={
+            "ticks_topic": unique("ticks"),
+            "signals_topic": unique("signals"),
+            "dlq_topic": unique("dlq"),
+            "group_id": unique("worker"),
+            **update,
+        }
+    )
+    topics = [fresh.ticks_topic, fresh.signals_topic, fresh.dlq_topic]
+    run(ensure_topics(fresh.bootstrap, topics, fresh.partitions))
+    return fresh
 
 
 @dataclass

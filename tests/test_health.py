@@ -21,11 +21,10 @@ from inference.api import ApiContext, create_app, serve_http_apart
 from inference.batcher import BatcherConfig, MicroBatcher
 from inference.testing import golden_for, loaded, make_onnx_classifier, register_version
 from stream.ingest.feed import Pacing, publish, read_trades
-from stream.kafka.clients import ensure_topics
 from stream.kafka.fetched import Fetched
 from stream.kafka.testing import fetched_of
 from stream.worker.health import ProgressWatch
-from tests.helpers import TRADES, LoopThread, run, unique
+from tests.helpers import TRADES, LoopThread, fresh, run, unique
 
 TP0, TP1 = TopicPartition("ticks", 0), TopicPartition("ticks", 1)
 
@@ -80,24 +79,17 @@ def served(stack_settings: Settings) -> Iterator[tuple[Settings, object]]:
     spec_hash = stack_settings.feature_spec.hash
     register_version(stack_settings.mlflow_uri, name, model, spec_hash, golden_for(model, n),
                      alias="champion")  # fmt: skip
-    settings = stack_settings.model_copy(
-        update={
-            "model_name": name,
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "group_id": unique("worker"),
-            "http_port": free_port(),
-            "stall_after_s": 2.0,
-            "prefer_gpu": False,
-            # no tree-kernel compiler child: under load its start outlasts the teardown
-            # (ModelWatcher.close waits for it on the loop)
-            "numba_kernels": False,
-            "partitions": 2,
-        }
+    settings = fresh(
+        stack_settings,
+        model_name=name,
+        http_port=free_port(),
+        stall_after_s=2.0,
+        prefer_gpu=False,
+        # no tree-kernel compiler child: under load its start outlasts the teardown
+        # (ModelWatcher.close waits for it on the loop)
+        numba_kernels=False,
+        partitions=2,
     )
-    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-    run(ensure_topics(settings.bootstrap, topics, 2))
     service = build_service(settings, online_store=False)
     loop = LoopThread()
     stop: asyncio.Event = loop.submit(_event()).result(5)  # type: ignore[attr-defined]

@@ -28,8 +28,7 @@ import yaml
 from deploy.compose import build_service
 from deploy.stack import free_port
 from stream.ingest.feed import publish
-from stream.kafka.clients import ensure_topics
-from tests.helpers import HISTORY, ROOT, LoopThread, Pipeline, run, unique
+from tests.helpers import HISTORY, ROOT, LoopThread, Pipeline, fresh, run, unique
 
 pytestmark = pytest.mark.services
 RULES = ROOT / "deploy" / "prometheus" / "rules"
@@ -111,18 +110,13 @@ def monitoring(
 ) -> Iterator[Monitoring]:
     """Worker, Prometheus and Alertmanager running."""
     tmp_path = tmp_path_factory.mktemp("monitoring")
-    settings = pipeline.settings.model_copy(
-        # topics of its own: ticks published into the session's ticks topic reach every later
-        # worker on it (tests/test_pipeline.py counted them as ticks sent twice)
-        update={
-            "http_port": free_port(),
-            "http_host": "127.0.0.1",
-            "group_id": unique("worker"),
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "summary_topic": unique("summary"),
-        }
+    # topics of its own: ticks published into the session's ticks topic reach every later
+    # worker on it (tests/test_pipeline.py counted them as ticks sent twice)
+    settings = fresh(
+        pipeline.settings,
+        http_port=free_port(),
+        http_host="127.0.0.1",
+        summary_topic=unique("summary"),
     )
     webhook = Webhook()
     rules = tmp_path / "rules"
@@ -169,8 +163,6 @@ def monitoring(
             stderr=subprocess.STDOUT,
         ),
     ]
-    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-    run(ensure_topics(settings.bootstrap, topics, settings.partitions))
     run(publish(pipeline.ticks[:HISTORY], settings.bootstrap, settings.ticks_topic))
     service = build_service(settings)
     loop = LoopThread()

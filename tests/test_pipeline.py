@@ -27,10 +27,10 @@ from tests.helpers import (
     HISTORY,
     LoopThread,
     Pipeline,
+    fresh,
     read_topic,
     run,
     table_mismatches,
-    unique,
 )
 from tickserve.errors import ModelNotFound, ModelRejected
 
@@ -203,16 +203,7 @@ def test_metrics_count_every_scored_tick(pipeline: Pipeline) -> None:
     predictions_total{model,symbol} and the count of prediction_latency_seconds each
     grow by the number of signals that carry a score; the scrape matches docs/metrics.md.
     """
-    settings = pipeline.settings.model_copy(
-        update={
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "group_id": unique("worker"),
-            "http_host": "127.0.0.1",
-            "http_port": free_port(),
-        }
-    )
+    settings = fresh(pipeline.settings, http_host="127.0.0.1", http_port=free_port())
     url = f"http://127.0.0.1:{settings.http_port}/metrics"
     service = build_service(settings, online_store=False)
     loop = LoopThread()

@@ -21,7 +21,7 @@ from inference.registry import load_model
 from stream.contracts.signal import Signal
 from stream.ingest.feed import Pacing, publish
 from stream.kafka.clients import ensure_topics
-from tests.helpers import Pipeline, read_topic, run, unique
+from tests.helpers import Pipeline, fresh, read_topic, run
 
 pytestmark = pytest.mark.services
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,16 +108,7 @@ def _signals(settings: Settings, distinct: int, timeout_s: float = 120) -> list[
 def test_sigkill_and_restart_give_the_uninterrupted_rows(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    settings = pipeline.settings.model_copy(
-        update={
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "group_id": unique("worker"),
-        }
-    )
-    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-    run(ensure_topics(settings.bootstrap, topics, settings.partitions))
+    settings = fresh(pipeline.settings)
     ticks = _two_symbols(pipeline)
     first, second = int(len(ticks) * 0.4), int(len(ticks) * 0.7)
     log = tmp_path / "worker.log"
@@ -183,16 +174,7 @@ def test_sigkill_and_restart_give_the_uninterrupted_rows(
 
 
 def test_a_rebalance_moves_symbols_with_their_state(pipeline: Pipeline, tmp_path: Path) -> None:
-    settings = pipeline.settings.model_copy(
-        update={
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "group_id": unique("worker"),
-        }
-    )
-    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-    run(ensure_topics(settings.bootstrap, topics, settings.partitions))
+    settings = fresh(pipeline.settings)
     ticks = _two_symbols(pipeline, copies=7)[:60_000]  # 8 symbols over 4 partitions
     half = len(ticks) // 2
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
@@ -222,17 +204,7 @@ def test_a_recreated_topic_is_read_from_its_start_not_from_stale_positions(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
     """The ticks topic deleted and recreated under a worker's committed offsets and snapshots."""
-    settings = pipeline.settings.model_copy(
-        update={
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "group_id": unique("worker"),
-            "partitions": 1,
-        }
-    )
-    topics = [settings.ticks_topic, settings.signals_topic, settings.dlq_topic]
-    run(ensure_topics(settings.bootstrap, topics, 1))
+    settings = fresh(pipeline.settings, partitions=1)
     ticks = pipeline.ticks[:3000]
     log = tmp_path / "worker.log"
     run(publish(ticks, settings.bootstrap, settings.ticks_topic))

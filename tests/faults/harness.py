@@ -17,24 +17,7 @@ from deploy.compose import build_service
 from deploy.settings import Settings
 from deploy.stack import child_env
 from stream.ingest.feed import Pacing, publish
-from stream.kafka.clients import ensure_topics
-from tests.helpers import ROOT, LoopThread, Pipeline, run, unique
-
-
-def fresh(settings: Settings, **update: Any) -> Settings:
-    """`settings` with topics and a group of their own (created), plus `update`."""
-    fresh = settings.model_copy(
-        update={
-            "ticks_topic": unique("ticks"),
-            "signals_topic": unique("signals"),
-            "dlq_topic": unique("dlq"),
-            "group_id": unique("worker"),
-            **update,
-        }
-    )
-    topics = [fresh.ticks_topic, fresh.signals_topic, fresh.dlq_topic]
-    run(ensure_topics(fresh.bootstrap, topics, fresh.partitions))
-    return fresh
+from tests.helpers import ROOT, LoopThread, Pipeline, run
 
 
 def market(

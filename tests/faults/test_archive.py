@@ -13,8 +13,8 @@ from clickhouse_connect.driver.exceptions import OperationalError
 
 from stream.ingest.archive import ArchiveCounts, ArchiverConfig, ClickHouseArchive, run_archiver
 from tests.faults import oracle
-from tests.faults.harness import Publisher, fresh, market
-from tests.helpers import Pipeline, run, unique
+from tests.faults.harness import Publisher, market
+from tests.helpers import Pipeline, fresh, run, unique
 from tickserve.errors import ArchiveError
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]

@@ -9,8 +9,8 @@ import pytest
 
 from stream.worker.commits import MAX_INFLIGHT_BATCHES
 from tests.faults import oracle
-from tests.faults.harness import InProcess, Publisher, Worker, fresh, market
-from tests.helpers import Pipeline, run
+from tests.faults.harness import InProcess, Publisher, Worker, market
+from tests.helpers import Pipeline, fresh, run
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 

@@ -14,8 +14,8 @@ import pytest
 from stream.ingest.feed import publish
 from stream.kafka.clients import make_producer
 from tests.faults import oracle
-from tests.faults.harness import InProcess, fresh, market
-from tests.helpers import Pipeline, run
+from tests.faults.harness import InProcess, market
+from tests.helpers import Pipeline, fresh, run
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 

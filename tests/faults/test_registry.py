@@ -17,8 +17,8 @@ from inference.registry import open_client
 from inference.testing import golden_for, make_onnx_classifier, register_version
 from inference.watcher import POLL_ERRORS, REJECTIONS, ModelWatcher
 from tests.faults import oracle
-from tests.faults.harness import InProcess, Publisher, fresh, market
-from tests.helpers import Pipeline, run, unique
+from tests.faults.harness import InProcess, Publisher, market
+from tests.helpers import Pipeline, fresh, run, unique
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 N_FEATURES = FeatureSpec().n_features

@@ -11,8 +11,8 @@ import pytest
 
 from deploy.stack import LocalStack, free_port
 from tests.faults import oracle
-from tests.faults.harness import InProcess, Publisher, fresh, market
-from tests.helpers import Pipeline, run
+from tests.faults.harness import InProcess, Publisher, market
+from tests.helpers import Pipeline, fresh, run
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 
