@@ -402,6 +402,14 @@ def fetch_request(
     return b"".join(parts)
 
 
+def _read_topic(body: bytes, pos: int, version: int, flexible: bool) -> tuple[str | bytes, int]:
+    """A Fetch or Produce response's topic: its name, or from v13 its 16-byte id."""
+    if version >= TOPIC_IDS_FROM:
+        return body[pos : pos + 16], pos + 16
+    name, pos = _read_string(body, pos, flexible)
+    return name or "", pos
+
+
 _PARTITION_HEAD = struct.Struct(">ihqq")  # partition, error, high watermark, last stable offset
 
 
@@ -424,11 +432,7 @@ def parse_fetch_response(
     log_start = 8 if version >= 5 else 0
     unpack_head = _PARTITION_HEAD.unpack_from
     for _ in range(topics):
-        topic: str | bytes | None
-        if version >= TOPIC_IDS_FROM:
-            topic, pos = body[pos : pos + 16], pos + 16
-        else:
-            topic, pos = _read_string(body, pos, flexible)
+        topic, pos = _read_topic(body, pos, version, flexible)
         partitions, pos = _read_count(body, pos, flexible)
         for _ in range(partitions):
             partition, code, high, _ = unpack_head(body, pos)
@@ -448,7 +452,7 @@ def parse_fetch_response(
                 (size,) = _I32.unpack_from(body, pos)
                 pos += 4
             size = max(size, 0)  # -1: null records
-            out.append((topic or "", PartitionData(partition, code, high, pos, pos + size)))
+            out.append((topic, PartitionData(partition, code, high, pos, pos + size)))
             pos += size
             if flexible:
                 pos = skip_tags(body, pos)  # diverging epoch, current leader, snapshot id
@@ -507,11 +511,7 @@ def parse_produce_response(body: bytes, version: int) -> dict[tuple[str | bytes,
     out: dict[tuple[str | bytes, int], int] = {}
     topics, pos = _read_count(body, pos, flexible)
     for _ in range(topics):
-        topic: str | bytes | None
-        if version >= TOPIC_IDS_FROM:
-            topic, pos = body[pos : pos + 16], pos + 16
-        else:
-            topic, pos = _read_string(body, pos, flexible)
+        topic, pos = _read_topic(body, pos, version, flexible)
         partitions, pos = _read_count(body, pos, flexible)
         for _ in range(partitions):
             partition, error = struct.unpack_from(">ih", body, pos)
@@ -525,7 +525,7 @@ def parse_produce_response(body: bytes, version: int) -> dict[tuple[str | bytes,
                 _, pos = _read_string(body, pos, flexible)  # error message
             if flexible:
                 pos = skip_tags(body, pos)  # current leader
-            out[(topic or "", partition)] = error
+            out[(topic, partition)] = error
         if flexible:
             pos = skip_tags(body, pos)
     return out
