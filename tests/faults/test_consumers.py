@@ -31,9 +31,7 @@ class _SlowReader:
         self.error: BaseException | None = None
         self.stalled = threading.Event()  # set once the stall has begun
         self.done = threading.Event()
-        self.thread = threading.Thread(
-            target=lambda: self._body(bootstrap, topic), daemon=True
-        )
+        self.thread = threading.Thread(target=lambda: self._body(bootstrap, topic), daemon=True)
         self.thread.start()
 
     def _body(self, bootstrap: str, topic: str) -> None:
