@@ -22,6 +22,7 @@ from tests.helpers import Pipeline, run, unique
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 N_FEATURES = FeatureSpec().n_features
 RATE = 500
+WARMUP_BUDGET_MS = 10
 
 
 def _corrupt(uri: str, name: str, version: str) -> None:
@@ -40,7 +41,7 @@ def _rejected(reason: str) -> float:
 def test_hostile_model_versions_never_serve(
     pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A corrupt file, the wrong input width, NaN outputs: each refused, counted, v1 serves on."""
+    """A corrupt file, the wrong width, NaN outputs, a slow warm-up: each refused, v1 serves on."""
     settings = fresh(
         pipeline.settings,
         model_name=unique("faults-models"),
@@ -48,6 +49,8 @@ def test_hostile_model_versions_never_serve(
         prefer_gpu=False,
         max_batch=500,
         numba_kernels=False,  # as tests/faults/test_registry.py: no compiler child process
+        # v1 (logistic) warms up in well under 1 ms, the 600-tree model in ~50 ms
+        warmup_budget_ms=WARMUP_BUDGET_MS,
     )
     uri, name, spec_hash = settings.mlflow_uri, settings.model_name, settings.feature_spec.hash
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # register_version sets it; restored after
@@ -57,12 +60,16 @@ def test_hostile_model_versions_never_serve(
     corrupt = register_version(uri, name, other, spec_hash, golden_for(other, N_FEATURES))
     _corrupt(uri, name, corrupt)
     wide = make_onnx_classifier(N_FEATURES + 5, "logistic", seed=3)
+    slow = make_onnx_classifier(
+        N_FEATURES, "hgb", seed=4, max_iter=600, max_leaf_nodes=127, early_stopping=False
+    )
     bad = {  # expected rejection reason -> version
         "load": corrupt,
         "contract": register_version(uri, name, wide, spec_hash, golden_for(wide, N_FEATURES + 5)),
         "nonfinite": register_version(
             uri, name, poison_with_nan(base), spec_hash, golden_for(base, N_FEATURES)
         ),
+        "warmup": register_version(uri, name, slow, spec_hash, golden_for(slow, N_FEATURES)),
     }
     client = open_client(uri)
     client.set_registered_model_alias(name, "champion", good)
@@ -104,11 +111,12 @@ def test_hostile_model_versions_never_serve(
     finally:
         stopped = worker.stop()
     oracle.record(
-        "Hostile model versions (corrupt, wrong width, NaN)",
+        "Hostile model versions (corrupt, wrong width, NaN, slow warm-up)",
         result,
         f"{sent:,} ticks at {RATE}/s; the champion alias moved in {fault_end - started:.1f} s "
-        f"to a corrupt ONNX file, a model of {N_FEATURES + 5} inputs and an all-NaN model, "
-        "then back; each refused (model_rejections_total load, contract, nonfinite)",
+        f"to a corrupt ONNX file, a model of {N_FEATURES + 5} inputs, an all-NaN model and "
+        f"a 600-tree model over a {WARMUP_BUDGET_MS} ms warm-up budget, then back; each "
+        "refused (model_rejections_total load, contract, nonfinite, warmup)",
     )
     print(f"account: {result}; refused {refused}; took {fault_end - started:.1f} s")
     assert alive and stopped
