@@ -148,9 +148,14 @@ class InProcess:
     on a loaded machine); for faults that do not need to kill the worker's process.
     """
 
-    def __init__(self, settings: Settings, online_store: bool = False) -> None:
-        """Build the service (the champion loaded and checked) and run it."""
-        self.service = build_service(settings.model_copy(update={"http_port": 0}), online_store)
+    def __init__(self, settings: Settings, online_store: bool = False, http: bool = False) -> None:
+        """Build the service (the champion loaded and checked) and run it.
+
+        With `http`, its HTTP API listens on `settings.http_port`, as `tickserve serve`'s
+        does (its own thread and loop); else there is none.
+        """
+        port = settings.http_port if http else 0
+        self.service = build_service(settings.model_copy(update={"http_port": port}), online_store)
         self.worker = self.service.worker
         self._loop = LoopThread()
         self._stop: asyncio.Event = self._loop.submit(_event()).result(5)  # type: ignore[attr-defined]

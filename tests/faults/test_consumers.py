@@ -12,8 +12,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from tests.faults import oracle
-from tests.faults.harness import InProcess, Publisher, fresh, market
-from tests.helpers import Pipeline, run, unique
+from tests.faults.harness import InProcess, Publisher, market
+from tests.helpers import Pipeline, fresh, run, unique
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 

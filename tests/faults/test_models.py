@@ -16,8 +16,8 @@ from inference.testing import golden_for, make_onnx_classifier, poison_with_nan,
 from inference.watcher import REJECTIONS
 from stream.contracts.signal import Signal
 from tests.faults import oracle
-from tests.faults.harness import InProcess, Publisher, fresh, market
-from tests.helpers import Pipeline, run, unique
+from tests.faults.harness import InProcess, Publisher, market
+from tests.helpers import Pipeline, fresh, run, unique
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 N_FEATURES = FeatureSpec().n_features

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import time
 import uuid
@@ -16,15 +14,14 @@ from pydantic import SecretStr
 
 from deploy.stack import free_port
 from features.spec import FeatureSpec
-from inference.api import create_app, serve_http_apart
 from inference.registry import open_client
 from inference.testing import golden_for, make_onnx_classifier, register_version
 from inference.watcher import SWAPS
 from inference.webhook import WEBHOOKS
 from stream.contracts.signal import Signal
 from tests.faults import oracle
-from tests.faults.harness import InProcess, Publisher, fresh, market
-from tests.helpers import Pipeline, run, unique
+from tests.faults.harness import InProcess, Publisher, market
+from tests.helpers import Pipeline, fresh, run, unique
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 N_FEATURES = FeatureSpec().n_features
@@ -59,7 +56,7 @@ def _count(metric: object, label: str) -> float:
     return float(metric.labels(label)._value.get())  # type: ignore[attr-defined]
 
 
-def test_webhook_replay_under_load(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_webhook_replay_under_load(pipeline: Pipeline) -> None:
     """One signed delivery swaps v1 for v2 at once; the same delivery again is refused (401)
     and wakes nothing, though the alias has moved back meanwhile."""
     settings = fresh(
@@ -70,9 +67,10 @@ def test_webhook_replay_under_load(pipeline: Pipeline, monkeypatch: pytest.Monke
         prefer_gpu=False,
         max_batch=500,
         numba_kernels=False,  # as tests/faults/test_registry.py: no compiler child process
+        http_host="127.0.0.1",
+        http_port=free_port(),
     )
     uri, name = settings.mlflow_uri, settings.model_name
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # register_version sets it; restored after
     versions = []
     for seed in (1, 2):
         model = make_onnx_classifier(N_FEATURES, "logistic", seed=seed)
@@ -85,13 +83,9 @@ def test_webhook_replay_under_load(pipeline: Pipeline, monkeypatch: pytest.Monke
     client.set_registered_model_alias(name, "champion", versions[0])
 
     ticks = market(pipeline, 40_000)
-    worker = InProcess(settings)
+    worker = InProcess(settings, http=True)
     batcher = worker.service.batcher
-    port = free_port()
-    # served as `Service.run` serves it: a thread and loop of its own, wakes hop to the stream's
-    api = dataclasses.replace(worker.service.api, stream_loop=worker._loop.loop)
-    http_stop: asyncio.Event = worker._loop.submit(_event()).result(5)  # type: ignore[attr-defined]
-    served = worker._loop.submit(serve_http_apart(create_app(api), "127.0.0.1", port, http_stop))
+    port = settings.http_port
     url = f"http://127.0.0.1:{port}/webhooks/mlflow"
     try:
         worker.wait_assigned()
@@ -128,8 +122,6 @@ def test_webhook_replay_under_load(pipeline: Pipeline, monkeypatch: pytest.Monke
         signals = run(oracle.read_log(settings.bootstrap, settings.signals_topic))
         alive = worker.alive
     finally:
-        worker._loop.loop.call_soon_threadsafe(http_stop.set)
-        served.result(15)  # type: ignore[attr-defined]  # the HTTP thread has ended
         stopped = worker.stop()
     oracle.record(
         "MLflow webhook replayed",
@@ -151,10 +143,6 @@ def test_webhook_replay_under_load(pipeline: Pipeline, monkeypatch: pytest.Monke
     scored = Counter(Signal.decode(r.value or b"").version for r in signals)  # type: ignore[attr-defined]
     assert scored[versions[0]] > 0 and scored[versions[1]] > 0, scored
     assert set(scored) <= {"", *versions}, scored
-
-
-async def _event() -> asyncio.Event:
-    return asyncio.Event()
 
 
 def _up(port: int) -> bool:
