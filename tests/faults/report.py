@@ -88,6 +88,16 @@ TAIL = """
 - **Hostile records**: every kind in `tests/faults/test_producers.py` (bad JSON,
   wrong types, out-of-range numbers, long symbols, ...) ten times among real ticks.
 - **New symbols**: 10,000 new symbols against `max_symbols=2000`.
+- **Hostile models**: under 500 ticks/s the champion alias moves in turn to a version
+  whose stored ONNX file is junk, one of the wrong input width, one NaN for every input
+  and a 600-tree one against a 10 ms warm-up budget, then back to v1; each must be
+  refused (`model_rejections_total` by reason) while v1 scores every tick.
+- **Slow signals consumer**: a reader of the signals topic in a group of its own takes
+  10 records per poll, 0.2 s apart, then stops polling for 5 s, during 10,000 ticks at
+  1,000/s.
+- **Webhook replay**: a signed MLflow alias-moved delivery to the served worker's HTTP
+  API, then the same delivery again after the alias moved back: the replay must be
+  refused and wake nothing.
 """
 
 
