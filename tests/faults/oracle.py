@@ -61,7 +61,8 @@ class Account:
         foreign: Signals or dead letters that name no tick of the log.
         recover_s: From the end of the fault until the last tick waiting then (or
             arriving later) had its first outcome; None when no fault end was given.
-        reasons: Dead letters per reason header.
+        reasons: Dead letters per reason header (a conflict's dead letter too: why the
+            tick was refused after it had a signal).
         lost_sample: A few lost positions, for the failure message.
     """
 

@@ -44,7 +44,7 @@ def test_every_tick_is_put_in_exactly_one_box() -> None:
     assert (got.ticks, got.signalled, got.dead_lettered, got.dropped) == (8, 2, 1, 0)
     assert (got.lost, got.duplicates, got.conflicts, got.foreign) == (4, 1, 1, 3)
     assert got.lost_sample == [(0, 4), (0, 5), (0, 6), (0, 7)]
-    assert got.reasons == {"schema": 1}
+    assert got.reasons == {"schema": 2}  # the conflict's dead letter says why too
     assert got.recover_s == pytest.approx(1.040 - 1.015)  # the last first outcome after it
     with pytest.raises(AssertionError):
         got.check(max_duplicates=10)
