@@ -9,7 +9,6 @@ time from the first breaching tick to the page's delivery.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
@@ -25,10 +24,10 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.compose import build_service
 from deploy.stack import free_port
 from stream.ingest.feed import publish
-from tests.helpers import HISTORY, ROOT, LoopThread, Pipeline, fresh, run, unique
+from tests.faults.harness import Worker
+from tests.helpers import HISTORY, ROOT, Pipeline, fresh, run, unique
 
 pytestmark = pytest.mark.services
 RULES = ROOT / "deploy" / "prometheus" / "rules"
@@ -73,15 +72,15 @@ def _binary(*names: str) -> str:
     raise AssertionError(f"{names[0]} not found: apt-get install -y prometheus-alertmanager")
 
 
-def _wait_http(url: str, seconds: float, running: Any = None) -> None:
+def _wait_http(url: str, seconds: float, worker: Worker | None = None) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:
             with urllib.request.urlopen(url, timeout=1):  # noqa: S310 (loopback)
                 return
         except OSError:
-            if running is not None and running.done():
-                running.result()  # the worker stopped: raise why
+            if worker is not None:
+                assert worker.proc.poll() is None, f"worker exited: {worker.text()[-3000:]}"
             assert time.monotonic() < deadline, f"{url} did not answer"
             time.sleep(0.2)
 
@@ -164,24 +163,21 @@ def monitoring(
         ),
     ]
     run(publish(pipeline.ticks[:HISTORY], settings.bootstrap, settings.ticks_topic))
-    service = build_service(settings)
-    loop = LoopThread()
-    stop: asyncio.Event = loop.submit(_make_event()).result(5)  # type: ignore[attr-defined]
-    done = loop.submit(service.run(stop))
+    # `tickserve serve` in a process of its own, as Prometheus scrapes it in production: in
+    # the test process its metrics would hold every earlier in-process worker's counts (in
+    # the full suite of 2026-12-04 the burn never showed: the scraped counts were other
+    # workers', and did not move)
+    worker = Worker(settings, tmp_path / "worker.log", http=True)
     try:
         _wait_http(f"http://127.0.0.1:{am_port}/-/ready", 30)
         _wait_http(f"http://127.0.0.1:{prom_port}/-/ready", 30)
-        _wait_http(f"http://127.0.0.1:{settings.http_port}/metrics", 180, done)
+        _wait_http(f"http://127.0.0.1:{settings.http_port}/metrics", 180, worker)
         served = Pipeline(settings, pipeline.result, pipeline.ticks)
         yield Monitoring(served, webhook, f"http://127.0.0.1:{prom_port}")
     finally:
         # Prometheus and Alertmanager go even when the worker does not stop in time
         try:
-            loop.loop.call_soon_threadsafe(stop.set)
-            # the model watcher's stop can wait for its kernel compiler child to answer its first
-            # ping (a niced process importing numba: 46 s at a load of 16)
-            done.result(120)  # type: ignore[attr-defined]
-            loop.close()
+            worker.stop()
         finally:
             for proc in procs:
                 proc.terminate()
@@ -189,10 +185,6 @@ def monitoring(
             for log in logs:
                 log.close()
             webhook.server.shutdown()
-
-
-async def _make_event() -> asyncio.Event:
-    return asyncio.Event()
 
 
 def test_a_latency_burn_pages_through_alertmanager(

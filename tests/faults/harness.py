@@ -49,10 +49,12 @@ def market(
 class Worker:
     """`tickserve serve` in a child process with `settings`, logging to `log`."""
 
-    def __init__(self, settings: Settings, log: Path) -> None:
-        """Start it (the HTTP API off: the tests read the topics)."""
+    def __init__(self, settings: Settings, log: Path, http: bool = False) -> None:
+        """Start it; the HTTP API on `settings.http_port` with `http`, else off."""
         self.log = log
-        env = child_env(settings.model_copy(update={"http_port": 0}))
+        env = child_env(
+            settings.model_copy(update={"http_port": settings.http_port if http else 0})
+        )
         env["PYTHONPATH"] = str(ROOT)
         self.started = time.time()
         self._offset = log.stat().st_size if log.exists() else 0  # this run's part of the log
