@@ -25,9 +25,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
+if TYPE_CHECKING:
+    from deploy.settings import Settings
 
 RESULTS_ENV = "TICKSERVE_FAULTS_RESULTS"
 
@@ -194,6 +198,22 @@ class _Outcomes:
         reason = record.headers.get("reason", b"").decode()
         self.letters[where].append((record.value, record.ts_ms, reason))
         return where
+
+
+def answered(settings: Settings, **options: Any) -> Account:
+    """`account` of `settings`' ticks, signals and dead-letter topics, from a synchronous test.
+
+    `options` are `account`'s keyword arguments (expect_ticks, fault_end, ...).
+    """
+    return asyncio.run(
+        account(
+            settings.bootstrap,
+            settings.ticks_topic,
+            settings.signals_topic,
+            settings.dlq_topic,
+            **options,
+        )
+    )
 
 
 async def account(

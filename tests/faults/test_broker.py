@@ -46,32 +46,16 @@ def test_ticks_topic_deleted_and_recreated_under_a_running_worker(
     try:
         run(publish(before, settings.bootstrap, settings.ticks_topic))
         worker.wait_assigned()
-        first = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=len(before),
-            )
-        )
+        first = oracle.answered(settings, expect_ticks=len(before))
         first.check()  # all answered before the fault (the oracle waits for it)
         old_log = run(oracle.read_log(settings.bootstrap, settings.ticks_topic))
         time.sleep(0.5)  # a snapshot and a commit past the new log's end
         run(_recreate(settings.bootstrap, settings.ticks_topic, settings.partitions))
         back = time.time()
         run(publish(after, settings.bootstrap, settings.ticks_topic))
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=len(after),
-                fault_end=back,
-                earlier=[old_log],
-            )
-        )  # type: ignore[list-item]
+        result = oracle.answered(
+            settings, expect_ticks=len(after), fault_end=back, earlier=[old_log]
+        )
         oracle.record(
             "Ticks topic deleted and recreated under the running worker",
             result,
@@ -97,15 +81,7 @@ def test_broker_killed_and_restarted_with_empty_storage(pipeline: Pipeline, tmp_
         worker = InProcess(settings)
         run(publish(before, settings.bootstrap, settings.ticks_topic))
         worker.wait_assigned()
-        run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=len(before),
-            )
-        ).check()  # type: ignore[attr-defined]
+        oracle.answered(settings, expect_ticks=len(before)).check()
         time.sleep(0.5)  # a snapshot and a commit past the new log's end
 
         assert broker.pid is not None
@@ -122,16 +98,7 @@ def test_broker_killed_and_restarted_with_empty_storage(pipeline: Pipeline, tmp_
             )
         )
         run(publish(after, settings.bootstrap, settings.ticks_topic))
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=len(after),
-                fault_end=back,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=len(after), fault_end=back)
         oracle.record(
             "Broker SIGKILLed and restarted with empty storage",
             result,

@@ -85,16 +85,7 @@ def test_slow_signals_consumer(pipeline: Pipeline) -> None:
         publisher = Publisher(settings, ticks, rate=RATE)
         sent = publisher.join(STREAM_S + 60)
         published = time.time()
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=sent,
-                fault_end=published,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=sent, fault_end=published)
         assert reader.stalled.is_set(), "the reader never stalled: the fault did not happen"
         behind = reader.read  # what the reader had got through when every tick was answered
         logged = run(oracle.read_log(settings.bootstrap, settings.ticks_topic))

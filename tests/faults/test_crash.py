@@ -10,7 +10,7 @@ import pytest
 from stream.worker.commits import MAX_INFLIGHT_BATCHES
 from tests.faults import oracle
 from tests.faults.harness import InProcess, Publisher, Worker, market
-from tests.helpers import Pipeline, fresh, run
+from tests.helpers import Pipeline, fresh
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
@@ -36,16 +36,7 @@ def test_sigkill_mid_batch_and_during_restore(pipeline: Pipeline, tmp_path: Path
         back = third.started  # recovery counts the restart: imports, join, restore, replay
         third.wait_for('"msg":"worker consuming"')
         assert publisher.join() == len(ticks)
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=len(ticks),
-                fault_end=back,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=len(ticks), fault_end=back)
     finally:
         for worker in workers:
             worker.stop()
@@ -77,16 +68,7 @@ def test_a_second_worker_joins_and_leaves_under_load(pipeline: Pipeline) -> None
         time.sleep(2.0)  # the stream goes on with the first worker alone
         publisher.stopped.set()
         sent = publisher.join()
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=sent,
-                fault_end=back,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=sent, fault_end=back)
     finally:
         stopped = first.stop()
         if second is not None and second.alive:

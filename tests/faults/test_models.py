@@ -96,16 +96,7 @@ def test_hostile_model_versions_never_serve(
         _wait(lambda: worker.worker.processed > 200 + RATE * 1.0, "ticks after the rollback")
         publisher.stopped.set()
         sent = publisher.join()
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=sent,
-                fault_end=fault_end,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=sent, fault_end=fault_end)
         signals = run(oracle.read_log(settings.bootstrap, settings.signals_topic))
         alive = worker.alive
     finally:

@@ -139,15 +139,7 @@ def test_every_kind_of_hostile_record_in_one_stream(pipeline: Pipeline, tmp_path
         )
         run(publish(ticks[1000:], settings.bootstrap, settings.ticks_topic))
         total = len(ticks) + rounds * len(kinds)
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=total,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=total)
         alive = worker.alive
     finally:
         stopped = worker.stop()
@@ -188,26 +180,10 @@ def test_ten_thousand_new_symbols_past_max_symbols(pipeline: Pipeline, tmp_path:
         # the 4 market symbols are held before the flood: answered, not merely published
         # (a worker that meets both in one fetch admits symbols in the order it reads them,
         # partition by partition, and the flood's could take every slot first)
-        run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=1000,
-            )
-        ).check()  # type: ignore[attr-defined]
+        oracle.answered(settings, expect_ticks=1000).check()
         run(publish(flood, settings.bootstrap, settings.ticks_topic))
         run(publish(ticks[1000:], settings.bootstrap, settings.ticks_topic))
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=len(ticks) + len(flood),
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=len(ticks) + len(flood))
         alive = worker.alive
     finally:
         stopped = worker.stop()

@@ -79,16 +79,7 @@ def test_artifact_store_unreachable_during_a_swap(
         time.sleep(1.0)
         publisher.stopped.set()
         sent = publisher.join()
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=sent,
-                fault_end=back,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=sent, fault_end=back)
     finally:
         stopped = worker.stop()
     oracle.record(

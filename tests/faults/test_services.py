@@ -12,7 +12,7 @@ import pytest
 from deploy.stack import LocalStack, free_port
 from tests.faults import oracle
 from tests.faults.harness import InProcess, Publisher, market
-from tests.helpers import Pipeline, fresh, run
+from tests.helpers import Pipeline, fresh
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 
@@ -47,16 +47,7 @@ def test_redis_down_then_back_empty(pipeline: Pipeline, tmp_path: Path) -> None:
         time.sleep(2.0)
         publisher.stopped.set()
         sent = publisher.join()
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=sent,
-                fault_end=back,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=sent, fault_end=back)
         oracle.record(
             f"Redis (Valkey) SIGKILLed for {REDIS_DOWN_S:.0f} s, back empty",
             result,

@@ -109,16 +109,7 @@ def test_webhook_replay_under_load(pipeline: Pipeline) -> None:
         extra_swaps = _count(SWAPS, "champion") - swaps - 1
         publisher.stopped.set()
         sent = publisher.join()
-        result = run(
-            oracle.account(
-                settings.bootstrap,
-                settings.ticks_topic,
-                settings.signals_topic,
-                settings.dlq_topic,
-                expect_ticks=sent,
-                fault_end=fault_end,
-            )
-        )
+        result = oracle.answered(settings, expect_ticks=sent, fault_end=fault_end)
         signals = run(oracle.read_log(settings.bootstrap, settings.signals_topic))
         alive = worker.alive
     finally:
