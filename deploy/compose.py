@@ -124,6 +124,7 @@ def watcher_config(settings: Settings) -> WatcherConfig:
         tensorrt=settings.tensorrt,
         max_non_finite_rate=settings.max_non_finite_rate,
         gpu=GpuPolicy(settings.cuda_graphs, settings.max_batch),
+        max_model_bytes=settings.max_model_mb * 2**20,
     )
 
 

@@ -228,6 +228,12 @@ class Settings(BaseSettings):
         "", description="Alias scored in shadow to shadow_topic, never to signals; empty: none"
     )
     shadow_topic: str = Field("signals.shadow", description="Topic of the challenger's scores")
+    max_model_mb: int = Field(
+        512,
+        gt=0,
+        description="A version whose ONNX file is larger (MiB) is refused (reason `size`) "
+        "before it is downloaded, so it is never loaded beside the serving version",
+    )
     warmup_budget_ms: int = Field(
         2000, gt=0, description="A new version's warm-up calls must finish within this"
     )

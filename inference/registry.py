@@ -127,13 +127,18 @@ def fetch_version(
     numba_kernels: bool | Callable[[bytes, int], TreeKernel] = True,
     tensorrt: bool = False,
     gpu: GpuPolicy | None = None,
+    max_bytes: int | None = None,
 ) -> LoadedModel:
     """Check the FeatureSpec tag, download only the ONNX file and open a session on it.
 
-    Only `.onnx` bytes are read: nothing from the registry is ever unpickled here.
+    Only `.onnx` bytes are read: nothing from the registry is ever unpickled here. A
+    file over `max_bytes` is refused by the size the artifact listing gives, before it
+    is downloaded; where the listing gives none, by the downloaded file's size, before
+    it is read.
 
     Raises:
-        ModelRejected: Another FeatureSpec, no ONNX file, or a file that does not load.
+        ModelRejected: Another FeatureSpec, no ONNX file, a file over `max_bytes`, or a
+            file that does not load.
     """
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
@@ -149,14 +154,16 @@ def fetch_version(
         # looked up here, not in every poll: it cost ~3x the alias lookup (sqlite store)
         uri = open_client(tracking_uri).get_model_version_download_uri(ref.name, ref.version)
         listed = mlflow.artifacts.list_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
-        onnx_paths = sorted(a.path for a in listed if a.path.endswith(".onnx"))
-        if not onnx_paths:
+        onnx_files = sorted((a for a in listed if a.path.endswith(".onnx")), key=_path)
+        if not onnx_files:
             raise ModelRejected(
                 f"{ref.name} v{ref.version} has no .onnx file (only ONNX is served)",
                 reason="not_onnx",
                 version=ref.version,
             )
-        name = Path(onnx_paths[0]).name
+        name, listed_size = Path(onnx_files[0].path).name, onnx_files[0].file_size
+        if listed_size is not None:
+            _check_size(ref, name, listed_size, max_bytes)
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{uri.rstrip('/')}/{name}", tracking_uri=tracking_uri
         )
@@ -166,6 +173,8 @@ def fetch_version(
             reason="download",
             version=ref.version,
         ) from exc
+    if listed_size is None:  # a store whose listing gives no sizes
+        _check_size(ref, name, Path(local).stat().st_size, max_bytes)
     try:
         scorer = OnnxScorer.from_bytes(
             Path(local).read_bytes(),
@@ -181,6 +190,28 @@ def fetch_version(
             f"{ref.name} v{ref.version}: {exc}", reason=exc.reason, version=ref.version
         ) from exc
     return LoadedModel(ref.name, ref.version, ref.alias, ref.spec_hash, scorer, time.time_ns())
+
+
+def _path(info: Any) -> str:
+    """Sort key of an MLflow FileInfo."""
+    return str(info.path)
+
+
+def _check_size(ref: VersionRef, name: str, size: int, max_bytes: int | None) -> None:
+    """Refuse a model file larger than `max_bytes` (None: no limit).
+
+    Raises:
+        ModelRejected: With reason `size`; the message gives the size and the limit.
+    """
+    if max_bytes is None or size <= max_bytes:
+        return
+    mib = 2**20
+    raise ModelRejected(
+        f"{ref.name} v{ref.version}: {name} is {size / mib:.1f} MiB ({size} bytes), over "
+        f"the {max_bytes / mib:g} MiB limit (TICKSERVE_MAX_MODEL_MB): not loaded",
+        reason="size",
+        version=ref.version,
+    )
 
 
 def fetch_golden(tracking_uri: str, ref: VersionRef) -> bytes:

@@ -82,6 +82,43 @@ def poison_with_nan(onnx_bytes: bytes) -> bytes:
     return bytes(model.SerializeToString())
 
 
+def with_ballast(onnx_bytes: bytes, n_bytes: int) -> bytes:
+    """The same classifier carrying an `n_bytes` initializer that it reads on every call.
+
+    Its probabilities gain `0 * ballast[int(0 * min(x))]`, which changes nothing but
+    depends on the input, so no graph optimization can fold the initializer away.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(onnx_bytes)
+    graph = model.graph
+    inp = graph.input[0].name
+    prob = next(o.name for o in graph.output if "prob" in o.name)
+    for node in graph.node:
+        for i, out in enumerate(node.output):
+            if out == prob:
+                node.output[i] = "probabilities_before"
+    values = np.arange(n_bytes // 4, dtype=np.float32) % 7
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(values, "ballast"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "ballast_zero"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMin", [inp], ["ballast_min"], keepdims=0),
+            helper.make_node("Mul", ["ballast_min", "ballast_zero"], ["ballast_at"]),
+            helper.make_node("Cast", ["ballast_at"], ["ballast_index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["ballast", "ballast_index"], ["ballast_value"]),
+            helper.make_node("Mul", ["ballast_value", "ballast_zero"], ["ballast_nothing"]),
+            helper.make_node("Add", ["probabilities_before", "ballast_nothing"], [prob]),
+        ]
+    )
+    return bytes(model.SerializeToString())
+
+
 def loaded(
     onnx_bytes: bytes,
     n_features: int,

@@ -71,6 +71,9 @@ class WatcherConfig:
             it replaced.
         min_rows_for_rate: Rows scored before the rate counts.
         gpu: Where a GPU is usable: CUDA graphs or not, and the largest batch.
+        max_model_bytes: A version whose ONNX file is larger is refused (reason
+            `size`) before it is downloaded, so it never sits in memory beside the
+            serving one.
     """
 
     tracking_uri: str
@@ -86,6 +89,7 @@ class WatcherConfig:
     max_non_finite_rate: float = 0.01
     min_rows_for_rate: int = 1000
     gpu: GpuPolicy = GpuPolicy()
+    max_model_bytes: int = 512 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,7 @@ class ModelWatcher:
             kernel,
             cfg.tensorrt,
             cfg.gpu,
+            cfg.max_model_bytes,
         )
         golden = GoldenRows.parse(fetch_golden(cfg.tracking_uri, ref), self.spec.n_features)
         contract = validate(model.scorer, golden, cfg.policy, self.contract)

@@ -14,7 +14,13 @@ from deploy.settings import Settings
 from features.spec import FeatureSpec
 from inference.batcher import MicroBatcher
 from inference.registry import open_client
-from inference.testing import golden_for, loaded, make_onnx_classifier, register_version
+from inference.testing import (
+    golden_for,
+    loaded,
+    make_onnx_classifier,
+    register_version,
+    with_ballast,
+)
 from inference.watcher import CHAMPION, ModelWatcher, SwapEvent, WatcherConfig
 from tests.helpers import unique
 
@@ -29,43 +35,6 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
-
-
-def with_ballast(onnx_bytes: bytes, n_bytes: int) -> bytes:
-    """The same classifier carrying an `n_bytes` initializer that it reads on every call.
-
-    Its probabilities gain `0 * ballast[int(0 * min(x))]`, which changes nothing but
-    depends on the input, so no graph optimization can fold the initializer away.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model = onnx.load_from_string(onnx_bytes)
-    graph = model.graph
-    inp = graph.input[0].name
-    prob = next(o.name for o in graph.output if "prob" in o.name)
-    for node in graph.node:
-        for i, out in enumerate(node.output):
-            if out == prob:
-                node.output[i] = "probabilities_before"
-    values = np.arange(n_bytes // 4, dtype=np.float32) % 7
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(values, "ballast"),
-            numpy_helper.from_array(np.array(0.0, np.float32), "ballast_zero"),
-        ]
-    )
-    graph.node.extend(
-        [
-            helper.make_node("ReduceMin", [inp], ["ballast_min"], keepdims=0),
-            helper.make_node("Mul", ["ballast_min", "ballast_zero"], ["ballast_at"]),
-            helper.make_node("Cast", ["ballast_at"], ["ballast_index"], to=TensorProto.INT64),
-            helper.make_node("Gather", ["ballast", "ballast_index"], ["ballast_value"]),
-            helper.make_node("Mul", ["ballast_value", "ballast_zero"], ["ballast_nothing"]),
-            helper.make_node("Add", ["probabilities_before", "ballast_nothing"], [prob]),
-        ]
-    )
-    return bytes(model.SerializeToString())
 
 
 def test_only_the_champion_its_fallback_and_the_challenger_stay_loaded() -> None:

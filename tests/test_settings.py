@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy.compose import watcher_config
 from deploy.settings import Settings, load_settings
 from tickserve.errors import ConfigError
 
@@ -36,6 +37,15 @@ def test_a_bad_value_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("TICKSERVE_HTTP_PORT")
     monkeypatch.setenv("REDIS_URL", "http://nowhere")
     with pytest.raises(ConfigError, match="^bad setting REDIS_URL: "):
+        load_settings()
+
+
+def test_the_model_size_limit_reaches_the_watcher_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert watcher_config(load_settings()).max_model_bytes == 512 * 2**20
+    monkeypatch.setenv("TICKSERVE_MAX_MODEL_MB", "16")
+    assert watcher_config(load_settings()).max_model_bytes == 16 * 2**20
+    monkeypatch.setenv("TICKSERVE_MAX_MODEL_MB", "0")
+    with pytest.raises(ConfigError, match="^bad setting TICKSERVE_MAX_MODEL_MB: "):
         load_settings()
 
 

@@ -89,9 +89,10 @@ TAIL = """
   wrong types, out-of-range numbers, long symbols, ...) ten times among real ticks.
 - **New symbols**: 10,000 new symbols against `max_symbols=2000`.
 - **Hostile models**: under 500 ticks/s the champion alias moves in turn to a version
-  whose stored ONNX file is junk, one of the wrong input width, one NaN for every input
-  and a 600-tree one against a 10 ms warm-up budget, then back to v1; each must be
-  refused (`model_rejections_total` by reason) while v1 scores every tick.
+  whose stored ONNX file is junk, one of the wrong input width, one NaN for every input,
+  a 600-tree one against a 10 ms warm-up budget and a 40 MB one against a 16 MB
+  `max_model_mb`, then back to v1; each must be refused (`model_rejections_total` by
+  reason: load, contract, nonfinite, warmup, size) while v1 scores every tick.
 - **Slow signals consumer**: a reader of the signals topic in a group of its own takes
   10 records per poll, 0.2 s apart, then stops polling for 5 s, during 10,000 ticks at
   1,000/s.

@@ -12,7 +12,13 @@ import pytest
 
 from features.spec import FeatureSpec
 from inference.registry import open_client
-from inference.testing import golden_for, make_onnx_classifier, poison_with_nan, register_version
+from inference.testing import (
+    golden_for,
+    make_onnx_classifier,
+    poison_with_nan,
+    register_version,
+    with_ballast,
+)
 from inference.watcher import REJECTIONS
 from stream.contracts.signal import Signal
 from tests.faults import oracle
@@ -23,6 +29,10 @@ pytestmark = [pytest.mark.services, pytest.mark.timeout(600)]
 N_FEATURES = FeatureSpec().n_features
 RATE = 500
 WARMUP_BUDGET_MS = 10
+# the huge version carries HUGE_MB of initializer against a MAX_MODEL_MB limit: well over
+# it, yet small enough to log through MLflow in seconds
+MAX_MODEL_MB = 16
+HUGE_MB = 40
 
 
 def _corrupt(uri: str, name: str, version: str) -> None:
@@ -41,7 +51,7 @@ def _rejected(reason: str) -> float:
 def test_hostile_model_versions_never_serve(
     pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A corrupt file, the wrong width, NaN outputs, a slow warm-up: each refused, v1 serves on."""
+    """A corrupt file, the wrong width, NaN outputs, a slow warm-up, a huge file: each refused."""
     settings = fresh(
         pipeline.settings,
         model_name=unique("faults-models"),
@@ -51,6 +61,7 @@ def test_hostile_model_versions_never_serve(
         numba_kernels=False,  # as tests/faults/test_registry.py: no compiler child process
         # v1 (logistic) warms up in well under 1 ms, the 600-tree model in ~50 ms
         warmup_budget_ms=WARMUP_BUDGET_MS,
+        max_model_mb=MAX_MODEL_MB,
     )
     uri, name, spec_hash = settings.mlflow_uri, settings.model_name, settings.feature_spec.hash
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # register_version sets it; restored after
@@ -70,6 +81,9 @@ def test_hostile_model_versions_never_serve(
             uri, name, poison_with_nan(base), spec_hash, golden_for(base, N_FEATURES)
         ),
         "warmup": register_version(uri, name, slow, spec_hash, golden_for(slow, N_FEATURES)),
+        "size": register_version(  # its scores are v1's: only its size is wrong
+            uri, name, with_ballast(base, HUGE_MB * 2**20), spec_hash, golden_for(base, N_FEATURES)
+        ),
     }
     client = open_client(uri)
     client.set_registered_model_alias(name, "champion", good)
@@ -102,12 +116,13 @@ def test_hostile_model_versions_never_serve(
     finally:
         stopped = worker.stop()
     oracle.record(
-        "Hostile model versions (corrupt, wrong width, NaN, slow warm-up)",
+        "Hostile model versions (corrupt, wrong width, NaN, slow warm-up, huge)",
         result,
         f"{sent:,} ticks at {RATE}/s; the champion alias moved in {fault_end - started:.1f} s "
-        f"to a corrupt ONNX file, a model of {N_FEATURES + 5} inputs, an all-NaN model and "
-        f"a 600-tree model over a {WARMUP_BUDGET_MS} ms warm-up budget, then back; each "
-        "refused (model_rejections_total load, contract, nonfinite, warmup)",
+        f"to a corrupt ONNX file, a model of {N_FEATURES + 5} inputs, an all-NaN model, "
+        f"a 600-tree model over a {WARMUP_BUDGET_MS} ms warm-up budget and a {HUGE_MB} MB "
+        f"model over a {MAX_MODEL_MB} MB limit, then back; each refused "
+        "(model_rejections_total load, contract, nonfinite, warmup, size)",
     )
     print(f"account: {result}; refused {refused}; took {fault_end - started:.1f} s")
     assert alive and stopped
