@@ -111,8 +111,8 @@ def test_signals_of_traced_rows_carry_their_headers_and_the_rest_are_unchanged()
         assert headers[:-1] == ([(TRACEPARENT, TP)] if trade == "t1" else [])
 
 
-def _worker_spans(traced: set[int]) -> tuple[list[Any], list[tuple[int, list[Any]]]]:
-    """One micro-batch of 30 ticks (those in `traced` with a traceparent) through a worker
+def _worker_spans(traced: dict[int, bytes]) -> tuple[list[Any], list[tuple[int, list[Any]]]]:
+    """One micro-batch of 30 ticks (those in `traced` with that traceparent) through a worker
     with tracing on and fakes of the data plane: (finished spans, signals' headers by tick)."""
     spec = FeatureSpec(bar_ns=100_000)
     model = loaded(make_onnx_classifier(spec.n_features, "logistic", seed=1), spec.n_features)
@@ -132,7 +132,7 @@ def _worker_spans(traced: set[int]) -> tuple[list[Any], list[tuple[int, list[Any
         (
             b"A",
             Tick("A", start + i * 100_000, 1.0, 1.0, "buy", f"{i}", start).encode(),
-            [(TRACEPARENT, TP)] if i in traced else [],
+            [(TRACEPARENT, traced[i])] if i in traced else [],
         )
         for i in range(30)
     ]
@@ -162,31 +162,61 @@ def _worker_spans(traced: set[int]) -> tuple[list[Any], list[tuple[int, list[Any
 
 
 def test_a_traced_tick_gets_batch_spans_and_its_signal_continues_its_trace() -> None:
-    spans, signals = _worker_spans({7})
+    spans, signals = _worker_spans({7: TP})
     tick = span_context(extract_context([(TRACEPARENT, TP)]))  # type: ignore[arg-type]
     by_name = {s.name: s for s in spans}
     assert sorted(by_name) == sorted(
-        ["process ticks", "decode", "features", "score", "send signals", "create signals"]
+        ["process ticks", "decode", "features", "score", "send signals"]
     )
     process = by_name["process ticks"]
-    assert process.kind == SpanKind.CONSUMER and process.parent is None
+    assert process.kind == SpanKind.CONSUMER
+    # the batch's only traced tick: the batch goes on in its trace, and is linked to it
+    assert process.parent.span_id == tick.span_id and process.context.trace_id == tick.trace_id
     assert [link.context.span_id for link in process.links] == [tick.span_id]
     assert process.attributes["messaging.batch.message_count"] == 30
     for name in ("decode", "features", "score", "send signals"):
         assert by_name[name].parent.span_id == process.context.span_id
-    create = by_name["create signals"]
-    assert create.context.trace_id == tick.trace_id and create.parent.span_id == tick.span_id
-    assert [link.context.span_id for link in create.links] == [process.context.span_id]
+    send = by_name["send signals"]
+    assert send.attributes["messaging.batch.message_count"] == 30
+    assert by_name["decode"].end_time <= by_name["score"].start_time <= send.start_time
     for trade, headers in signals:
-        extra = [
-            (TRACEPARENT, f"00-{tick.trace_id:032x}-{create.context.span_id:016x}-01".encode())
-        ]
+        extra = [(TRACEPARENT, f"00-{tick.trace_id:032x}-{send.context.span_id:016x}-01".encode())]
         assert headers[:-1] == (extra if trade == 7 else [])
         assert headers[-1][0] == "t"
 
 
+def test_several_traced_ticks_in_a_batch_each_get_a_create_span_in_their_own_trace() -> None:
+    other = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    spans, signals = _worker_spans({7: TP, 12: other})
+    ticks = {
+        trade: span_context(extract_context([(TRACEPARENT, value)]))  # type: ignore[arg-type]
+        for trade, value in ((7, TP), (12, other))
+    }
+    names = sorted(s.name for s in spans)
+    assert names == sorted(["process ticks", "decode", "features", "score", "send signals"]
+                           + ["create signals"] * 2)  # fmt: skip
+    [process] = [s for s in spans if s.name == "process ticks"]
+    assert process.parent is None  # a trace of its own, linked to both ticks
+    assert {link.context.span_id for link in process.links} == {t.span_id for t in ticks.values()}
+    creates = {s.parent.span_id: s for s in spans if s.name == "create signals"}
+    [send] = [s for s in spans if s.name == "send signals"]
+    assert {link.context.span_id for link in send.links} == {
+        c.context.span_id for c in creates.values()
+    }
+    for trade, headers in signals:
+        if trade not in ticks:
+            assert [k for k, _ in headers] == ["t"]
+            continue
+        tick = ticks[trade]
+        create = creates[tick.span_id]
+        assert create.context.trace_id == tick.trace_id
+        assert [link.context.span_id for link in create.links] == [process.context.span_id]
+        value = f"00-{tick.trace_id:032x}-{create.context.span_id:016x}-01".encode()
+        assert headers[:-1] == [(TRACEPARENT, value)]
+
+
 def test_a_micro_batch_without_traced_ticks_makes_no_span() -> None:
-    spans, signals = _worker_spans(set())
+    spans, signals = _worker_spans({})
     assert spans == []
     assert all([k for k, _ in headers] == ["t"] for _, headers in signals)
 
@@ -313,18 +343,26 @@ def test_one_trace_from_feed_through_worker_to_signal_and_archive(
         assert feed.name == f"send {ticks_topic}"
         assert feed.kind == SpanProto.SPAN_KIND_PRODUCER
         assert _attr(feed, "messaging.destination.name") == ticks_topic
-        # the signal's traceparent continues the tick's trace: a create span under the feed's
-        signal_trace, create_id = _header_ids(record.headers)
+        # the signal's traceparent continues the tick's trace (`stream.worker.tracing`)
+        signal_trace, signal_parent = _header_ids(record.headers)
         assert signal_trace == trace_id
-        create = by_id[(trace_id, create_id)]
-        assert create.name == f"create {signals_topic}"
-        assert bytes(create.parent_span_id) == feed_span_id
-        # ... linked to its micro-batch's process span, which links back to the tick
-        [batch_link] = create.links
-        process = by_id[(bytes(batch_link.trace_id), bytes(batch_link.span_id))]
+        named = by_id[(trace_id, signal_parent)]
+        if named.name == f"create {signals_topic}":
+            # a micro-batch of several traced ticks: a create span under the feed's, linked
+            # to the batch's process span, which starts a trace of its own
+            assert bytes(named.parent_span_id) == feed_span_id
+            [batch_link] = named.links
+            process = by_id[(bytes(batch_link.trace_id), bytes(batch_link.span_id))]
+            assert not process.parent_span_id
+        else:
+            # the batch's only traced tick: its process span is a child of the feed's, and the
+            # signal names the batch's send span
+            assert named.name == f"send {signals_topic}"
+            process = by_id[(trace_id, bytes(named.parent_span_id))]
+            assert bytes(process.parent_span_id) == feed_span_id
         assert process.name == f"process {ticks_topic}"
         assert process.kind == SpanProto.SPAN_KIND_CONSUMER
-        assert not process.parent_span_id
+        # ... and links back to the tick either way
         assert (trace_id, feed_span_id) in {
             (bytes(link.trace_id), bytes(link.span_id)) for link in process.links
         }
@@ -335,8 +373,8 @@ def test_one_trace_from_feed_through_worker_to_signal_and_archive(
         assert all(bytes(c.trace_id) == bytes(process.trace_id) for c in children.values())
         assert children["decode"].start_time_unix_nano == process.start_time_unix_nano
         assert children["decode"].end_time_unix_nano <= children["score"].start_time_unix_nano
-        # the archiver continues both: the tick under the feed's span, the signal under create
-        parents = (feed_span_id, create_id)
+        # the archiver continues both: the tick under the feed's span, the signal under its own
+        parents = (feed_span_id, signal_parent)
         archived = {
             s.name
             for s in spans

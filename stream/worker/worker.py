@@ -329,7 +329,7 @@ class StreamWorker:
                 model,
                 started_ns,
                 (t_decoded, t_featured, t_scored),
-                traced.signal_headers(spans.index[rows]) if traced is not None else None,
+                traced.signal_headers(spans.index[rows], t_scored) if traced is not None else None,
             )
             acks = await self.sink.send(cfg.signals_topic, batches)
         t_produced = time.time_ns()  # the signals' Produce is queued (acks come later)
