@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gzip
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +11,19 @@ import orjson
 import pandas as pd
 import pytest
 
+from deploy.settings import Settings
 from stream.ingest.feed import (
     SyntheticMarket,
     frame_ticks,
     frame_ticks_by_column,
     frame_ticks_by_row,
+    publish,
     read_trades,
     symbol_from_filename,
     trade_chunks,
 )
-from tests.helpers import DATA, TRADES, tickserve
+from stream.kafka.clients import ensure_topics, make_producer, start_client
+from tests.helpers import DATA, TRADES, read_topic, run, tickserve
 from tickserve.errors import DataError
 
 
@@ -294,3 +297,50 @@ def test_column_wise_ticks_equal_the_row_by_row_reference_bad_rows_included() ->
     }
     assert (bad[3]["event_ns"], bad[3]["trade_id"]) == (4.5, "4")  # passed on to be refused
     assert bad[4]["event_ns"] is None and bad[4]["price"] is None
+
+
+async def _send_one_each(bootstrap: str, topic: str, keys: list[bytes]) -> None:
+    producer = make_producer(bootstrap)
+    await start_client(producer, bootstrap)
+    try:
+        for key in keys:
+            await (await producer.send(topic, b"{}", key=key))
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.services
+def test_a_symbols_ticks_land_where_producer_send_puts_its_key_in_order(topics: Settings) -> None:
+    bootstrap, partitions = topics.bootstrap, topics.partitions
+    batched, reference = topics.ticks_topic, topics.signals_topic
+    run(ensure_topics(bootstrap, [batched, reference], partitions))
+    keys = [f"S{i:02d}/USD".encode() for i in range(40)]
+    ticks: list[dict[str, object]] = [
+        {
+            "symbol": keys[i % len(keys)].decode(),
+            "event_ns": i,
+            "price": 1.0,
+            "quantity": 1.0,
+            "side": "buy",
+            "trade_id": str(i),
+        }
+        for i in range(3000)
+    ]
+    ticks.insert(1500, {"raw": [1, 2]})  # no key: any partition
+    assert run(publish(ticks, bootstrap, batched)) == len(ticks)
+
+    run(_send_one_each(bootstrap, reference, keys))
+    sent = run(read_topic(bootstrap, reference, partitions, len(keys)))
+    expected = {record.key: record.partition for record in sent}  # type: ignore[attr-defined]
+    assert len(expected) == len(keys) and len(set(expected.values())) > 1
+    records = run(read_topic(bootstrap, batched, partitions, len(ticks)))
+    assert len(records) == len(ticks)  # type: ignore[arg-type]
+    ids: dict[bytes, list[int]] = defaultdict(list)
+    for record in records:  # type: ignore[attr-defined]
+        if record.key is None:
+            assert orjson.loads(record.value) == [1, 2]
+            continue
+        assert record.partition == expected[record.key]
+        ids[record.key].append(int(orjson.loads(record.value)["trade_id"]))
+    assert all(got == sorted(got) for got in ids.values())
+    assert sum(len(got) for got in ids.values()) == 3000

@@ -9,7 +9,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,10 @@ import numpy as np
 import orjson
 import pandas as pd
 from aiokafka.errors import KafkaError
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from stream.kafka.clients import make_producer, start_client
+from stream.kafka.partition_batches import PartitionBatches
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import BrokerError, DataError
 from tickserve.tracing import TRACEPARENT, Tracing, messaging, traceparent
@@ -517,7 +518,12 @@ class Pacing:
     rate: float = 0.0
 
 
-async def _paced(ticks: Iterable[dict[str, Any]], pacing: Pacing) -> AsyncIterator[dict[str, Any]]:
+async def _paced(
+    ticks: Iterable[dict[str, Any]],
+    pacing: Pacing,
+    idle: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """`ticks` at their pace; `idle` runs before each wait (so nothing sent waits with it)."""
     start = time.monotonic()
     first_event: int | None = None
     for n, tick in enumerate(ticks):
@@ -530,7 +536,9 @@ async def _paced(ticks: Iterable[dict[str, Any]], pacing: Pacing) -> AsyncIterat
             due = 0.0
         delay = due - time.monotonic()
         if delay > 0.001:
-            await asyncio.sleep(delay)
+            if idle is not None:
+                await idle()
+            await asyncio.sleep(max(due - time.monotonic(), 0.0))
         elif n % 1000 == 0:
             await asyncio.sleep(0)  # let the producer's sender task run
         yield tick
@@ -547,8 +555,14 @@ async def publish(
 ) -> int:
     """Send raw tick dicts to `topic`, keyed by symbol, stamping recv_ns (and missing event_ns).
 
+    Ticks go out in one record batch per partition (`PartitionBatches`), sent when full
+    or `linger_ms` old and before each wait of the pacing; a symbol's ticks land on the
+    partition `producer.send` would pick for its key. Raw (invalid) rows have no key:
+    they go round-robin over the partitions, for the worker to dead-letter.
+
     With `tracing`, a fraction `tracing.sample_rate` of the ticks is traced: each gets
-    a `send <topic>` span, ended on the broker's ack, and its `traceparent` header.
+    a `send <topic>` span, ended on the broker's ack of its batch, and its
+    `traceparent` header.
 
     Returns the number of records acknowledged by the broker.
 
@@ -559,11 +573,10 @@ async def publish(
     """
     producer = make_producer(bootstrap, linger_ms, security)
     await start_client(producer, bootstrap, security)
-    sent = 0
-    pending: list[asyncio.Future[Any]] = []
+    batches = PartitionBatches(producer, topic, linger_ms)
     draw = random.Random().random
     try:
-        async for tick in _paced(ticks, pacing):
+        async for tick in _paced(ticks, pacing, batches.flush):
             now = time.time_ns()
             if "raw" in tick:
                 value, key = orjson.dumps(tick["raw"]), None
@@ -574,32 +587,21 @@ async def publish(
                 symbol = tick.get("symbol")
                 key = symbol.encode() if isinstance(symbol, str) else None
             if tracing is not None and draw() < tracing.sample_rate:
-                pending.append(await _send_traced(producer, tracing, topic, value, key))
+                span = _send_span(tracing, topic)
+                headers = [(TRACEPARENT, traceparent(span))]
+                await batches.append(key, value, now, headers, on_ack=span.end)
             else:
-                pending.append(await producer.send(topic, value, key=key))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                sent += len(pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-        sent += len(pending)
+                await batches.append(key, value, now)
+        return await batches.drain()
     except KafkaError as exc:
-        message = f"sending ticks failed after {sent} were acknowledged: {exc}"
+        message = f"sending ticks failed after {batches.acknowledged} were acknowledged: {exc}"
         raise BrokerError(message, topic=topic) from exc
     finally:
         await producer.stop()
-    return sent
 
 
-async def _send_traced(
-    producer: Any, tracing: Tracing, topic: str, value: bytes, key: bytes | None
-) -> asyncio.Future[Any]:
-    """Send one tick with a `traceparent` header; its span ends when the broker acks it."""
-    span = tracing.tracer.start_span(
+def _send_span(tracing: Tracing, topic: str) -> Span:
+    """A traced tick's `send <topic>` span; it ends when the broker acks the tick's batch."""
+    return tracing.tracer.start_span(
         f"send {topic}", kind=SpanKind.PRODUCER, attributes=messaging(topic, "send", "send")
     )
-    sent: asyncio.Future[Any] = await producer.send(
-        topic, value, key=key, headers=[(TRACEPARENT, traceparent(span))]
-    )
-    sent.add_done_callback(lambda _: span.end())
-    return sent
