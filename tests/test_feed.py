@@ -344,3 +344,16 @@ def test_a_symbols_ticks_land_where_producer_send_puts_its_key_in_order(topics: 
         ids[record.key].append(int(orjson.loads(record.value)["trade_id"]))
     assert all(got == sorted(got) for got in ids.values())
     assert sum(len(got) for got in ids.values()) == 3000
+
+
+def test_column_wise_ticks_that_disagree_give_way_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import stream.ingest.feed as feed
+
+    frame = _messy_frames()[0]
+    expected = frame_ticks_by_row(frame, "X/Y")
+    wrong = [{**tick, "side": "buy"} for tick in expected]  # differs at the rows with gaps
+    monkeypatch.setattr(feed, "frame_ticks_by_column", lambda frame, symbol: wrong)
+    assert frame_ticks(frame, "X/Y") == expected
+    assert "differ from the row-by-row reference" in caplog.text
