@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import gzip
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pandas as pd
 import pytest
 
-from stream.ingest.feed import SyntheticMarket, read_trades, symbol_from_filename, trade_chunks
-from tests.helpers import DATA, TRADES, tickserve
+from deploy.settings import Settings
+from stream.ingest.feed import (
+    SyntheticMarket,
+    frame_ticks,
+    frame_ticks_by_column,
+    frame_ticks_by_row,
+    publish,
+    read_trades,
+    symbol_from_filename,
+    trade_chunks,
+)
+from stream.kafka.clients import ensure_topics, make_producer, start_client
+from tests.helpers import DATA, TRADES, read_topic, run, tickserve
 from tickserve.errors import DataError
 
 
@@ -216,3 +228,132 @@ def test_features_cli_reads_a_tardis_file_chunk_by_chunk(tmp_path: Path) -> None
                                           "1190020011", "3218940025"]  # fmt: skip
     assert table["event_ns"].iloc[0] == 1696118400123456 * 1000
     assert {"return_1", "ready", "late"} <= set(table.columns)
+
+
+def _messy_frames() -> list[pd.DataFrame]:
+    """Frames with bad values in every column, in the dtypes readers give (numpy, Int64)."""
+    return [
+        pd.DataFrame(
+            {
+                "timestamp": [1, 2, None, 4.5, np.inf, 6],
+                "symbol": ["A", None, "", "B", np.nan, "C"],
+                "side": ["buy", "hold", None, np.nan, "sell", 3],
+                "price": [1.0, np.nan, "x", None, -np.inf, 2],
+                "amount": [1.0, 1.0, -1.0, np.nan, 2.0, 3.0],
+                "id": [1.0, np.nan, 3.5, 4.0, 5.0, 6.0],
+            }
+        ),
+        pd.DataFrame(
+            {
+                "timestamp": np.array([1, 2, 3]),
+                "side": ["buy", "sell", "buy"],
+                "price": np.array([1.0, np.nan, np.inf]),
+                "amount": np.array([1, 2, 3]),
+                "id": np.array([7, 8, 9]),
+            }
+        ),
+        pd.DataFrame(
+            {
+                "timestamp": pd.array([1, None, 3], dtype="Int64"),
+                "event_ns": pd.array([None, 5, None], dtype="Int64"),
+                "side": ["buy", "sell", "buy"],
+                "price": np.array([1.0, 2.0, 3.0], dtype=np.float32),
+                "amount": [True, False, True],
+                "id": ["a", None, "c"],
+                "symbol": ["S", "S", None],
+            }
+        ),
+        # ms * 1e6 past int64: Python ints, as the row-by-row path gives
+        pd.DataFrame(
+            {"timestamp": [2**62, 1], "side": ["buy", "sell"], "price": [1.0, 2.0], "amount": 1.0}
+        ),
+        pd.DataFrame({"timestamp": [], "side": [], "price": [], "amount": []}),
+        pd.read_parquet(TRADES).head(500),
+    ]
+
+
+def test_column_wise_ticks_equal_the_row_by_row_reference_bad_rows_included() -> None:
+    for frame in _messy_frames():
+        for symbol in (None, "X/Y"):
+            expected = frame_ticks_by_row(frame, symbol)
+            assert frame_ticks_by_column(frame, symbol) == expected
+            assert frame_ticks(frame, symbol) == expected
+    bad = frame_ticks_by_column(_messy_frames()[0], "X/Y")
+    assert bad[1] == {
+        "symbol": "X/Y",
+        "event_ns": 2_000_000,
+        "price": None,
+        "quantity": 1.0,
+        "side": "hold",
+        "trade_id": None,
+    }
+    assert bad[2] == {
+        "symbol": "X/Y",
+        "event_ns": None,
+        "price": "x",
+        "quantity": -1.0,
+        "side": None,
+        "trade_id": "3.5",
+    }
+    assert (bad[3]["event_ns"], bad[3]["trade_id"]) == (4.5, "4")  # passed on to be refused
+    assert bad[4]["event_ns"] is None and bad[4]["price"] is None
+
+
+async def _send_one_each(bootstrap: str, topic: str, keys: list[bytes]) -> None:
+    producer = make_producer(bootstrap)
+    await start_client(producer, bootstrap)
+    try:
+        for key in keys:
+            await (await producer.send(topic, b"{}", key=key))
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.services
+def test_a_symbols_ticks_land_where_producer_send_puts_its_key_in_order(topics: Settings) -> None:
+    bootstrap, partitions = topics.bootstrap, topics.partitions
+    batched, reference = topics.ticks_topic, topics.signals_topic
+    run(ensure_topics(bootstrap, [batched, reference], partitions))
+    keys = [f"S{i:02d}/USD".encode() for i in range(40)]
+    ticks: list[dict[str, object]] = [
+        {
+            "symbol": keys[i % len(keys)].decode(),
+            "event_ns": i,
+            "price": 1.0,
+            "quantity": 1.0,
+            "side": "buy",
+            "trade_id": str(i),
+        }
+        for i in range(3000)
+    ]
+    ticks.insert(1500, {"raw": [1, 2]})  # no key: any partition
+    assert run(publish(ticks, bootstrap, batched)) == len(ticks)
+
+    run(_send_one_each(bootstrap, reference, keys))
+    sent = run(read_topic(bootstrap, reference, partitions, len(keys)))
+    expected = {record.key: record.partition for record in sent}  # type: ignore[attr-defined]
+    assert len(expected) == len(keys) and len(set(expected.values())) > 1
+    records = run(read_topic(bootstrap, batched, partitions, len(ticks)))
+    assert len(records) == len(ticks)  # type: ignore[arg-type]
+    ids: dict[bytes, list[int]] = defaultdict(list)
+    for record in records:  # type: ignore[attr-defined]
+        if record.key is None:
+            assert orjson.loads(record.value) == [1, 2]
+            continue
+        assert record.partition == expected[record.key]
+        ids[record.key].append(int(orjson.loads(record.value)["trade_id"]))
+    assert all(got == sorted(got) for got in ids.values())
+    assert sum(len(got) for got in ids.values()) == 3000
+
+
+def test_column_wise_ticks_that_disagree_give_way_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import stream.ingest.feed as feed
+
+    frame = _messy_frames()[0]
+    expected = frame_ticks_by_row(frame, "X/Y")
+    wrong = [{**tick, "side": "buy"} for tick in expected]  # differs at the rows with gaps
+    monkeypatch.setattr(feed, "frame_ticks_by_column", lambda frame, symbol: wrong)
+    assert frame_ticks(frame, "X/Y") == expected
+    assert "differ from the row-by-row reference" in caplog.text

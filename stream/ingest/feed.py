@@ -9,7 +9,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,10 @@ import numpy as np
 import orjson
 import pandas as pd
 from aiokafka.errors import KafkaError
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from stream.kafka.clients import make_producer, start_client
+from stream.kafka.partition_batches import PartitionBatches
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import BrokerError, DataError
 from tickserve.tracing import TRACEPARENT, Tracing, messaging, traceparent
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 NS_PER_MS = 1_000_000
 CHUNK_ROWS = 50_000
+PROBE_ROWS = 8  # rows with gaps `frame_ticks` holds against the row-by-row reference
 CSV_BLOCK_BYTES = 4 << 20
 TARDIS_COLUMNS = (
     "exchange",
@@ -329,6 +331,119 @@ def _row_tick(row: Any, symbol: str | None) -> dict[str, Any]:
     return {"raw": _clean(row)}  # kept: the worker dead-letters it
 
 
+def _numpy_kind(column: pd.Series) -> str:
+    """The numpy kind of a column's dtype ("i", "f"...); "O" for extension dtypes (NA-able)."""
+    dtype = column.dtype
+    return dtype.kind if isinstance(dtype, np.dtype) else "O"
+
+
+def _cleaned(column: pd.Series) -> list[Any]:
+    """`_clean` of every value of `column`, vectorised for numpy float and integer columns."""
+    kind = _numpy_kind(column)
+    if kind in "iub":
+        return column.tolist()
+    if kind == "f":
+        values = column.tolist()
+        for i in np.flatnonzero(~np.isfinite(column.to_numpy())).tolist():
+            values[i] = None
+        return values
+    values = column.tolist()
+    if kind == "O" and pd.api.types.infer_dtype(values, skipna=False) == "string":
+        return values  # all str: `_clean` keeps them
+    return [_clean(value) for value in values]
+
+
+def _trade_id(value: Any) -> str | None:
+    if isinstance(value, float) and value.is_integer():  # CSV ids next to a gap
+        value = int(value)
+    return str(value) if value is not None else None
+
+
+def _event_ns(frame: pd.DataFrame) -> list[Any]:
+    """Each row's event time as `_from_ccxt` gives it: `event_ns`, else `timestamp` ms in ns."""
+    stamps = frame["timestamp"]
+    ms = stamps.to_numpy()
+    if _numpy_kind(stamps) == "i" and (not len(ms) or np.abs(ms).max() < 2**63 // NS_PER_MS):
+        from_ms: list[Any] = (ms * NS_PER_MS).tolist()
+    else:
+        from_ms = [_timestamp_ns(value) for value in stamps.tolist()]
+    if "event_ns" not in frame.columns:
+        return from_ms
+    finer = _cleaned(frame["event_ns"])
+    return [e if e is not None else t for e, t in zip(finer, from_ms, strict=True)]
+
+
+def frame_ticks_by_column(frame: pd.DataFrame, symbol: str | None) -> list[dict[str, Any]]:
+    """A ccxt-style frame's tick dicts, column by column: what `_from_ccxt` gives row by row."""
+    n = len(frame)
+    columns = frame.columns
+    nothing: list[Any] = [None] * n
+    names = _cleaned(frame["symbol"]) if "symbol" in columns else nothing
+    if "id" not in columns:
+        trade_ids = nothing
+    elif _numpy_kind(frame["id"]) in "iu":
+        trade_ids = list(map(str, frame["id"].tolist()))
+    else:
+        trade_ids = [_trade_id(value) for value in _cleaned(frame["id"])]
+    return [
+        {
+            "symbol": name or symbol,
+            "event_ns": event_ns,
+            "price": price,
+            "quantity": quantity,
+            "side": side,
+            "trade_id": trade_id,
+        }
+        for name, event_ns, price, quantity, side, trade_id in zip(
+            names,
+            _event_ns(frame),
+            _cleaned(frame["price"]),
+            _cleaned(frame["amount"]),
+            _cleaned(frame["side"]),
+            trade_ids,
+            strict=True,
+        )
+    ]
+
+
+def frame_ticks_by_row(frame: pd.DataFrame, symbol: str | None) -> list[dict[str, Any]]:
+    """The reference for `frame_ticks_by_column`: `_row_tick` per row of `to_dict("records")`."""
+    return [_row_tick(row, symbol) for row in frame.to_dict("records")]
+
+
+def _probe_rows(frame: pd.DataFrame) -> list[int]:
+    """Rows to hold `frame_ticks_by_column` to its reference: the ends, the first with gaps."""
+    gaps = np.flatnonzero(frame.isna().to_numpy().any(axis=1))[:PROBE_ROWS].tolist()
+    ends = [0, len(frame) // 2, len(frame) - 1] if len(frame) else []
+    return sorted(set(ends + gaps))
+
+
+def frame_ticks(frame: pd.DataFrame, symbol: str | None) -> list[dict[str, Any]]:
+    """The tick dicts of a frame from `trade_frames`, bad rows kept as `_from_ccxt` keeps them.
+
+    Built column by column (a frame's columns converted once), fenced: the probe rows
+    (the ends and the first rows with gaps) must equal the row-by-row reference, else
+    the reference serves this frame and the reason is logged.
+    """
+    columns = frame.columns
+    if not columns.is_unique or ("T" in columns and "p" in columns):
+        return frame_ticks_by_row(frame, symbol)  # rows `_row_tick` reads as aggTrade
+    ticks = frame_ticks_by_column(frame, symbol)
+    probe = _probe_rows(frame)
+    expected = frame_ticks_by_row(frame.iloc[probe], symbol)
+    for i, reference in zip(probe, expected, strict=True):
+        if ticks[i] != reference:
+            logger.warning(
+                "column-wise ticks differ from the row-by-row reference at row %d "
+                "(%r != %r): this frame is read row by row",
+                i,
+                ticks[i],
+                reference,
+            )
+            return frame_ticks_by_row(frame, symbol)
+    return ticks
+
+
 def trade_chunks(
     path: Path, symbol: str | None = None, chunk_rows: int = CHUNK_ROWS
 ) -> Iterator[list[dict[str, Any]]]:
@@ -349,15 +464,14 @@ def trade_chunks(
     symbol = symbol or symbol_from_filename(path)
     name = path.name.removesuffix(".gz")
     if is_columnar(path):
-        chunks: Iterator[list[Any]] = (
-            frame.to_dict("records") for frame in trade_frames(path, symbol, chunk_rows)
+        chunks: Iterator[list[dict[str, Any]]] = (
+            frame_ticks(frame, symbol) for frame in trade_frames(path, symbol, chunk_rows)
         )
     elif name.endswith((".json", ".jsonl", ".ndjson")):
-        chunks = _json_rows(path, chunk_rows)
+        chunks = ([_row_tick(row, symbol) for row in rows] for rows in _json_rows(path, chunk_rows))
     else:
         raise DataError(f"{path}: unknown trade file format {Path(name).suffix!r}")
-    for rows in chunks:
-        ticks = [_row_tick(row, symbol) for row in rows]
+    for ticks in chunks:
         if symbol is None and any(t.get("symbol") is None for t in ticks if "raw" not in t):
             raise DataError(f"{path}: rows have no symbol; pass --symbol")
         yield ticks
@@ -404,7 +518,12 @@ class Pacing:
     rate: float = 0.0
 
 
-async def _paced(ticks: Iterable[dict[str, Any]], pacing: Pacing) -> AsyncIterator[dict[str, Any]]:
+async def _paced(
+    ticks: Iterable[dict[str, Any]],
+    pacing: Pacing,
+    idle: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """`ticks` at their pace; `idle` runs before each wait (so nothing sent waits with it)."""
     start = time.monotonic()
     first_event: int | None = None
     for n, tick in enumerate(ticks):
@@ -417,7 +536,9 @@ async def _paced(ticks: Iterable[dict[str, Any]], pacing: Pacing) -> AsyncIterat
             due = 0.0
         delay = due - time.monotonic()
         if delay > 0.001:
-            await asyncio.sleep(delay)
+            if idle is not None:
+                await idle()
+            await asyncio.sleep(max(due - time.monotonic(), 0.0))
         elif n % 1000 == 0:
             await asyncio.sleep(0)  # let the producer's sender task run
         yield tick
@@ -434,8 +555,14 @@ async def publish(
 ) -> int:
     """Send raw tick dicts to `topic`, keyed by symbol, stamping recv_ns (and missing event_ns).
 
+    Ticks go out in one record batch per partition (`PartitionBatches`), sent when full
+    or `linger_ms` old and before each wait of the pacing; a symbol's ticks land on the
+    partition `producer.send` would pick for its key. Raw (invalid) rows have no key:
+    they go round-robin over the partitions, for the worker to dead-letter.
+
     With `tracing`, a fraction `tracing.sample_rate` of the ticks is traced: each gets
-    a `send <topic>` span, ended on the broker's ack, and its `traceparent` header.
+    a `send <topic>` span, ended on the broker's ack of its batch, and its
+    `traceparent` header.
 
     Returns the number of records acknowledged by the broker.
 
@@ -446,11 +573,10 @@ async def publish(
     """
     producer = make_producer(bootstrap, linger_ms, security)
     await start_client(producer, bootstrap, security)
-    sent = 0
-    pending: list[asyncio.Future[Any]] = []
+    batches = PartitionBatches(producer, topic, linger_ms)
     draw = random.Random().random
     try:
-        async for tick in _paced(ticks, pacing):
+        async for tick in _paced(ticks, pacing, batches.flush):
             now = time.time_ns()
             if "raw" in tick:
                 value, key = orjson.dumps(tick["raw"]), None
@@ -461,32 +587,21 @@ async def publish(
                 symbol = tick.get("symbol")
                 key = symbol.encode() if isinstance(symbol, str) else None
             if tracing is not None and draw() < tracing.sample_rate:
-                pending.append(await _send_traced(producer, tracing, topic, value, key))
+                span = _send_span(tracing, topic)
+                headers = [(TRACEPARENT, traceparent(span))]
+                await batches.append(key, value, now, headers, on_ack=span.end)
             else:
-                pending.append(await producer.send(topic, value, key=key))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                sent += len(pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-        sent += len(pending)
+                await batches.append(key, value, now)
+        return await batches.drain()
     except KafkaError as exc:
-        message = f"sending ticks failed after {sent} were acknowledged: {exc}"
+        message = f"sending ticks failed after {batches.acknowledged} were acknowledged: {exc}"
         raise BrokerError(message, topic=topic) from exc
     finally:
         await producer.stop()
-    return sent
 
 
-async def _send_traced(
-    producer: Any, tracing: Tracing, topic: str, value: bytes, key: bytes | None
-) -> asyncio.Future[Any]:
-    """Send one tick with a `traceparent` header; its span ends when the broker acks it."""
-    span = tracing.tracer.start_span(
+def _send_span(tracing: Tracing, topic: str) -> Span:
+    """A traced tick's `send <topic>` span; it ends when the broker acks the tick's batch."""
+    return tracing.tracer.start_span(
         f"send {topic}", kind=SpanKind.PRODUCER, attributes=messaging(topic, "send", "send")
     )
-    sent: asyncio.Future[Any] = await producer.send(
-        topic, value, key=key, headers=[(TRACEPARENT, traceparent(span))]
-    )
-    sent.add_done_callback(lambda _: span.end())
-    return sent
