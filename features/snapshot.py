@@ -23,7 +23,11 @@ SNAPSHOTS = Counter("snapshots_total", "Partition snapshots written")
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """State of some symbols after every record before `next_offset` was applied."""
+    """State of some symbols after every record before `next_offset` was applied.
+
+    `log_id` names the log those offsets are in (the topic's id, hex; "" unknown):
+    a topic recreated, or a broker restarted with empty storage, reuses the offsets.
+    """
 
     next_offset: int
     spec_hash: str
@@ -31,6 +35,7 @@ class Snapshot:
     fstate: np.ndarray
     istate: np.ndarray
     rings: np.ndarray
+    log_id: str = ""
 
     def encode(self) -> bytes:
         """Serialize as an .npz (no pickle)."""
@@ -43,6 +48,7 @@ class Snapshot:
             fstate=self.fstate,
             istate=self.istate,
             rings=self.rings,
+            log_id=np.str_(self.log_id),
         )
         return buf.getvalue()
 
@@ -57,10 +63,13 @@ class Snapshot:
                 npz["fstate"],
                 npz["istate"],
                 npz["rings"],
+                str(npz["log_id"]) if "log_id" in npz.files else "",
             )
 
 
-def take(engine: FeatureEngine, symbols: Iterable[str], next_offset: int) -> Snapshot:
+def take(
+    engine: FeatureEngine, symbols: Iterable[str], next_offset: int, log_id: str = ""
+) -> Snapshot:
     """Copy the state of `symbols` out of `engine` (cheap: a few rows per symbol)."""
     names = list(symbols)
     slots = np.array([engine.slot_of[s] for s in names], np.int64)
@@ -71,6 +80,7 @@ def take(engine: FeatureEngine, symbols: Iterable[str], next_offset: int) -> Sna
         engine.fstate[slots].copy(),
         engine.istate[slots].copy(),
         engine.rings[slots].copy(),
+        log_id,
     )
 
 

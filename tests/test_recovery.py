@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
+from features import snapshot
 from features.engine import FeatureEngine
+from features.snapshot import Snapshot
 from features.spec import FeatureSpec
 from features.testing import MemorySnapshots
 from stream.kafka.testing import FakeSource, fetched_of
@@ -137,3 +140,74 @@ def test_a_snapshot_the_log_no_longer_holds_is_rebuilt_up_to_a_good_commit(
         assert after.replay_until == {TP0: 800}  # no duplicates before the commit
 
     asyncio.run(main())
+
+
+def test_a_snapshot_from_another_log_of_the_topic_is_not_trusted() -> None:
+    """A broker restarted empty, refilled with as many records as before: offsets match."""
+
+    async def main() -> None:
+        store = MemorySnapshots()
+        before = Recovery(_engine_with(["A", "B"]), store, interval_s=10.0)
+        old_log = FakeSource()
+        old_log.topic_id = "0a" * 16
+        await before.restore(old_log, {TP0, TP1})  # learns the topic's id
+        before.pin(["A", "B"], [0, 1])
+        before.applied({TP0: 500, TP1: 500})
+        await before.write(before.take())
+        assert store.load("ticks", 0).log_id == "0a" * 16  # type: ignore[union-attr]
+
+        after = Recovery(FeatureEngine(FeatureSpec()), store, interval_s=10.0)
+        new_log = FakeSource()
+        new_log.topic_id = "0b" * 16
+        new_log.log_ranges = {TP0: (0, 500), TP1: (0, 500)}  # the snapshots' offsets fit
+        stale = STALE_POSITIONS.labels("snapshot")._value.get()
+        assert await after.restore(new_log, {TP0, TP1}) == {TP0: 0, TP1: 0}
+        assert sorted(new_log.seeks) == [(TP0, -1), (TP1, -1)]
+        assert after.replay_until == {}  # no commit in the new log: every record is signalled
+        assert "another log of the topic" in after.rebuilt[TP0]
+        assert STALE_POSITIONS.labels("snapshot")._value.get() == stale + 2
+        assert "A" not in after.engine.slot_of
+
+        same = Recovery(FeatureEngine(FeatureSpec()), store, interval_s=10.0)
+        old_log.seeks.clear()
+        assert await same.restore(old_log, {TP0}) == {TP0: 500}  # the same log: restored
+        assert "A" in same.engine.slot_of and not same.rebuilt
+
+    asyncio.run(main())
+
+
+def test_a_snapshot_without_a_log_id_is_checked_by_its_offsets_alone() -> None:
+    """Snapshots written before log ids, or by a client that gets none, still restore."""
+
+    async def main() -> None:
+        store = MemorySnapshots()
+        before = Recovery(_engine_with(["A"]), store, interval_s=10.0)
+        before.pin(["A"], [0])
+        before.applied({TP0: 500})
+        await before.write(before.take())
+        after = Recovery(FeatureEngine(FeatureSpec()), store, interval_s=10.0)
+        source = FakeSource()
+        source.topic_id = "0b" * 16
+        assert await after.restore(source, {TP0}) == {TP0: 500}
+
+    asyncio.run(main())
+
+
+def test_a_snapshot_keeps_its_log_id_through_redis_bytes() -> None:
+    engine = _engine_with(["A", "B"])
+    snap = snapshot.take(engine, ["A", "B"], 500, log_id="00" * 15 + "ff")
+    back = Snapshot.decode(snap.encode())
+    assert (back.next_offset, back.symbols, back.log_id) == (500, ["A", "B"], "00" * 15 + "ff")
+    np.testing.assert_array_equal(back.rings, snap.rings)
+    # one written before log ids were: no log_id array in the .npz
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        next_offset=np.int64(7),
+        spec_hash=np.str_(snap.spec_hash),
+        symbols=np.array(["A"], dtype=np.str_),
+        fstate=snap.fstate[:1],
+        istate=snap.istate[:1],
+        rings=snap.rings[:1],
+    )
+    assert Snapshot.decode(buf.getvalue()).log_id == ""

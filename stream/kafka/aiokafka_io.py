@@ -37,8 +37,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.source.assigning(assigned)
-        if self.source.rebalance is not None:
-            await self.source.rebalance.on_assigned(assigned)
+        try:
+            if self.source.rebalance is not None:
+                await self.source.rebalance.on_assigned(assigned)
+        finally:
+            self.source.settled(assigned)
 
 
 class GroupSource:
@@ -72,7 +75,17 @@ class GroupSource:
             self._expected.pop(tp, None)
 
     def assigning(self, partitions: set[TopicPartition]) -> None:
-        """The group's new assignment (before `Rebalance.on_assigned`, which may seek)."""
+        """The group's new assignment (before `Rebalance.on_assigned`, which may seek).
+
+        Nothing is fetched from `partitions` until `settled`: records fetched from
+        where the consumer would start, before `on_assigned` has restored the state
+        and moved the position, would be applied to the wrong state.
+        """
+        self.consumer.pause(*partitions)
+
+    def settled(self, partitions: set[TopicPartition]) -> None:
+        """`Rebalance.on_assigned` has returned (or raised): fetch `partitions` now."""
+        self.consumer.resume(*partitions)
 
     async def start(self, rebalance: Rebalance) -> None:
         """Join the group (its first assignment may run inside)."""
@@ -153,6 +166,10 @@ class GroupSource:
         start = await self.consumer.beginning_offsets([tp])
         end = await self.consumer.end_offsets([tp])
         return int(start[tp]), int(end[tp])
+
+    async def log_id(self, topic: str) -> str:
+        """Always "": aiokafka's Metadata requests predate topic ids (v10)."""
+        return ""
 
     async def close(self) -> None:
         """Leave the group."""

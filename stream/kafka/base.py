@@ -87,6 +87,13 @@ class TickSource(Protocol):
     async def log_range(self, tp: TopicPartition) -> tuple[int, int]:
         """The partition's log start offset and its end (high watermark) now."""
 
+    async def log_id(self, topic: str) -> str:
+        """`topic`'s id now (KIP-516), as hex; "" where the broker or client gives none.
+
+        A topic deleted and created again, or a broker restarted with empty storage,
+        gets another id: offsets remembered from before describe a log that is gone.
+        """
+
     async def close(self) -> None:
         """Leave the group and close the connections."""
 

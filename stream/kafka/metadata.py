@@ -59,6 +59,7 @@ class Leaders:
         self._ours = ours
         self._brokers: dict[int, tuple[str, int]] = {}
         self._leaders: dict[str, dict[int, int]] = {}
+        self._ids: dict[str, bytes] = {}  # topic ids (KIP-516) the last answers gave
         self._topics: set[str] = set()
         self._conn: Connection | None = None
         self._asking: asyncio.Task[frozenset[str]] | None = None
@@ -68,6 +69,10 @@ class Leaders:
         """The node leading `partition` of `topic` (None: not known, or no leader now)."""
         leader = self._leaders.get(topic, {}).get(partition, -1)
         return leader if leader >= 0 else None
+
+    def topic_id(self, topic: str) -> bytes | None:
+        """`topic`'s id in the last answer that named it (None: none given, or not known)."""
+        return self._ids.get(topic)
 
     def broker(self, node: int) -> tuple[str, int] | None:
         """Where `node` listens (None: not known)."""
@@ -120,8 +125,11 @@ class Leaders:
         for topic in found:
             if topic.error == 0:
                 self._leaders[topic.name] = topic.leaders
+                if topic.topic_id != protocol.NO_TOPIC_ID:
+                    self._ids[topic.name] = topic.topic_id
             else:  # unknown, or no leader yet: asked again when a request needs it
                 self._leaders.pop(topic.name, None)
+                self._ids.pop(topic.name, None)
                 logger.info("no leaders for topic", extra={"topic": topic.name})
         return topics
 

@@ -67,6 +67,7 @@ class FakeSource:
         committed_offsets: The group's committed offset per partition.
         seeks: (partition, offset) of every seek; offset -1 for `seek_to_beginning`.
         refuse_commits: When True, `commit` raises OffsetCommitFailed (a rebalance).
+        log_ranges: `log_range`'s answer per partition.
     """
 
     def __init__(self, topic: str = "ticks") -> None:
@@ -80,6 +81,7 @@ class FakeSource:
         self.refuse_commits = False
         self.closed = False
         self.log_ranges: dict[TopicPartition, tuple[int, int]] = {}  # default: (0, 2**62)
+        self.topic_id = ""  # `log_id`'s answer: set another to recreate the topic
 
     def push(self, fetched: Fetched) -> None:
         """Queue a batch for `poll`."""
@@ -122,6 +124,10 @@ class FakeSource:
     async def log_range(self, tp: TopicPartition) -> tuple[int, int]:
         """The range set in `log_ranges`, else one that holds every offset."""
         return self.log_ranges.get(tp, (0, 2**62))
+
+    async def log_id(self, topic: str) -> str:
+        """`topic_id`."""
+        return self.topic_id
 
     async def close(self) -> None:
         """Mark closed."""

@@ -588,9 +588,11 @@ class WireFetcher:
 
     aiokafka's consumer joins the group, runs the rebalance callbacks and commits,
     and the fetcher talks to it through its public API only:
-    - the assignment is `consumer.assignment()`, or what a `ConsumerRebalanceListener`
-      passes on to `revoked` and `assigned` (a revoked partition is not fetched again
-      until the next assignment is known);
+    - the assignment is `consumer.assignment()`, or, once a `ConsumerRebalanceListener`
+      passes it on to `revoked` and `assigned`, only what it passes on: nothing is
+      fetched from a revoke until `settled` says the new assignment is positioned
+      (where the listener restores state and seeks, a fetch from the consumer's
+      position before that would hand out records the state is not ready for);
     - every assigned partition is paused (`consumer.pause`), so aiokafka's own fetcher
       stays idle, and `consumer.getmany(timeout_ms=0)` on each round of `poll` returns
       nothing but raises the group's errors, waits out a rebalance and keeps aiokafka's
@@ -642,7 +644,8 @@ class WireFetcher:
         self._ids = TopicIds(recreation=True)
         self._seen: frozenset[TopicPartition] | set[TopicPartition] = frozenset()
         self._assigned: frozenset[TopicPartition] = frozenset()  # of `topic`, all paused
-        self._held = False  # revoked: nothing is fetched until the next assignment
+        self._grouped = False  # a listener passes the assignment on (`assigned`, `revoked`)
+        self._held = False  # revoked, or assigned and not yet `settled`: nothing is fetched
         self._positions: dict[int, int] = {}  # partition -> next offset to fetch
         self._resets: set[int] = set()  # partitions out of range: `reset` before fetching
         self._moves = 0  # counts assignment changes (a position resolved across one is stale)
@@ -669,13 +672,20 @@ class WireFetcher:
 
     def revoked(self, partitions: set[TopicPartition]) -> None:
         """A rebalance takes `partitions` away: stop fetching them (call before committing)."""
-        self._held = True
+        self._grouped = self._held = True
         self._drop({tp for tp in partitions if tp.topic == self.topic})
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
-        """The group's new assignment (call before anything seeks in it)."""
-        self._held = False
+        """The group's new assignment (call before anything seeks in it).
+
+        Nothing is fetched until `settled`: the caller positions the partitions first.
+        """
+        self._grouped = self._held = True
         self._adopt(partitions)
+
+    def settled(self) -> None:
+        """The new assignment is positioned: fetch it (positions not set are resolved)."""
+        self._held = False
 
     def _adopt(self, assignment: frozenset[TopicPartition] | set[TopicPartition]) -> None:
         self._seen = assignment
@@ -709,13 +719,14 @@ class WireFetcher:
             # raises the group's errors, waits out a rebalance and feeds the watchdog
             await consumer.getmany(timeout_ms=0)
             assignment = consumer.assignment()
-            if assignment is not self._seen and not self._held:
+            if assignment is not self._seen and not self._grouped:
                 self._adopt(assignment)
-            if len(self._positions) < len(self._assigned):
+            if len(self._positions) < len(self._assigned) and not self._held:
                 await self._resolve(deadline)
             while self._ready:  # positions advance here, before the next fetch is sent
                 self._take(*self._ready.popleft(), parts)
-            self._send_fetches()
+            if not self._held:
+                self._send_fetches()
             if parts.cols or parts.next_offsets:
                 return parts.build(self.topic)
             remaining = deadline - loop.time()

@@ -46,9 +46,12 @@ class WireSource(GroupSource):
         self.fetcher.revoked(partitions)
 
     def assigning(self, partitions: set[TopicPartition]) -> None:
-        """Take the new assignment before the worker seeks in it."""
-        super().assigning(partitions)
+        """Take the new assignment before the worker seeks in it; fetch none of it yet."""
         self.fetcher.assigned(partitions)
+
+    def settled(self, partitions: set[TopicPartition]) -> None:
+        """The worker has positioned the new assignment: fetch it (aiokafka's stays paused)."""
+        self.fetcher.settled()
 
     async def start(self, rebalance: Rebalance) -> None:
         """Load the response parser, then join the group."""
@@ -67,6 +70,13 @@ class WireSource(GroupSource):
         """Fetch `tp` from its first offset on (resolved through the consumer)."""
         await self.consumer.seek_to_beginning(tp)
         self.fetcher.forget(tp)
+
+    async def log_id(self, topic: str) -> str:
+        """`topic`'s id from a Metadata request sent now ("" if the broker gives none)."""
+        leaders = self.fetcher.leaders
+        await leaders.refresh([topic])
+        topic_id = leaders.topic_id(topic)
+        return "" if topic_id is None else topic_id.hex()
 
     async def close(self) -> None:
         """Close the fetch connections, then leave the group."""

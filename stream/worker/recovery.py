@@ -32,7 +32,8 @@ REPLAYED = Counter("replayed_ticks_total", "Records re-applied to feature state 
 OFFSET_GAPS = Counter("consumer_offset_gaps_total", "Fetched batches that skipped offsets")
 STALE_POSITIONS = Counter(
     "stale_positions_total",
-    "Snapshots or committed offsets found outside their partition's log at assignment",
+    "Snapshots or committed offsets outside their partition's log"
+    " (or from another log of the topic) at assignment",
     ["kind"],
 )
 RANGE_RECHECK_S = 1.0  # ListOffsets may lag a produce for a moment: look again before acting
@@ -73,7 +74,9 @@ class Recovery:
         replay_until: Per partition being replayed, the committed offset it replays to.
         partition_of: The partition each symbol arrives on (keys pin a symbol to one).
         rebuilt: Partitions whose snapshot or committed offset lay outside their log at
-            assignment, and why (rebuilt from the log's start).
+            assignment, or whose snapshot came from another log of the topic, and why
+            (rebuilt from the log's start).
+        log_ids: Each topic's id at the last assignment, written into its snapshots.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Recovery:
         self.replay_until: dict[TopicPartition, int] = {}
         self.partition_of: dict[str, int] = {}
         self.rebuilt: dict[TopicPartition, str] = {}  # partitions whose positions were stale
+        self.log_ids: dict[str, str] = {}  # each topic's id at the last assignment ("" unknown)
         self._last_snapshot = clock()
 
     def pin(self, symbols: list[str], partitions: list[int]) -> None:
@@ -151,7 +155,8 @@ class Recovery:
             if offset is None or tp in self.replay_until:
                 continue  # nothing applied yet, or the state is behind the commit
             symbols = [s for s, p in self.partition_of.items() if p == tp.partition]
-            out.append((tp, snapshot.take(self.engine, symbols, offset)))
+            log_id = self.log_ids.get(tp.topic, "")
+            out.append((tp, snapshot.take(self.engine, symbols, offset, log_id)))
         return out
 
     async def write(self, snaps: Snapshots) -> None:
@@ -173,6 +178,8 @@ class Recovery:
         if self.store is None:
             return {}
         starts = {}
+        for topic in {tp.topic for tp in assigned}:
+            self.log_ids[topic] = await source.log_id(topic)
         for tp in assigned:
             committed, snap = await self._trusted(
                 source, tp, await source.committed(tp), self.store.load(tp.topic, tp.partition)
@@ -219,7 +226,16 @@ class Recovery:
         from there gets nothing, so the worker would wait silently. A dropped committed
         offset means every record the log holds gets its signal again (the group's
         commit no longer describes this log); a dropped snapshot means a rebuild.
+
+        A snapshot taken in another log of the topic (its id differs) is dropped even
+        where its offset lies inside this one: the new log may have grown to or past
+        it (as many records as before), and reading on from there would skip them.
         """
+        log_id = self.log_ids.get(tp.topic, "")
+        if snap is not None and snap.log_id and log_id and snap.log_id != log_id:
+            why = f"snapshot from another log of the topic (id {snap.log_id}, now {log_id})"
+            self._distrust(tp, "snapshot", snap.next_offset, why)
+            snap = None
         wanted = [o for o in (committed, None if snap is None else snap.next_offset) if o]
         if not wanted:
             return committed, snap
@@ -234,18 +250,8 @@ class Recovery:
         )
         for kind, offset in checks:
             if offset and not _held(offset, low, high):
-                STALE_POSITIONS.labels(kind).inc()
-                why = f"{kind} offset {offset} outside the log [{low}, {high}]"
-                self.rebuilt[tp] = f"{self.rebuilt[tp]}; {why}" if tp in self.rebuilt else why
-                logger.error(
-                    "position outside the partition's log: rebuilding from what it holds",
-                    extra={
-                        "partition": tp.partition,
-                        "kind": kind,
-                        "offset": offset,
-                        "log_start": low,
-                        "log_end": high,
-                    },
+                self._distrust(
+                    tp, kind, offset, f"{kind} offset {offset} outside the log [{low}, {high}]"
                 )
                 if kind == "committed":
                     committed = None
@@ -254,6 +260,15 @@ class Recovery:
         if committed is None and snap is not None:
             snap = None  # state from offsets the group's commit no longer vouches for
         return committed, snap
+
+    def _distrust(self, tp: TopicPartition, kind: str, offset: int, why: str) -> None:
+        """Count and log a position dropped at assignment; `tp` is rebuilt."""
+        STALE_POSITIONS.labels(kind).inc()
+        self.rebuilt[tp] = f"{self.rebuilt[tp]}; {why}" if tp in self.rebuilt else why
+        logger.error(
+            "position outside the partition's log: rebuilding from what it holds",
+            extra={"partition": tp.partition, "kind": kind, "offset": offset, "why": why},
+        )
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Partitions taken away (after their last snapshot)."""

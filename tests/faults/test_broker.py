@@ -118,3 +118,59 @@ def test_broker_killed_and_restarted_with_empty_storage(pipeline: Pipeline, tmp_
     # log can look past its end and that partition is read again: repeats, each marked by
     # its (partition, offset), at most a partition's share of the new log
     result.check(max_duplicates=len(after))
+
+
+def test_broker_restarted_empty_and_refilled_while_the_worker_was_down(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """The new log holds as many records per partition as the old one did.
+
+    The worker's snapshots (taken at shutdown) point at the old log's ends, which are
+    the new log's ends too: only the topic's id tells the two logs apart. Read on from
+    there, the worker would wait at the end of the new log and signal none of it.
+    """
+    own = pipeline.settings.model_copy(update={"broker_port": free_port()})
+    stack = LocalStack(own.model_copy(update={"state_dir": tmp_path / "state"}))
+    stack.start_broker()
+    try:
+        settings = fresh(own, snapshot_interval_s=0.2, max_batch=500)
+        # the same symbols and counts: each partition's new log ends where the old one did
+        before, after = market(pipeline, 2000, tag="a"), market(pipeline, 2000, tag="b", start=500)
+        worker = InProcess(settings)
+        try:
+            run(publish(before, settings.bootstrap, settings.ticks_topic))
+            worker.wait_assigned()
+            oracle.answered(settings, expect_ticks=len(before)).check()
+        finally:
+            assert worker.stop(), "the worker did not stop within 60 s of its stop event"
+
+        stack.down(("broker",))
+        stack.start_broker()
+        run(
+            ensure_topics(
+                settings.bootstrap,
+                [settings.ticks_topic, settings.signals_topic, settings.dlq_topic],
+                settings.partitions,
+            )
+        )
+        # each symbol's last tick alone: the local broker's ListOffsets answers the last
+        # batch's first offset + 1 (BROKER.md, 4), so the log's end reads true, as Kafka's
+        run(publish(after[:-4], settings.bootstrap, settings.ticks_topic))
+        for tick in after[-4:]:
+            run(publish([tick], settings.bootstrap, settings.ticks_topic))
+        back = time.time()
+        worker = InProcess(settings)
+        try:
+            result = oracle.answered(settings, expect_ticks=len(after), fault_end=back)
+            oracle.record(
+                "Broker restarted empty and refilled to the same offsets while the worker was down",
+                result,
+                "own broker; 2,000 ticks before, 2,000 after: the same offsets per partition",
+            )
+            alive = worker.alive
+        finally:
+            stopped = worker.stop()
+    finally:
+        stack.down(("broker",))
+    assert alive and stopped
+    result.check()
