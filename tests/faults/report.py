@@ -52,6 +52,15 @@ TAIL = """
   (`FeatureEngine.reset`). What remains are repeats (marked by their position): the
   local broker's ListOffsets answers the last batch's first offset + 1 (BROKER.md, 4),
   so the worker distrusts an offset committed in the new log and reads it again.
+- **Broker restarted empty, refilled to the same offsets**: with as many ticks per
+  partition as before, the new log's ends are the old snapshots' offsets, so those
+  passed the range check and the worker read on from the end: every new tick lost,
+  nothing logged (one CI run of the running-worker test, where the worker rejoined
+  after the new ticks were in). Snapshots now carry the topic's id (KIP-516) and one
+  from another log of the topic is dropped. Rebuilding then showed a second bug: the
+  fetchers fetched newly assigned partitions from the consumer's position while the
+  worker was still restoring them (records applied twice, the second time `late`);
+  nothing is fetched now until the assignment is positioned.
 - **Symbols past `max_symbols`**: not a worker bug. The test published the market
   ticks and the flood before the worker had joined, and one fetch held both; the
   worker admits symbols in the order it reads them, partition by partition, so the
@@ -74,9 +83,11 @@ TAIL = """
   worker, then 2,000 new ticks.
 - **Broker restarted empty**: a broker of the test's own, SIGKILLed and started again
   on the same port with empty in-memory storage (topics, commits, data all gone).
-- **Redis down**: a Valkey of the test's own, SIGKILLed for 10 s and started empty;
-  the worker writes its snapshots and the online store there. The operator's probe
-  held it down 30 s; 10 s outlasts the worker's Redis timeouts several times over.
+  Once under a running worker; once while the worker is down, the new log refilled
+  with as many ticks per partition as the old one held (each symbol's last tick
+  sent alone, so that the local broker's ListOffsets reads the true end).
+- **Redis down**: a Valkey of the test's own, SIGKILLed for 30 s and started empty;
+  the worker writes its snapshots and the online store there.
 - **MLflow artifact store**: the champion alias moved while the artifact store's
   listing call raises MLflow's own error (injected in-process for 2 s; the tracking
   database stays up, as it does when S3 or an HTTP artifact proxy is down).
