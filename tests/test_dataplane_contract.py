@@ -7,7 +7,6 @@ import time
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
@@ -221,5 +220,3 @@ def test_sink_acks_resolve_and_records_land_in_order(
         assert values == [b"%d-%d-%d" % (p, c, i) for c in range(3) for i in range(10)]
     [single] = run(read_topic(stack_settings.bootstrap, dlq, PARTITIONS, 1))  # type: ignore[misc]
     assert (single.key, single.value, dict(single.headers)) == (b"k", b"bad", {"reason": b"why"})
-    every = list(range(PARTITIONS))
-    assert single.partition == DefaultPartitioner()(b"k", every, every)  # as a keyed send

@@ -2,27 +2,24 @@
 
 aiokafka stays the control plane through its public API
 (`stream.kafka.aiokafka_io.GroupSource`: group, assignment, rebalance callbacks,
-commits); the fetcher keeps its own positions and asks its own Metadata for leaders,
-and single records (dead letters, summaries, shadow scores) go as batches of one
-beside the signals. Both connect as `DataPlaneConfig.security` says;
-`stream.kafka.aiokafka_io` is aiokafka's own data path.
+commits) and sends the rare single records (dead letters, shadow scores); the
+fetcher keeps its own positions and asks its own Metadata for leaders. Both connect
+as `DataPlaneConfig.security` says; `stream.kafka.aiokafka_io` is aiokafka's own
+data path.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
 
 from stream.kafka import wire
 from stream.kafka.aiokafka_io import GroupSource, ProducerSink
-from stream.kafka.base import DataPlane, DataPlaneConfig, Headers, Rebalance, RecordBatches
+from stream.kafka.base import DataPlane, DataPlaneConfig, Rebalance, RecordBatches
 from stream.kafka.clients import MAX_PARTITION_FETCH_BYTES
 from stream.kafka.fetched import Fetched
-from stream.kafka.signalbatch import record_batch
 from stream.kafka.wire import WireFetcher, WireProducer
 
 
@@ -100,8 +97,6 @@ class WireSink(ProducerSink):
         """Borrow the source's leaders and fetch connections."""
         super().__init__(config)
         self.wire = WireProducer(config.bootstrap, share=share.fetcher, security=config.security)
-        self._partitioner = DefaultPartitioner()  # what aiokafka's producer keys with
-        self._partitions: dict[str, list[int]] = {}
 
     async def partitions(self, topic: str) -> int:
         """How many partitions `topic` has; its leaders are asked for now, not on the first send."""
@@ -111,17 +106,6 @@ class WireSink(ProducerSink):
     async def send(self, topic: str, batches: RecordBatches) -> list[asyncio.Future[Any]]:
         """One Produce per leader, no task on a connection that is up."""
         return self.wire.send(topic, batches)
-
-    async def send_record(
-        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers = ()
-    ) -> asyncio.Future[Any]:
-        """One record as a batch of its own, on the partition aiokafka's producer would pick."""
-        partitions = self._partitions.get(topic)
-        if partitions is None:
-            partitions = self._partitions[topic] = list(range(await self.partitions(topic)))
-        partition = self._partitioner(key, partitions, partitions)
-        batch = record_batch(key, value, headers, time.time_ns() // 1_000_000)
-        return self.wire.send(topic, [(partition, batch, 1)])[0]
 
     async def close(self) -> None:
         """Close our own connections, then the producer."""
