@@ -27,6 +27,7 @@ from deploy import cli
 from deploy.settings import Settings
 from stream.kafka import protocol, wire
 from stream.kafka.clients import ensure_topics
+from stream.kafka.metadata import Leaders
 from stream.kafka.protocol import API_VERSIONS, FETCH, METADATA, PRODUCE, SUPPORTED, Versions
 from stream.kafka.topic_ids import TopicIds
 from stream.kafka.wire import Connection, WireFetcher, WireProducer
@@ -386,3 +387,33 @@ def test_a_topic_made_again_is_fetched_by_its_new_id(stack_settings: Settings) -
     assert second == [b"b%d" % i for i in range(15)]
     assert old[0] == new[0] == fetch
     assert isinstance(old[1], bytes) and isinstance(new[1], bytes) and old[1] != new[1]
+
+
+def test_a_metadata_request_cut_short_by_close_fails_as_a_connection_error() -> None:
+    """As in a rebalance callback that waits for leaders while the worker shuts down.
+
+    aiokafka logs an `Exception` from the callback and finishes the rejoin; a
+    `CancelledError` would end its coordination task, and the consumer's `stop` with it.
+    """
+
+    async def go() -> None:
+        stub = StubBroker({}, silent=True)  # the request waits for ever
+        server = await asyncio.start_server(stub.serve, "127.0.0.1", 0)
+        leaders = Leaders(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        try:
+            waiting = asyncio.ensure_future(leaders.refresh(["t"]))
+            await asyncio.sleep(0.2)
+            await leaders.close()
+            with pytest.raises(KafkaConnectionError, match="metadata client closed"):
+                await asyncio.wait_for(waiting, 5)
+            cancelled = asyncio.ensure_future(leaders.refresh(["t"]))  # its caller cancelled
+            await asyncio.sleep(0.2)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+        finally:
+            await leaders.close()
+            server.close()
+            await server.wait_closed()
+
+    run(go())

@@ -82,7 +82,7 @@ class Leaders:
         """Ask now (`topics` join those watched); returns once an answer covers them.
 
         Raises:
-            KafkaConnectionError: No broker answered.
+            KafkaConnectionError: No broker answered, or `close` was called meanwhile.
             BrokerAuthError: A broker refused the TLS handshake or the login.
         """
         wanted = set(topics)
@@ -90,7 +90,15 @@ class Leaders:
         while True:
             if self._asking is None or self._asking.done():
                 self._asking = asyncio.ensure_future(self._ask())
-            asked = await asyncio.shield(self._asking)
+            try:
+                asked = await asyncio.shield(self._asking)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller was cancelled
+                # `close` cancelled the request: a callback in a group rebalance that
+                # cancellation would escape (aiokafka logs an Exception and goes on)
+                raise KafkaConnectionError("metadata client closed") from None
             if wanted <= asked:
                 return
 
