@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from deploy.settings import Settings
+from deploy.stack import LocalStack, free_port
 from stream.kafka import aiokafka_io, wire_io
 from stream.kafka.base import DataPlane, DataPlaneConfig, OpenDataPlane, TickSource
 from stream.kafka.clients import ensure_topics, make_producer
@@ -220,3 +225,50 @@ def test_sink_acks_resolve_and_records_land_in_order(
         assert values == [b"%d-%d-%d" % (p, c, i) for c in range(3) for i in range(10)]
     [single] = run(read_topic(stack_settings.bootstrap, dlq, PARTITIONS, 1))  # type: ignore[misc]
     assert (single.key, single.value, dict(single.headers)) == (b"k", b"bad", {"reason": b"why"})
+    every = list(range(PARTITIONS))
+    assert single.partition == DefaultPartitioner()(b"k", every, every)  # as a keyed send
+
+
+@PLANES
+def test_a_single_record_outlives_its_topic_lost_in_a_broker_restart(
+    stack_settings: Settings, open_dataplane: OpenDataPlane, tmp_path: Path
+) -> None:
+    """The broker comes back empty and only the subscribed topic is made again.
+
+    The wire producer then knows no leader for the single records' topic and gives the
+    record up; it goes again through aiokafka's producer, which asks for the topic with
+    creation allowed (the local broker acks a Produce to a topic it lacks and keeps
+    nothing, so what lands after the restart is checked on a topic that exists).
+    """
+    own = stack_settings.model_copy(
+        update={"broker_port": free_port(), "state_dir": tmp_path / "state"}
+    )
+    stack = LocalStack(own)
+    broker = stack.start_broker()
+    single, later = unique("contract-single"), unique("contract-later")
+    config = DataPlaneConfig(own.bootstrap, unique("in"), unique("g"))
+
+    async def go() -> None:
+        await ensure_topics(own.bootstrap, [config.topic, single], PARTITIONS)
+        plane = await _started(open_dataplane, config, Recorder())
+        try:
+            await asyncio.wait_for(await plane.sink.send_record(single, b"one", b"k"), 30)
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGKILL)
+            stack.down(("broker",))
+            stack.start_broker()
+            await ensure_topics(own.bootstrap, [config.topic, later], PARTITIONS)
+            await plane.sink.partitions(config.topic)  # leaders asked again, `single` unknown
+            ack = await plane.sink.send_record(single, b"two", b"k")
+            await asyncio.wait_for(ack, 60)  # raises what the send raised
+            ack = await plane.sink.send_record(later, b"three", b"k")
+            await asyncio.wait_for(ack, 30)
+        finally:
+            await _close(plane)
+
+    try:
+        run(go())
+        [record] = run(read_topic(own.bootstrap, later, PARTITIONS, 1))  # type: ignore[misc]
+        assert (record.key, record.value) == (b"k", b"three")
+    finally:
+        stack.down(("broker",))

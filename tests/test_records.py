@@ -21,7 +21,7 @@ from stream.contracts.signal import STAGES, Signal, encode_signals
 from stream.kafka.aiokafka_adapter import PrebuiltBatch, send_batches
 from stream.kafka.clients import ensure_topics, make_producer, start_client
 from stream.kafka.recordbatch import DEFAULT_MAX_BATCH_BYTES
-from stream.kafka.signalbatch import encode_signal_batches
+from stream.kafka.signalbatch import encode_signal_batches, record_batch
 from tests.helpers import read_topic, run
 
 NOW_NS = 1_700_000_000_123_456_789
@@ -348,3 +348,21 @@ def test_stamp_last_writes_the_encoded_time_into_every_record() -> None:
         emit_ns=1, model="m", version="1", scores=rows.scores,
             threshold=0.5, partition=rows.partition, timestamp_ms=5, stamp_last=lambda: 1,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "headers"),
+    [
+        (b"k", b"v" * 300, [("reason", b"late"), ("empty", None)]),
+        (None, b"", []),
+        (b"x" * 200, None, [("source", b"ticks:0:17")]),
+    ],
+)
+def test_a_record_batch_of_one_reads_back_with_aiokafka(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]]
+) -> None:
+    batch = DefaultRecordBatch(bytearray(record_batch(key, value, headers, 1_700_000_000_123)))
+    assert batch.validate_crc()
+    [record] = list(batch)
+    assert (record.key, record.value, record.headers) == (key, value, headers)
+    assert (record.offset, record.timestamp) == (0, 1_700_000_000_123)

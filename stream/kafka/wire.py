@@ -422,7 +422,7 @@ def _outcome(
     return failed, _error(code, by_id) if code >= 0 else KafkaError(f"no ack for {topic!r}")
 
 
-def _settle(ack: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+def settle(ack: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
     """Pass `done`'s outcome on to `ack`."""
     if ack.done():
         _retrieve(done)
@@ -519,7 +519,7 @@ class WireProducer:
             ack.set_result(None)
             return
         retry = asyncio.ensure_future(self._produce(topic, node, failed, exc))
-        retry.add_done_callback(functools.partial(_settle, ack))
+        retry.add_done_callback(functools.partial(settle, ack))
 
     async def _produce(
         self,

@@ -2,25 +2,32 @@
 
 aiokafka stays the control plane through its public API
 (`stream.kafka.aiokafka_io.GroupSource`: group, assignment, rebalance callbacks,
-commits) and sends the rare single records (dead letters, shadow scores); the
-fetcher keeps its own positions and asks its own Metadata for leaders. Both connect
-as `DataPlaneConfig.security` says; `stream.kafka.aiokafka_io` is aiokafka's own
-data path.
+commits); the fetcher keeps its own positions and asks its own Metadata for leaders,
+and single records (dead letters, summaries, shadow scores) go as batches of one
+beside the signals. Both connect as `DataPlaneConfig.security` says;
+`stream.kafka.aiokafka_io` is aiokafka's own data path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import time
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from stream.kafka import wire
 from stream.kafka.aiokafka_io import GroupSource, ProducerSink
-from stream.kafka.base import DataPlane, DataPlaneConfig, Rebalance, RecordBatches
+from stream.kafka.base import DataPlane, DataPlaneConfig, Headers, Rebalance, RecordBatches
 from stream.kafka.clients import MAX_PARTITION_FETCH_BYTES
 from stream.kafka.fetched import Fetched
-from stream.kafka.wire import WireFetcher, WireProducer
+from stream.kafka.signalbatch import record_batch
+from stream.kafka.wire import WireFetcher, WireProducer, settle
+
+logger = logging.getLogger(__name__)
 
 
 class WireSource(GroupSource):
@@ -97,6 +104,8 @@ class WireSink(ProducerSink):
         """Borrow the source's leaders and fetch connections."""
         super().__init__(config)
         self.wire = WireProducer(config.bootstrap, share=share.fetcher, security=config.security)
+        self._partitioner = DefaultPartitioner()  # what aiokafka's producer keys with
+        self._partitions: dict[str, list[int]] = {}
 
     async def partitions(self, topic: str) -> int:
         """How many partitions `topic` has; its leaders are asked for now, not on the first send."""
@@ -106,6 +115,51 @@ class WireSink(ProducerSink):
     async def send(self, topic: str, batches: RecordBatches) -> list[asyncio.Future[Any]]:
         """One Produce per leader, no task on a connection that is up."""
         return self.wire.send(topic, batches)
+
+    async def send_record(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers = ()
+    ) -> asyncio.Future[Any]:
+        """One record as a batch of its own, on the partition aiokafka's producer would pick.
+
+        Should the wire producer give it up (a topic it finds no leader for, as after a
+        broker restart with empty storage), the record goes again through aiokafka's
+        producer, whose Metadata request lets the broker create the topic where it
+        creates topics on demand, as it did the first time.
+        """
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            partitions = self._partitions[topic] = list(range(await self.partitions(topic)))
+        partition = self._partitioner(key, partitions, partitions)
+        batch = record_batch(key, value, headers, time.time_ns() // 1_000_000)
+        [ack] = self.wire.send(topic, [(partition, batch, 1)])
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ack.add_done_callback(functools.partial(self._sent, done, topic, value, key, headers))
+        return done
+
+    def _sent(
+        self,
+        done: asyncio.Future[Any],
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: Headers,
+        ack: asyncio.Future[Any],
+    ) -> None:
+        if ack.cancelled() or ack.exception() is None:
+            settle(done, ack)
+            return
+        logger.warning(
+            "single record sent again through aiokafka's producer",
+            extra={"topic": topic, "error": repr(ack.exception())},
+        )
+        self._partitions.pop(topic, None)  # the topic may have come back with other partitions
+        again = asyncio.ensure_future(self._through_producer(topic, value, key, headers))
+        again.add_done_callback(functools.partial(settle, done))
+
+    async def _through_producer(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers
+    ) -> None:
+        await (await super().send_record(topic, value, key, headers))
 
     async def close(self) -> None:
         """Close our own connections, then the producer."""
