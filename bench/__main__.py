@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from deploy.settings import load_settings
+from deploy.settings import Settings, load_settings
 from tickserve.errors import TickserveError
 from tickserve.logs import setup_logging
 
@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="tracing on: this fraction of ticks carries a traceparent and the worker exports "
         "spans to a local OTLP receiver (0: tracing off; the feed's default is 0.001)",
+    )
+    e2e.add_argument(
+        "--trace-max-per-second",
+        type=float,
+        default=Settings.model_fields["trace_max_per_second"].default,
+        help="with tracing on, at most this many traced ticks a second (the feed's default; "
+        "0: no cap)",
     )
     e2e.add_argument(
         "--model-type",
@@ -143,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         against=args.against,
         rounds=args.rounds,
         trace_sample_rate=args.trace_sample_rate,
+        trace_max_per_second=args.trace_max_per_second,
         model_type=args.model_type,
         gpu=args.gpu,
         floors=tuple(name.strip() for name in args.floors.split(",") if name.strip()),

@@ -67,6 +67,8 @@ class E2EConfig:
     # fraction of ticks sent with a traceparent; > 0 also points the worker's OTLP
     # exporter at a local receiver (bench.otlp_sink), so tracing is on; 0: tracing off
     trace_sample_rate: float = 0.0
+    # at most this many of them a second (the feed's TraceBudget; 0: no cap)
+    trace_max_per_second: float = 0.0
     # the model trained and served (training.params.MODEL_TYPES), and whether the worker
     # may use a GPU (TICKSERVE_PREFER_GPU): issue 23 compares the worker on CPU and GPU
     model_type: str = "logistic"
@@ -354,6 +356,8 @@ class Bench:
                         str(n_senders),
                         "--trace-sample-rate",
                         str(cfg.trace_sample_rate),
+                        "--trace-max-per-second",
+                        str(cfg.trace_max_per_second),
                     ],
                     env=self._env(),
                     cwd=ROOT,
@@ -721,7 +725,11 @@ def summary(path: Path) -> str:
         lines[0] += f", stream threads SCHED_FIFO {priority}"
     sampled = float(config.get("trace_sample_rate", 0))
     if sampled:
-        lines[0] += f", tracing on at {sampled:g} ({rep.get('otlp_spans', 0)} spans exported)"
+        cap = float(config.get("trace_max_per_second", 0))
+        at_most = f", at most {cap:g}/s" if cap else ""
+        lines[0] += (
+            f", tracing on at {sampled:g}{at_most} ({rep.get('otlp_spans', 0)} spans exported)"
+        )
     if config.get("tls") == "True":
         lines[0] += ", TLS (stunnel in front of the broker)"
     second = "echo again" if config.get("against") == "echo" else "tickserve"

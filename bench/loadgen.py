@@ -3,8 +3,9 @@
 Each tick's `recv_ns` is its *intended* send time, so a sender that falls behind
 shows up as latency (no coordinated omission). Several senders split one schedule:
 sender k of m sends ticks i with i % m == k. With --trace-sample-rate, that fraction
-of the ticks carries a `traceparent` header (a fresh random trace each), as the feed
-sends them.
+of the ticks carries a `traceparent` header (a fresh random trace each), at most
+--trace-max-per-second of them a second over all senders (the feed's `TraceBudget`,
+spent on the schedule's clock), as the feed sends them.
 
 Run: python -m bench.loadgen --bootstrap HOST:PORT --topic T --rate R --duration S --start-ns T0
 """
@@ -22,7 +23,7 @@ import orjson
 
 from deploy.settings import load_settings
 from stream.kafka.clients import make_producer, start_client
-from tickserve.tracing import TRACEPARENT
+from tickserve.tracing import TRACEPARENT, TraceBudget
 
 SIDES = ("sell", "buy")
 
@@ -51,6 +52,9 @@ async def send(args: argparse.Namespace) -> tuple[int, float]:
     side = rng.random(len(mine)) < 0.5
     traced = rng.random(len(mine)) < args.trace_sample_rate
     due_ns = args.start_ns + (mine * 1_000_000_000) // int(args.rate)
+    budget = TraceBudget(args.trace_max_per_second / args.senders)
+    for i in np.flatnonzero(traced):
+        traced[i] = budget.take(due_ns[i] / 1e9)
 
     security = load_settings().kafka_security  # TICKSERVE_KAFKA_*, as the worker reads them
     producer = make_producer(args.bootstrap, args.linger_ms, security)
@@ -137,6 +141,12 @@ def main() -> None:
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument(
         "--trace-sample-rate", type=float, default=0.0, help="fraction of ticks with a traceparent"
+    )
+    parser.add_argument(
+        "--trace-max-per-second",
+        type=float,
+        default=0.0,
+        help="at most this many traced ticks a second over all senders (0: no cap)",
     )
     args = parser.parse_args()
     args.seed += args.sender

@@ -284,6 +284,13 @@ class Settings(BaseSettings):
         description="Fraction of ticks the feed traces (W3C `traceparent` header); traces "
         "are exported only where OTEL_EXPORTER_OTLP_ENDPOINT (or _TRACES_ENDPOINT) is set",
     )
+    trace_max_per_second: float = Field(
+        5.0,
+        ge=0.0,
+        description="At most this many ticks a second traced by one feed (a token bucket "
+        "over the sampled ones), so that tracing's cost does not grow with the tick rate; "
+        "0: no cap",
+    )
     log_level: str = Field(
         "INFO",
         description="Level of the JSON log lines on stderr: DEBUG, INFO, WARNING, ERROR or "

@@ -35,4 +35,6 @@ def start_tracing(service_name: str, settings: Settings) -> Tracing | None:
     """Export this process's spans if the environment asks for it; None: tracing is off."""
     if not tracing_requested(os.environ):
         return None
-    return configure_tracing(service_name, settings.trace_sample_rate)
+    return configure_tracing(
+        service_name, settings.trace_sample_rate, settings.trace_max_per_second
+    )

@@ -27,7 +27,7 @@ from inference.testing import loaded, make_onnx_classifier
 from stream.contracts.signal import Signal
 from stream.contracts.tick import Tick
 from stream.ingest.archive import ArchiverConfig, ClickHouseArchive, run_archiver
-from stream.ingest.feed import SyntheticMarket, publish
+from stream.ingest.feed import Pacing, SyntheticMarket, publish
 from stream.kafka import wire_io
 from stream.kafka.base import DataPlane, DataPlaneConfig
 from stream.kafka.clients import ensure_topics
@@ -279,7 +279,8 @@ def test_one_trace_from_feed_through_worker_to_signal_and_archive(
     # the exporter reads the standard variable itself
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.port}")
     providers = {name: tracing_provider(name) for name in ("feed", "worker", "archive")}
-    tracing = {name: Tracing(p.get_tracer("test"), 1.0) for name, p in providers.items()}
+    # every tick traced, no cap (TraceBudget): the test follows each one
+    tracing = {name: Tracing(p.get_tracer("test"), 1.0, 0.0) for name, p in providers.items()}
     bootstrap, ticks_topic, signals_topic = (
         settings.bootstrap, settings.ticks_topic, settings.signals_topic
     )  # fmt: skip
@@ -383,6 +384,29 @@ def test_one_trace_from_feed_through_worker_to_signal_and_archive(
             and _attr(s, "messaging.consumer.group.name") == settings.archive_group_id
         }
         assert archived == {f"process {ticks_topic}", f"process {signals_topic}"}
+
+
+@pytest.mark.services
+def test_the_feed_traces_at_most_its_cap_a_second(topics: Settings) -> None:
+    # every tick a candidate (rate 1.0), 100 ticks/s for 2 s, at most 5 traced a second:
+    # a burst of 5, then 5 more a second; without the cap all 200 would be
+    bootstrap, topic = topics.bootstrap, topics.ticks_topic
+    run(ensure_topics(bootstrap, [topic], 1))
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ticks = list(SyntheticMarket(symbols=3, seed=4).ticks(200))
+    started = time.monotonic()
+    sent = run(
+        publish(ticks, bootstrap, topic, Pacing(rate=100.0),
+                tracing=Tracing(provider.get_tracer("test"), 1.0, 5.0))
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert sent == 200
+    records = run(read_topic(bootstrap, topic, 1, 200, 30))
+    traced = [r for r in records if extract_context(r.headers) is not None]
+    assert len(traced) == len(exporter.get_finished_spans())
+    assert 5 + 5 * (elapsed - 1.0) <= len(traced) <= 5 + 5 * elapsed + 1, (len(traced), elapsed)
 
 
 async def _event() -> asyncio.Event:

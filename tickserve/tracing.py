@@ -47,10 +47,49 @@ class Tracing:
         tracer: Makes the spans (its provider exports them).
         sample_rate: Fraction of ticks the feed sends with a `traceparent`; the
             other processes trace whatever arrives with one.
+        max_per_second: At most this many traced ticks a second from one feed
+            (`TraceBudget`); 0: no cap.
     """
 
     tracer: Tracer
     sample_rate: float = 0.001
+    max_per_second: float = 5.0
+
+
+class TraceBudget:
+    """At most `per_second` traced ticks a second: a token bucket of one second's worth.
+
+    A fixed fraction alone makes tracing's cost grow with the tick rate: each traced
+    tick costs the worker a micro-batch's five spans and their export, a few hundred
+    microseconds of CPU. The cap bounds that cost at any rate, while a quiet market
+    still gets `sample_rate` of its ticks traced. Time comes from the caller (seconds
+    on any monotonic clock), so a load generator can spend it on a schedule.
+
+    >>> budget = TraceBudget(2.0)
+    >>> [budget.take(0.0) for _ in range(3)], budget.take(0.5), budget.take(0.6)
+    ([True, True, False], True, False)
+    >>> all(TraceBudget(0.0).take(0.0) for _ in range(1000))
+    True
+    """
+
+    def __init__(self, per_second: float):
+        """`per_second` 0: every call takes (no cap)."""
+        self.per_second = per_second
+        self.capacity = max(per_second, 1.0)  # a burst of one second's worth (at least 1)
+        self.tokens = self.capacity
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Spend one token at time `now` (seconds); False when the bucket is empty."""
+        if self.per_second <= 0:
+            return True
+        if self.last is not None:
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.per_second)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 def messaging(topic: str, operation: str, kind: str, count: int = 0) -> dict[str, Any]:
@@ -175,7 +214,9 @@ def tracing_provider(service_name: str) -> TracerProvider:
     return provider
 
 
-def configure_tracing(service_name: str, sample_rate: float) -> Tracing:
+def configure_tracing(
+    service_name: str, sample_rate: float, max_per_second: float = 5.0
+) -> Tracing:
     """Export this process's spans over OTLP/HTTP (`tracing_provider`), as the global provider.
 
     Spans still queued are flushed when the process exits. Call once, at the process edge.
@@ -183,4 +224,4 @@ def configure_tracing(service_name: str, sample_rate: float) -> Tracing:
     provider = tracing_provider(service_name)
     trace.set_tracer_provider(provider)
     atexit.register(provider.shutdown)
-    return Tracing(provider.get_tracer("tickserve"), sample_rate)
+    return Tracing(provider.get_tracer("tickserve"), sample_rate, max_per_second)

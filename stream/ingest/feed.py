@@ -24,7 +24,7 @@ from stream.kafka.clients import make_producer, start_client
 from stream.kafka.partition_batches import PartitionBatches
 from stream.kafka.security import PLAINTEXT, KafkaSecurity
 from tickserve.errors import BrokerError, DataError
-from tickserve.tracing import TRACEPARENT, Tracing, messaging, traceparent
+from tickserve.tracing import TRACEPARENT, TraceBudget, Tracing, messaging, traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -560,7 +560,8 @@ async def publish(
     partition `producer.send` would pick for its key. Raw (invalid) rows have no key:
     they go round-robin over the partitions, for the worker to dead-letter.
 
-    With `tracing`, a fraction `tracing.sample_rate` of the ticks is traced: each gets
+    With `tracing`, a fraction `tracing.sample_rate` of the ticks is traced, at most
+    `tracing.max_per_second` a second (`TraceBudget`): each gets
     a `send <topic>` span, ended on the broker's ack of its batch, and its
     `traceparent` header.
 
@@ -575,6 +576,7 @@ async def publish(
     await start_client(producer, bootstrap, security)
     batches = PartitionBatches(producer, topic, linger_ms)
     draw = random.Random().random
+    budget = TraceBudget(tracing.max_per_second if tracing is not None else 0.0)
     try:
         async for tick in _paced(ticks, pacing, batches.flush):
             now = time.time_ns()
@@ -586,7 +588,11 @@ async def publish(
                 value = orjson.dumps({**tick, "recv_ns": now})
                 symbol = tick.get("symbol")
                 key = symbol.encode() if isinstance(symbol, str) else None
-            if tracing is not None and draw() < tracing.sample_rate:
+            if (
+                tracing is not None
+                and draw() < tracing.sample_rate
+                and budget.take(time.monotonic())
+            ):
                 span = _send_span(tracing, topic)
                 headers = [(TRACEPARENT, traceparent(span))]
                 await batches.append(key, value, now, headers, on_ack=span.end)
