@@ -89,6 +89,7 @@ FLOORS = {
     "echo": "bench.echo",
 }
 INDEPENDENT = ("aiokafka", "confluent")  # floors on clients tickserve did not write
+WORKER_READY = "worker consuming"  # the worker's log line once it has its partitions
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -241,6 +242,29 @@ class Bench:
                                     cwd=ROOT)  # fmt: skip
         return proc, log
 
+    def start_worker(
+        self, tag: str, source: str, state_dir: Path, worker_env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """`tickserve serve` reading `source` into out-<tag> (dlq-<tag>, group g-<tag>).
+
+        Tracing is on where the bench's is (`trace_sample_rate` > 0); `worker_env` adds
+        to (or overrides) the variables. The caller waits for `WORKER_READY` in the log.
+        """
+        env = self._env(
+            TICKSERVE_STATE_DIR=str(state_dir),
+            TICKSERVE_BROKER_PORT=str(self.settings.broker_port),
+            TICKSERVE_VALKEY_PORT=str(self.settings.valkey_port),
+            TICKSERVE_TICKS_TOPIC=source, TICKSERVE_SIGNALS_TOPIC=f"out-{tag}",
+            TICKSERVE_DLQ_TOPIC=f"dlq-{tag}", TICKSERVE_GROUP_ID=f"g-{tag}",
+            TICKSERVE_MODEL_NAME=self.settings.model_name, TICKSERVE_HTTP_PORT="0",
+            TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
+            TICKSERVE_PREFER_GPU=str(self.config.gpu).lower(),
+            TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
+            **self._tracing_env(),
+        )  # fmt: skip
+        env.update(worker_env or {})
+        return self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
+
     @contextlib.contextmanager
     def system(
         self, kind: str, rate: float, worker_env: dict[str, str] | None = None
@@ -268,21 +292,8 @@ class Bench:
             proc, log = self._spawn(tag, argv, self._env())
             ready_text = "assigned"
         else:
-            env = self._env(
-                TICKSERVE_STATE_DIR=str(self.workdir),
-                TICKSERVE_BROKER_PORT=str(self.settings.broker_port),
-                TICKSERVE_VALKEY_PORT=str(self.settings.valkey_port),
-                TICKSERVE_TICKS_TOPIC=source, TICKSERVE_SIGNALS_TOPIC=sink,
-                TICKSERVE_DLQ_TOPIC=f"dlq-{tag}", TICKSERVE_GROUP_ID=f"g-{tag}",
-                TICKSERVE_MODEL_NAME=self.settings.model_name, TICKSERVE_HTTP_PORT="0",
-                TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
-                TICKSERVE_PREFER_GPU=str(self.config.gpu).lower(),
-                TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
-                **self._tracing_env(),
-            )  # fmt: skip
-            env.update(worker_env or {})
-            proc, log = self._spawn(tag, [sys.executable, "-m", "deploy.cli", "serve"], env)
-            ready_text = "worker consuming"
+            proc, log = self.start_worker(tag, source, self.workdir, worker_env)
+            ready_text = WORKER_READY
         try:
             _wait_for(log, ready_text, proc, self.config.start_timeout_s)
             self.source = source

@@ -285,7 +285,7 @@ class Settings(BaseSettings):
         "are exported only where OTEL_EXPORTER_OTLP_ENDPOINT (or _TRACES_ENDPOINT) is set",
     )
     trace_max_per_second: float = Field(
-        5.0,
+        2.0,
         ge=0.0,
         description="At most this many ticks a second traced by one feed (a token bucket "
         "over the sampled ones), so that tracing's cost does not grow with the tick rate; "

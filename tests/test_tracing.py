@@ -422,6 +422,7 @@ def test_tickserve_feed_traces_only_when_an_otlp_endpoint_is_set(
         "TICKSERVE_BROKER_PORT": str(topics.broker_port),
         "TICKSERVE_TICKS_TOPIC": topic,
         "TICKSERVE_TRACE_SAMPLE_RATE": "1",
+        "TICKSERVE_TRACE_MAX_PER_SECOND": "0",  # all 4 ticks traced
     }
     done = tickserve("feed", "--count", "3", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

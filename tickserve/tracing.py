@@ -53,7 +53,7 @@ class Tracing:
 
     tracer: Tracer
     sample_rate: float = 0.001
-    max_per_second: float = 5.0
+    max_per_second: float = 2.0
 
 
 class TraceBudget:
@@ -215,7 +215,7 @@ def tracing_provider(service_name: str) -> TracerProvider:
 
 
 def configure_tracing(
-    service_name: str, sample_rate: float, max_per_second: float = 5.0
+    service_name: str, sample_rate: float, max_per_second: float = 2.0
 ) -> Tracing:
     """Export this process's spans over OTLP/HTTP (`tracing_provider`), as the global provider.
 
