@@ -214,9 +214,7 @@ def tracing_provider(service_name: str) -> TracerProvider:
     return provider
 
 
-def configure_tracing(
-    service_name: str, sample_rate: float, max_per_second: float = 2.0
-) -> Tracing:
+def configure_tracing(service_name: str, sample_rate: float, max_per_second: float) -> Tracing:
     """Export this process's spans over OTLP/HTTP (`tracing_provider`), as the global provider.
 
     Spans still queued are flushed when the process exits. Call once, at the process edge.
