@@ -112,6 +112,16 @@ def _pct(values: np.ndarray, qs: tuple[float, ...] = (50, 90, 99, 99.9)) -> dict
     return out
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL after 20 s; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -300,12 +310,7 @@ class Bench:
             self.dlq = f"dlq-{tag}"
             yield sink, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             # keep the system's log beside the report (the work dir is temporary)
             self.config.out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(log, self.config.out_dir / log.name)

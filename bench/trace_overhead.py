@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.e2e import WORKER_READY, Bench, E2EConfig, _cpu_seconds, _wait_for
+from bench.e2e import WORKER_READY, Bench, E2EConfig, _cpu_seconds, _wait_for, stop_process
 from deploy.settings import Settings
 
 OFF = {"OTEL_SDK_DISABLED": "true"}  # tracing_requested() says no, whatever else is set
@@ -71,12 +71,7 @@ class PairedBench(Bench):
                 if twin.poll() is not None:
                     raise RuntimeError(f"the twin exited early with {twin.returncode}; see {log}")
             finally:
-                twin.terminate()
-                try:
-                    twin.wait(20)
-                except subprocess.TimeoutExpired:
-                    twin.kill()
-                    twin.wait()
+                stop_process(twin)
 
     @contextlib.contextmanager
     def sample_twin(self, start_ns: int) -> Iterator[None]:
@@ -149,7 +144,10 @@ def main() -> None:
             bench.close()
     # a cost that comes with a role (main or twin) multiplies one role's ratios and
     # divides the other's: the geometric mean of the two roles' means cancels it
-    by_main, by_twin = statistics.fmean(ratios[0::2]), statistics.fmean(ratios[1::2] or [1.0])
+    if len(ratios) < 2:
+        print(f"on/off: traced main {ratios[0]:.3f} (one round: no role swapped)")
+        return
+    by_main, by_twin = statistics.fmean(ratios[0::2]), statistics.fmean(ratios[1::2])
     print(f"on/off: traced main {by_main:.3f}, traced twin {by_twin:.3f}, both roles "
           f"{math.sqrt(by_main * by_twin):.3f}; range {min(ratios):.3f}-{max(ratios):.3f}; "
           f"{bench.otlp_spans} spans exported")  # fmt: skip
