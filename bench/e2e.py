@@ -67,8 +67,8 @@ class E2EConfig:
     # fraction of ticks sent with a traceparent; > 0 also points the worker's OTLP
     # exporter at a local receiver (bench.otlp_sink), so tracing is on; 0: tracing off
     trace_sample_rate: float = 0.0
-    # at most this many of them a second (the feed's TraceBudget; 0: no cap)
-    trace_max_per_second: float = 0.0
+    # at most this many of them a second (the feed's TraceBudget and its default; 0: no cap)
+    trace_max_per_second: float = Settings.model_fields["trace_max_per_second"].default
     # the model trained and served (training.params.MODEL_TYPES), and whether the worker
     # may use a GPU (TICKSERVE_PREFER_GPU): issue 23 compares the worker on CPU and GPU
     model_type: str = "logistic"
