@@ -16,41 +16,19 @@ from __future__ import annotations
 import argparse
 import signal
 import time
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from bench.floor_args import floor_parser
 from deploy.settings import load_settings
 from stream.kafka.clients import MAX_PARTITION_FETCH_BYTES
-from stream.kafka.security import KafkaSecurity
-
-
-def librdkafka_security(security: KafkaSecurity) -> dict[str, Any]:
-    """librdkafka's settings for `security` (TLS files, SASL login, hostname check)."""
-    config: dict[str, Any] = {"security.protocol": security.protocol.lower()}
-    if security.tls:
-        if security.ca_file is not None:
-            config["ssl.ca.location"] = str(security.ca_file)
-        if security.cert_file is not None:
-            config["ssl.certificate.location"] = str(security.cert_file)
-        if security.key_file is not None:
-            config["ssl.key.location"] = str(security.key_file)
-        config["ssl.endpoint.identification.algorithm"] = (
-            "https" if security.check_hostname else "none"
-        )
-    if security.sasl:
-        config["sasl.mechanism"] = security.sasl_mechanism
-        config["sasl.username"] = security.username
-        config["sasl.password"] = security.password.get_secret_value() if security.password else ""
-    return config
 
 
 def echo(args: argparse.Namespace) -> None:
     """Forward until SIGTERM."""
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-    security = librdkafka_security(load_settings().kafka_security)
+    security = load_settings().kafka_security.librdkafka_config()
     common = {"bootstrap.servers": args.bootstrap, **security}
     consumer = Consumer(
         {

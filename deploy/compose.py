@@ -25,8 +25,8 @@ from inference.trees import warm_up as warm_up_trees
 from inference.validation import ValidationPolicy
 from inference.watcher import ModelWatcher, WatcherConfig
 from inference.webhook import WebhookConfig
-from stream.kafka import aiokafka_io, wire_io
-from stream.kafka.base import DataPlaneConfig
+from stream.kafka import aiokafka_io, confluent_io, wire_io
+from stream.kafka.base import DataPlaneConfig, OpenDataPlane
 from stream.kafka.clients import ensure_topics
 from stream.worker import StreamWorker, WorkerConfig
 from tickserve.metrics import BuildInfo, SymbolLabels
@@ -84,6 +84,13 @@ class Service:
             await asyncio.gather(*others, return_exceptions=True)
 
 
+def open_dataplane(settings: Settings) -> OpenDataPlane:
+    """The data plane the settings choose: exactly once, the wire client, or aiokafka's."""
+    if settings.exactly_once:
+        return confluent_io.open_dataplane
+    return wire_io.open_dataplane if settings.wire else aiokafka_io.open_dataplane
+
+
 def worker_config(settings: Settings) -> WorkerConfig:
     """The worker's share of the settings."""
     return WorkerConfig(
@@ -95,6 +102,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
             max_batch=settings.max_batch,
             linger_ms=settings.linger_ms,
             security=settings.kafka_security,
+            transactional_id=settings.transactional_id or "",
         ),
         signals_topic=settings.signals_topic,
         dlq_topic=settings.dlq_topic,
@@ -160,7 +168,7 @@ def build_service(
         config,
         FeatureEngine(spec, settings.max_symbols),
         batcher,
-        wire_io.open_dataplane if settings.wire else aiokafka_io.open_dataplane,
+        open_dataplane(settings),
         writer,
         SnapshotStore(settings.redis, f"tickserve:snapshots:{settings.group_id}"),
         tracing=tracing,

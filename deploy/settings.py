@@ -97,6 +97,18 @@ class Settings(BaseSettings):
         description="Ticks and signals over tickserve's own Fetch/Produce connections "
         "(TLS and SASL as below); false: aiokafka's data path",
     )
+    exactly_once: bool = Field(
+        False,
+        description="Each commit is a Kafka transaction holding the signals, dead letters "
+        "and input offsets since the last (librdkafka's client; read the signals with "
+        "isolation.level=read_committed); needs a broker with transactions, and "
+        "TICKSERVE_WIRE unset",
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="Transactional id of a worker with TICKSERVE_EXACTLY_ONCE; unset: "
+        "`<group_id>-<host name>` (keep it stable across restarts of one instance)",
+    )
 
     # Kafka security: one set for every client (worker, feed, archiver, bench)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -357,6 +369,16 @@ class Settings(BaseSettings):
             ConfigError: The token file cannot be read or is empty.
         """
         return _secret(self.api_token, self.api_token_file, "TICKSERVE_API_TOKEN_FILE")
+
+    @model_validator(mode="after")
+    def _one_data_plane(self) -> Settings:
+        if self.exactly_once and self.wire and "wire" in self.model_fields_set:
+            raise PydanticCustomError(
+                "data_plane",
+                "TICKSERVE_EXACTLY_ONCE runs on librdkafka's transactional client, not on "
+                "tickserve's own connections: unset TICKSERVE_WIRE",
+            )
+        return self
 
     @model_validator(mode="after")
     def _kafka_security(self) -> Settings:

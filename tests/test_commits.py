@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiokafka import TopicPartition
 
 from stream.kafka.testing import FakeSink, FakeSource
@@ -89,5 +90,50 @@ def test_backpressure_beyond_the_batches_in_flight() -> None:
         assert commits.committed == {TP0: 3}
         commits.forget({TP0})
         assert commits.committed == {}
+
+    asyncio.run(main())
+
+
+def test_a_transactional_commit_falls_between_batches_with_every_batch_sent() -> None:
+    """A transaction commits what the sink sent: never inside a batch, never without its offsets."""
+
+    async def main() -> None:
+        source, sink, clock = FakeSource(), FakeSink(), Clock()
+        commits = CommitTracker(source, interval_s=1.0, clock=clock, transactional=True)
+        written: list[dict[TopicPartition, int]] = []
+
+        async def snapshot() -> None:
+            written.append(dict(source.committed_offsets))
+
+        clock.now = 5.0  # due
+        commits.track(await sink.send("s", [(0, b"a", 1)]), {TP0: 3})
+        commits.track(await sink.send("s", [(1, b"b", 1)]), {TP1: 7}, snapshot)
+        await asyncio.sleep(0.01)  # the batches' tasks ran: at least once, they would commit
+        assert source.commits == [] and written == []
+        await commits.between_batches()  # due, and a snapshot waits on the commit
+        assert source.commits == [{TP0: 3, TP1: 7}]
+        assert written == [{TP0: 3, TP1: 7}]  # the snapshot followed the commit
+        commits.track(await sink.send("s", [(0, b"c", 1)]), {TP0: 4})
+        await commits.between_batches()  # not due: the next batch joins the transaction
+        assert len(source.commits) == 1
+
+    asyncio.run(main())
+
+
+def test_after_a_commit_that_raised_no_commit_claims_success() -> None:
+    """A failed transaction leaves the state ahead of the group: nothing may follow it."""
+
+    class Broken(FakeSource):
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            raise RuntimeError("transaction aborted")
+
+    async def main() -> None:
+        source, sink = Broken(), FakeSink()
+        commits = CommitTracker(source, interval_s=0.0, transactional=True)
+        commits.track(await sink.send("s", [(0, b"a", 1)]), {TP0: 3})
+        with pytest.raises(RuntimeError, match="aborted"):
+            await commits.between_batches()
+        assert commits.failed
+        assert await commits.commit() is False  # on revoke or stop: no snapshot follows
 
     asyncio.run(main())

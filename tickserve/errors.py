@@ -220,3 +220,20 @@ class OffsetCommitFailed(BrokerError):
         super().__init__(f"group {group_id}: commit of {where} failed: {reason}")
         self.group_id = group_id
         self.offsets = offsets
+
+
+class TransactionFailed(BrokerError):
+    """A Kafka transaction of the exactly-once data plane failed; the worker ends.
+
+    What was produced since the last commit is aborted (read_committed consumers never
+    see it); the restarted worker reads on from the committed offsets.
+
+    Attributes:
+        transactional_id: The producer's transactional id.
+        step: The call that failed (init_transactions, commit_transaction, ...).
+    """
+
+    def __init__(self, transactional_id: str, step: str, reason: str) -> None:
+        super().__init__(f"transaction of {transactional_id}: {step} failed: {reason}")
+        self.transactional_id = transactional_id
+        self.step = step

@@ -1,10 +1,11 @@
 """The data plane as the worker sees it: a tick source and a signal sink.
 
-Two implementations: `stream.kafka.wire_io` (Fetch and Produce on connections of our
-own, the default) and `stream.kafka.aiokafka_io` (aiokafka's data path). Both connect
-as `DataPlaneConfig.security` says (TLS, SASL), keep aiokafka as the control plane
-(group, assignment, commits, metadata) and are held to the same contract by
-tests/test_dataplane_contract.py.
+Three implementations: `stream.kafka.wire_io` (Fetch and Produce on connections of our
+own, the default) and `stream.kafka.aiokafka_io` (aiokafka's data path), both with
+aiokafka as the control plane (group, assignment, commits, metadata), and
+`stream.kafka.confluent_io` (librdkafka's consumer and transactional producer: the
+exactly-once option). All connect as `DataPlaneConfig.security` says (TLS, SASL) and
+are held to the same contract by tests/test_dataplane_contract.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class DataPlaneConfig:
         max_batch: Most records a poll hands out (aiokafka's data path).
         linger_ms: The producer's linger for the records sent one by one.
         security: TLS and SASL of every connection, aiokafka's and our own.
+        transactional_id: The exactly-once plane's transactional id; "": the group id
+            and the host name (`stream.kafka.confluent_io.transactional_id`).
     """
 
     bootstrap: str
@@ -45,6 +48,7 @@ class DataPlaneConfig:
     max_batch: int = 2000
     linger_ms: int = 5
     security: KafkaSecurity = PLAINTEXT
+    transactional_id: str = ""
 
 
 class Rebalance(Protocol):
@@ -121,10 +125,18 @@ class SignalSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DataPlane:
-    """A source and a sink made for one another (they may share connections)."""
+    """A source and a sink made for one another (they may share connections).
+
+    Attributes:
+        source: Ticks in, and the group's commits.
+        sink: Signals, dead letters and summaries out.
+        transactional: Commits are transactions over what the sink sent since the last
+            one: they must fall between micro-batches (`CommitTracker.between_batches`).
+    """
 
     source: TickSource
     sink: SignalSink
+    transactional: bool = False
 
 
 # builds a data plane inside the running event loop (aiokafka's clients need one)

@@ -1,7 +1,8 @@
 """How every Kafka client of tickserve connects: TLS and SASL settings, one set for all.
 
 `KafkaSecurity` is built once from the settings (`deploy.settings.Settings.kafka_security`)
-and handed to every client: aiokafka's (`aiokafka_kwargs`) and the wire data path's own
+and handed to every client: aiokafka's (`aiokafka_kwargs`), librdkafka's
+(`librdkafka_config`: the exactly-once plane, the bench's floor) and the wire data path's own
 connections (`stream.kafka.wire.Connection.open`, which also runs `stream.kafka.sasl`).
 """
 
@@ -89,6 +90,25 @@ class KafkaSecurity:
                 self.password.get_secret_value() if self.password else ""
             )
         return kwargs
+
+    def librdkafka_config(self) -> dict[str, Any]:
+        """Settings for librdkafka (confluent-kafka's clients): TLS files, SASL login."""
+        config: dict[str, Any] = {"security.protocol": self.protocol.lower()}
+        if self.tls:
+            if self.ca_file is not None:
+                config["ssl.ca.location"] = str(self.ca_file)
+            if self.cert_file is not None:
+                config["ssl.certificate.location"] = str(self.cert_file)
+            if self.key_file is not None:
+                config["ssl.key.location"] = str(self.key_file)
+            config["ssl.endpoint.identification.algorithm"] = (
+                "https" if self.check_hostname else "none"
+            )
+        if self.sasl:
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.username
+            config["sasl.password"] = self.password.get_secret_value() if self.password else ""
+        return config
 
     def describe(self) -> str:
         """What a log line may say about it (never the password)."""

@@ -35,6 +35,11 @@ class CommitTracker:
     offsets are committed at most every `interval_s` (a crash replays at most that
     much more: at-least-once either way), and whenever a batch carries work that must
     follow a commit (a snapshot reflecting those offsets).
+
+    With a `transactional` committer (the exactly-once plane), a commit also commits
+    everything the sink sent since the last one, so it must not fall inside a
+    micro-batch: batches only record their offsets and follow-up work, and the worker
+    commits in `between_batches`.
     """
 
     def __init__(
@@ -43,12 +48,16 @@ class CommitTracker:
         interval_s: float,
         max_inflight: int = MAX_INFLIGHT_BATCHES,
         clock: Callable[[], float] = time.monotonic,
+        transactional: bool = False,
     ) -> None:
         """Nothing tracked yet."""
         self._committer = committer
         self.interval_s = interval_s
         self.max_inflight = max_inflight
+        self.transactional = transactional
         self._clock = clock
+        self._after_commit: list[Callable[[], Awaitable[object]]] = []  # transactional
+        self.failed = False  # a commit raised (a failed transaction): no commit follows
         self.committed: dict[TopicPartition, int] = {}  # next offsets the group holds
         self._acked: dict[TopicPartition, int] = {}  # acknowledged, not yet committed
         self._inflight: deque[asyncio.Task[None]] = deque()
@@ -90,9 +99,21 @@ class CommitTracker:
             await previous
         await asyncio.gather(*acks)
         self._acked.update(offsets)
+        if self.transactional:
+            if after_commit is not None:
+                self._after_commit.append(after_commit)
+            return
         committed = (after_commit is not None or self.due()) and await self.commit()
         if committed and after_commit is not None:
             await after_commit()
+
+    async def between_batches(self) -> None:
+        """Transactional: commit here, between two batches, when due or when work waits on it."""
+        if not self.transactional:
+            return
+        await self.reap(block=True)  # the batches' acks are done: this records their offsets
+        if self._after_commit or (self._acked and self.due()):
+            await self.commit()
 
     def due(self) -> bool:
         """The commit interval has passed since the last commit."""
@@ -104,10 +125,19 @@ class CommitTracker:
         return bool(self._acked) and not self._inflight
 
     async def commit(self) -> bool:
-        """Commit every acknowledged offset; False if the group moved on (a rebalance)."""
+        """Commit every acknowledged offset; False if the group moved on (a rebalance).
+
+        Transactional: then run the work that waited on this commit (snapshot writes).
+        After a commit that raised, always False: the state has moved past what the
+        group holds, and nothing may be written as if it had not.
+        """
+        if self.failed:
+            return False
         offsets, self._acked = self._acked, {}
         self._last_commit = self._clock()
+        after, self._after_commit = self._after_commit, []
         if not offsets:
+            await self._follow(after)
             return True
         try:
             await self._committer.commit(offsets)
@@ -115,8 +145,17 @@ class CommitTracker:
             # the new owner of these partitions replays their records
             logger.warning("commit failed", extra={"error": str(exc)})
             return False
+        except BaseException:
+            self.failed = True
+            raise
         self.committed.update(offsets)
+        await self._follow(after)
         return True
+
+    @staticmethod
+    async def _follow(after: list[Callable[[], Awaitable[object]]]) -> None:
+        for work in after:
+            await work()
 
     async def reap(self, block: bool) -> None:
         """Collect finished batches (re-raising their errors); with `block`, all of them."""

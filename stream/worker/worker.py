@@ -154,7 +154,9 @@ class StreamWorker:
         cfg = self.config
         plane = self.open_dataplane(cfg.dataplane)
         self.source, self.sink = plane.source, plane.sink
-        self.commits = CommitTracker(self.source, cfg.commit_interval_s)
+        self.commits = CommitTracker(
+            self.source, cfg.commit_interval_s, transactional=plane.transactional
+        )
         self.dead_letters = DeadLetters(self.sink, cfg.dlq_topic)
         self.shadow = (
             ShadowSignals(self.sink, cfg.shadow_topic, cfg.threshold) if cfg.shadow_topic else None
@@ -277,6 +279,7 @@ class StreamWorker:
         self.telemetry.progressed()
         if self.commits.full:
             await self.commits.wait_room()
+        await self.commits.between_batches()
 
     async def process(self, fetched: Fetched) -> list[asyncio.Future[Any]]:
         """Score one micro-batch and hand its signals and dead letters to the sink.
@@ -466,8 +469,11 @@ class StreamWorker:
         """Snapshot revoked partitions (between batches) so their next owner resumes exactly."""
         async with self._batch_lock:
             await self.commits.reap(block=True)  # everything processed is now acknowledged
-            await self.commits.commit()
-            await self.recovery.write(self.recovery.take(list(revoked)))
+            committed = await self.commits.commit()
+            if committed or not self.commits.transactional:
+                # at least once, the signals are acknowledged even where the commit
+                # failed; a transaction that did not commit took them back
+                await self.recovery.write(self.recovery.take(list(revoked)))
             self.commits.forget(revoked)
             self.recovery.forget(revoked)
             self.telemetry.forget(revoked)
