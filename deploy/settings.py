@@ -101,8 +101,8 @@ class Settings(BaseSettings):
         False,
         description="Each commit is a Kafka transaction holding the signals, dead letters "
         "and input offsets since the last (librdkafka's client; read the signals with "
-        "isolation.level=read_committed); needs a broker with transactions, and "
-        "TICKSERVE_WIRE unset",
+        "isolation.level=read_committed); needs a broker with transactions; "
+        "TICKSERVE_WIRE does not apply",
     )
     transactional_id: str | None = Field(
         None,
@@ -369,16 +369,6 @@ class Settings(BaseSettings):
             ConfigError: The token file cannot be read or is empty.
         """
         return _secret(self.api_token, self.api_token_file, "TICKSERVE_API_TOKEN_FILE")
-
-    @model_validator(mode="after")
-    def _one_data_plane(self) -> Settings:
-        if self.exactly_once and self.wire and "wire" in self.model_fields_set:
-            raise PydanticCustomError(
-                "data_plane",
-                "TICKSERVE_EXACTLY_ONCE runs on librdkafka's transactional client, not on "
-                "tickserve's own connections: unset TICKSERVE_WIRE",
-            )
-        return self
 
     @model_validator(mode="after")
     def _kafka_security(self) -> Settings:

@@ -231,9 +231,12 @@ class TransactionFailed(BrokerError):
     Attributes:
         transactional_id: The producer's transactional id.
         step: The call that failed (init_transactions, commit_transaction, ...).
+        abortable: The producer can still abort the transaction (false when it was
+            fenced or failed fatally: the broker aborts it at its timeout then).
     """
 
     def __init__(self, transactional_id: str, step: str, reason: str) -> None:
         super().__init__(f"transaction of {transactional_id}: {step} failed: {reason}")
         self.transactional_id = transactional_id
         self.step = step
+        self.abortable = False

@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0  # one blocking librdkafka call (a transaction step, a lookup)
 ASSIGN_TIMEOUT_S = 60.0
+# an abort goes before the worker ends; a fenced producer's abort can only time out
+# (the local broker answers it so), and the broker aborts at the transaction timeout
+ABORT_TIMEOUT_S = 5.0
 COMMIT_RETRIES = 3  # a retriable commit error (a timeout) is retried, then fatal
 # aiokafka's defaults, so that group membership times the same on every plane (with
 # librdkafka's 45 s the local broker took 23 s to assign, with these 5 s)
@@ -111,8 +114,11 @@ class TransactionalSink:
 
     def _failed(self, step: str, exc: KafkaException) -> TransactionFailed:
         error = exc.args[0] if exc.args else None
-        reason = error.str() if isinstance(error, KafkaError) else str(exc)
-        return TransactionFailed(self.transactional_id, step, reason)
+        if not isinstance(error, KafkaError):
+            return TransactionFailed(self.transactional_id, step, str(exc))
+        failed = TransactionFailed(self.transactional_id, step, error.str())
+        failed.abortable = bool(error.txn_requires_abort())
+        return failed
 
     async def start(self) -> None:
         """Register the transactional id (fencing an older producer with the same id)."""
@@ -196,8 +202,9 @@ class TransactionalSink:
                         CALL_TIMEOUT_S,
                     )
                 await self._commit()
-            except TransactionFailed:
-                await self._abort()
+            except TransactionFailed as exc:
+                if exc.abortable:  # a fenced or fatal producer cannot abort: the broker will
+                    await self._abort()
                 raise
             finally:
                 self._open = False
@@ -218,7 +225,7 @@ class TransactionalSink:
 
     async def _abort(self) -> None:
         try:
-            await self._call("abort_transaction", self.producer.abort_transaction, CALL_TIMEOUT_S)
+            await self._call("abort_transaction", self.producer.abort_transaction, ABORT_TIMEOUT_S)
         except TransactionFailed as exc:  # fenced or fatal: the broker aborts it in time
             logger.warning("transaction abort failed", extra={"error": str(exc)})
 
@@ -252,19 +259,26 @@ class ConfluentSource:
         self._failure: BaseException | None = None  # raised in a rebalance callback
         self._loop: asyncio.AbstractEventLoop | None = None
         self._io = concurrent.futures.ThreadPoolExecutor(1, "rdkafka-consumer")
+        common = {
+            "bootstrap.servers": config.bootstrap,
+            "group.id": config.group_id,
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "logger": logger,
+            **config.security.librdkafka_config(),
+        }
+        # committed offsets and log ranges are asked through a handle that never joins:
+        # the group's own handle holds such requests back while it waits for the
+        # assignment, which waits on the worker's `on_assigned`, which asks them
+        self._lookups = Consumer(common)
         self.consumer = Consumer(
             {
-                "bootstrap.servers": config.bootstrap,
-                "group.id": config.group_id,
-                "enable.auto.commit": False,
+                **common,
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": SESSION_TIMEOUT_MS,
                 "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
                 "fetch.wait.max.ms": config.fetch_max_wait_ms,
                 "max.partition.fetch.bytes": MAX_PARTITION_FETCH_BYTES,
-                "isolation.level": "read_committed",
-                "logger": logger,
-                **config.security.librdkafka_config(),
             }
         )
 
@@ -395,7 +409,7 @@ class ConfluentSource:
     async def committed(self, tp: TopicPartition) -> int | None:
         """The group's committed offset of `tp` (transactions: the last committed one)."""
         wanted = [RdTopicPartition(tp.topic, tp.partition)]
-        [got] = await asyncio.to_thread(self.consumer.committed, wanted, CALL_TIMEOUT_S)
+        [got] = await asyncio.to_thread(self._lookups.committed, wanted, CALL_TIMEOUT_S)
         offset: int = got.offset
         return offset if offset >= 0 else None
 
@@ -418,7 +432,7 @@ class ConfluentSource:
     async def log_range(self, tp: TopicPartition) -> tuple[int, int]:
         """The partition's log start offset and its end, asked of the broker."""
         low, high = await asyncio.to_thread(
-            self.consumer.get_watermark_offsets,
+            self._lookups.get_watermark_offsets,
             RdTopicPartition(tp.topic, tp.partition),
             CALL_TIMEOUT_S,
             False,
@@ -435,6 +449,7 @@ class ConfluentSource:
             await self._in_consumer_thread(self.consumer.close)
         finally:
             self._io.shutdown(wait=False)
+            await asyncio.to_thread(self._lookups.close)
 
 
 def open_dataplane(config: DataPlaneConfig) -> DataPlane:

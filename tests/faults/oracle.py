@@ -9,6 +9,10 @@ such by its position), one with a signal and a dead letter is a conflict, an out
 naming no tick in the log is foreign, and a tick with none is lost unless the test
 counted it as dropped.
 
+With `committed_only`, the signals and dead letters are read as a read_committed
+consumer sees them, from the log's own transaction markers (`read_committed_log`): the
+local broker keeps the markers but leaves aborted records visible to such consumers.
+
 With TICKSERVE_FAULTS_RESULTS set, `record` writes each fault's row there as JSON
 (`python -m tests.faults.report` renders docs/faults.md from those files).
 """
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.record.memory_records import MemoryRecords
 
 if TYPE_CHECKING:
     from deploy.settings import Settings
@@ -63,6 +68,8 @@ class Account:
         duplicates: Outcomes beyond the first of their tick (same kind, same position).
         conflicts: Ticks with both a signal and a dead letter.
         foreign: Signals or dead letters that name no tick of the log.
+        aborted: With committed_only, records of aborted (or never ended) transactions on
+            the signals and dead-letter topics, left out of the count.
         recover_s: From the end of the fault until the last tick waiting then (or
             arriving later) had its first outcome; None when no fault end was given.
         reasons: Dead letters per reason header (a conflict's dead letter too: why the
@@ -81,6 +88,7 @@ class Account:
     recover_s: float | None
     reasons: dict[str, int] = field(default_factory=dict)
     lost_sample: list[Position] = field(default_factory=list)
+    aborted: int = 0  # with committed_only: records of aborted transactions left out
 
     def check(self, max_duplicates: int = 0) -> None:
         """Fail with the whole account unless every tick ended exactly once (bar duplicates)."""
@@ -150,6 +158,76 @@ async def read_log(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[
                 ends = await consumer.end_offsets(parts)
     finally:
         await consumer.stop()
+
+
+@dataclass
+class CommittedLog:
+    """A topic as a read_committed consumer sees it, and what its transactions took back."""
+
+    records: list[Logged] = field(default_factory=list)
+    aborted: int = 0  # records of aborted transactions
+    open: int = 0  # records of transactions with no marker yet
+
+
+async def read_committed_log(bootstrap: str, topic: str, partitions: int) -> CommittedLog:
+    """Every committed record of `topic`: plain ones, and transactional ones once their
+    producer's COMMIT marker follows (an ABORT marker drops them), per Kafka's protocol.
+
+    Raw Fetch requests (read uncommitted) and aiokafka's record reader, so that the
+    markers themselves are seen: the local broker writes them but does not list aborted
+    transactions in its Fetch answers, which is how read_committed clients skip them.
+    """
+    from stream.kafka import protocol
+    from stream.kafka.wire import Connection
+
+    host, port = bootstrap.split(",")[0].rsplit(":", 1)
+    conn = await Connection.open(host, int(port))
+    out = CommittedLog()
+    try:
+        for partition in range(partitions):
+            pending: dict[int, list[Logged]] = {}
+            offset = 0
+            while True:
+                body = await conn.request(
+                    protocol.FETCH,
+                    4,
+                    [
+                        protocol.fetch_request(
+                            4, topic, [(partition, offset)], 100, 1, 1 << 24, 1 << 24
+                        )
+                    ],
+                )
+                _error, [(_topic, data)] = protocol.parse_fetch_response(body, 4)
+                assert data.error == 0, f"{topic}/{partition}: fetch error {data.error}"
+                batches = MemoryRecords(body[data.start : data.end])
+                while (batch := batches.next_batch()) is not None:
+                    for r in batch:
+                        if batch.is_control_batch:
+                            kind = int.from_bytes(r.key[2:4], "big")  # 0 abort, 1 commit
+                            done = pending.pop(batch.producer_id, [])
+                            if kind == 1:
+                                out.records += done
+                            else:
+                                out.aborted += len(done)
+                            continue
+                        logged = Logged(
+                            partition,
+                            r.offset,
+                            r.timestamp,
+                            r.value,
+                            {k: bytes(v) for k, v in r.headers},
+                        )
+                        if batch.is_transactional:
+                            pending.setdefault(batch.producer_id, []).append(logged)
+                        else:
+                            out.records.append(logged)
+                    offset = batch.next_offset
+                if offset >= data.high_watermark:
+                    break
+            out.open += sum(len(v) for v in pending.values())
+    finally:
+        await conn.close()
+    return out
 
 
 def _trade_id(value: bytes | None) -> str | None:
@@ -227,6 +305,8 @@ async def account(
     dropped: Iterable[Position] = (),
     earlier: Iterable[list[Logged]] = (),
     timeout_s: float = 90.0,
+    committed_only: bool = False,
+    partitions: int = 4,
 ) -> Account:
     """Read the three topics back until every tick has an outcome (or `timeout_s`); count.
 
@@ -236,6 +316,8 @@ async def account(
         dropped: Positions the test counts as dropped without an outcome (it says why).
         earlier: Logs of earlier incarnations of the ticks topic (read before it was
             deleted): their signals are theirs, not foreign, and they are accounted too.
+        committed_only: Count only committed records of the signals and dead-letter
+            topics (`read_committed_log`, over `partitions` partitions each).
     """
     ticks = await read_log(bootstrap, ticks_topic)
     if expect_ticks is not None:
@@ -246,6 +328,11 @@ async def account(
     for log in epochs:
         wanted.update((r.partition, r.offset) for r in log)
     wanted -= drops
+    if committed_only:
+        topics = (ticks_topic, signals_topic, dlq_topic)
+        return await _account_committed(
+            bootstrap, topics, partitions, epochs, drops, wanted, fault_end, timeout_s
+        )
     outcomes = _Outcomes(ticks_topic)
     consumer = _consumer(bootstrap)
     await consumer.start()
@@ -276,6 +363,33 @@ async def account(
     finally:
         await consumer.stop()
     return _tally(epochs, outcomes, drops, fault_end)
+
+
+async def _account_committed(
+    bootstrap: str,
+    topics: tuple[str, str, str],
+    partitions: int,
+    epochs: list[list[Logged]],
+    drops: set[Position],
+    wanted: set[Position],
+    fault_end: float | None,
+    timeout_s: float,
+) -> Account:
+    """`account` over the committed records only, read again until every tick has one."""
+    ticks_topic, signals_topic, dlq_topic = topics
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outcomes = _Outcomes(ticks_topic)
+        signals = await read_committed_log(bootstrap, signals_topic, partitions)
+        letters = await read_committed_log(bootstrap, dlq_topic, partitions)
+        covered = {where for r in signals.records if (where := outcomes.add_signal(r))}
+        covered |= {where for r in letters.records if (where := outcomes.add_letter(r))}
+        if (wanted <= covered and not signals.open + letters.open) or (time.monotonic() > deadline):
+            break
+        await asyncio.sleep(1.0)
+    result = _tally(epochs, outcomes, drops, fault_end)
+    result.aborted = signals.aborted + letters.aborted
+    return result
 
 
 def _tally(
