@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="every Kafka connection over TLS: each fresh broker behind stunnel4",
     )
     e2e.add_argument(
+        "--exactly-once",
+        action="store_true",
+        help="the worker with TICKSERVE_EXACTLY_ONCE (latency read uncommitted)",
+    )
+    e2e.add_argument(
         "--floors",
         default="aiokafka,confluent,echo",
         help="echo floors, each round in this order: aiokafka (stock aiokafka), confluent "
@@ -155,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         gpu=args.gpu,
         floors=tuple(name.strip() for name in args.floors.split(",") if name.strip()),
         tls=args.tls,
+        exactly_once=args.exactly_once,
     )
     path = run_e2e(config)
     print(summary(path))

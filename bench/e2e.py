@@ -80,6 +80,9 @@ class E2EConfig:
     # every Kafka connection over TLS: each fresh broker behind stunnel4 (bench.tls), a
     # self-signed certificate, TICKSERVE_KAFKA_SECURITY_PROTOCOL=SSL for every process
     tls: bool = False
+    # the worker on the exactly-once plane (TICKSERVE_EXACTLY_ONCE); the sink reads
+    # uncommitted, so latencies leave out the wait for the transaction's commit
+    exactly_once: bool = False
 
 
 # floor name -> the module that runs it; "echo" is on tickserve's own data plane
@@ -270,6 +273,7 @@ class Bench:
             TICKSERVE_BAR_SECONDS=str(self.config.bar_seconds), TICKSERVE_LOG_LEVEL="INFO",
             TICKSERVE_PREFER_GPU=str(self.config.gpu).lower(),
             TICKSERVE_REALTIME_PRIORITY=str(self.config.realtime_priority),
+            TICKSERVE_EXACTLY_ONCE=str(self.config.exactly_once).lower(),
             **self._tracing_env(),
         )  # fmt: skip
         env.update(worker_env or {})
