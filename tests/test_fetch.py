@@ -208,3 +208,13 @@ def test_gap_retries_are_bounded_per_gap() -> None:
     gaps.passed(tp)
     assert gaps.retry(tp, 40) and gaps.retry(tp, 40) and not gaps.retry(tp, 40)
     assert not GapRetries(limit=0).retry(tp, 1)
+
+
+def test_a_cut_takes_records_up_to_a_gap_then_accepts_it() -> None:
+    """`GapRetries.cut`, as the aiokafka and librdkafka planes use it on consumed records."""
+    gaps = GapRetries(limit=1)
+    tp = TopicPartition("t", 0)
+    assert gaps.cut(tp, [5, 6, 7], 5) == (3, 8, False)  # no gap: all, read on
+    assert gaps.cut(tp, [8, 9, 12, 13], 8) == (2, 10, True)  # up to the gap, seek back to it
+    assert gaps.cut(tp, [12, 13], 10) == (2, 14, False)  # seen again: accepted
+    assert gaps.cut(tp, [20], 14) == (0, 14, True)  # a gap at the start takes nothing

@@ -123,20 +123,11 @@ class GroupSource:
         transaction markers skip offsets too).
         """
         expected = self._expected.get(tp, records[0].offset)
-        for i, record in enumerate(records):
-            if record.offset == expected + i:
-                continue
-            gap_at = expected + i
-            if self.gaps.retry(tp, gap_at):
-                self.consumer.seek(tp, gap_at)
-                self._expected[tp] = gap_at
-                return records[:i], gap_at
-            break
-        else:
-            self.gaps.passed(tp)
-        next_offset = records[-1].offset + 1
+        taken, next_offset, seek = self.gaps.cut(tp, [r.offset for r in records], expected)
+        if seek:
+            self.consumer.seek(tp, next_offset)
         self._expected[tp] = next_offset
-        return records, next_offset
+        return records[:taken], next_offset
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit `offsets`; OffsetCommitFailed when the group has moved on."""

@@ -400,20 +400,11 @@ class ConfluentSource:
     ) -> tuple[list[_Record], int]:
         """The records before the first skipped offset, and the offset to go on from."""
         expected = self._expected.get(tp, records[0].offset)
-        for i, record in enumerate(records):
-            if record.offset == expected + i:
-                continue
-            gap_at = expected + i
-            if self.gaps.retry(tp, gap_at):
-                self.consumer.seek(RdTopicPartition(tp.topic, tp.partition, gap_at))
-                self._expected[tp] = gap_at
-                return list(records[:i]), gap_at
-            break
-        else:
-            self.gaps.passed(tp)
-        next_offset = records[-1].offset + 1
+        taken, next_offset, seek = self.gaps.cut(tp, [r.offset for r in records], expected)
+        if seek:
+            self.consumer.seek(RdTopicPartition(tp.topic, tp.partition, next_offset))
         self._expected[tp] = next_offset
-        return list(records), next_offset
+        return list(records[:taken]), next_offset
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit `offsets` in the sink's transaction, with what it produced since the last."""

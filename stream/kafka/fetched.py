@@ -196,6 +196,25 @@ class GapRetries:
         """A fetch for `tp` went through without a gap."""
         self._seen.pop(tp, None)
 
+    def cut(
+        self, tp: TopicPartition, offsets: Sequence[int], expected: int
+    ) -> tuple[int, int, bool]:
+        """Where to cut records of `tp` (their `offsets`) that should start at `expected`.
+
+        Returns how many to take, the offset to go on from, and whether the consumer
+        must seek back to it (a gap fetched again) rather than read on.
+        """
+        for i, offset in enumerate(offsets):
+            if offset == expected + i:
+                continue
+            gap_at = expected + i
+            if self.retry(tp, gap_at):
+                return i, gap_at, True
+            break
+        else:
+            self.passed(tp)
+        return len(offsets), offsets[-1] + 1, False
+
 
 def parse_plain(
     tp: TopicPartition,
