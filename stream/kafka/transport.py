@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # TCP and TLS handshake
 LOGIN_TIMEOUT_S = 10.0  # the SASL exchange
+ALERT_WAIT_S = 0.3  # `diagnose`: time for a TLS alert after the handshake (a slow path)
 API_VERSIONS = 18  # api key: the probe's first request, as every client's
 
 C = TypeVar("C", bound="Connection")
@@ -113,14 +114,21 @@ async def diagnose(bootstrap: str, security: KafkaSecurity) -> None:
         conn = await open_connection(Probe, host.strip("[]"), int(port), security)
     except KafkaConnectionError:
         return
+    answered = False
     try:
         # TLS 1.3: a server that wants a client certificate says so after the
-        # handshake, on the first read
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            await conn.request(API_VERSIONS, 0, [])
+        # handshake, with an alert, and closes. A request written after that close
+        # draws a reset, which can discard the unread alert: listen first.
+        if security.tls:
+            await asyncio.sleep(ALERT_WAIT_S)
+        if not lost:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await conn.request(API_VERSIONS, 0, [])
+            answered = True
     except (KafkaError, TimeoutError):
-        cause = next((exc for exc in lost if isinstance(exc, ssl.SSLError)), None)
-        if cause is not None:
-            raise _tls_error(host, int(port), cause) from None
+        pass
     finally:
         await conn.close()
+    cause = next((exc for exc in lost if isinstance(exc, ssl.SSLError)), None)
+    if cause is not None and not answered:
+        raise _tls_error(host, int(port), cause) from None
