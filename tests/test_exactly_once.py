@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 from aiokafka import TopicPartition
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as RdTopicPartition
 
 from deploy.settings import Settings
 from stream.kafka.base import DataPlaneConfig
 from stream.kafka.clients import ensure_topics
-from stream.kafka.confluent_io import TransactionalSink
+from stream.kafka.confluent_io import COMMIT_RETRIES, TransactionalSink
 from tests.faults.oracle import read_committed_log
 from tests.helpers import run, unique
 from tickserve.errors import TransactionFailed
@@ -62,3 +62,46 @@ def test_a_crashed_transaction_is_aborted_by_its_successor_and_the_zombie_is_fen
     log = run(read_committed_log(config.bootstrap, out, 1))
     assert _values(log.records) == [b"committed", b"after the restart"]
     assert log.aborted >= 1 and log.open == 0, log
+
+
+class _Flaky:
+    """Stands in for the producer's commit: fails with `errors` in turn, then commits."""
+
+    def __init__(self, *errors: KafkaError) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self, timeout: float) -> None:
+        self.calls += 1
+        if self.errors:
+            raise KafkaException(self.errors.pop(0))
+
+
+def test_a_retriable_commit_error_is_retried_and_a_fatal_one_is_not() -> None:
+    """A timed-out commit goes again (up to COMMIT_RETRIES); a fenced one ends at once."""
+    timeout = KafkaError(KafkaError._TIMED_OUT, "timed out", retriable=True)
+    fenced = KafkaError(KafkaError._FENCED, "fenced", fatal=True)
+    config = DataPlaneConfig("127.0.0.1:1", "ticks", "g", transactional_id="t")
+
+    async def commit(flaky: _Flaky) -> None:
+        sink = TransactionalSink(config)  # no broker is asked before `start`
+        try:
+            sink.producer = type("P", (), {"commit_transaction": flaky})()  # type: ignore[assignment]
+            await sink._commit()
+        finally:
+            sink._calls.shutdown(wait=False)
+
+    once = _Flaky(timeout)
+    run(commit(once))
+    assert once.calls == 2
+
+    always = _Flaky(*[timeout] * COMMIT_RETRIES)
+    with pytest.raises(TransactionFailed) as failed:
+        run(commit(always))
+    assert always.calls == COMMIT_RETRIES and failed.value.retriable
+    assert failed.value.step == "commit_transaction"
+
+    gone = _Flaky(fenced)
+    with pytest.raises(TransactionFailed) as failed:
+        run(commit(gone))
+    assert gone.calls == 1 and not failed.value.retriable and not failed.value.abortable

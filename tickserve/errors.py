@@ -233,10 +233,19 @@ class TransactionFailed(BrokerError):
         step: The call that failed (init_transactions, commit_transaction, ...).
         abortable: The producer can still abort the transaction (false when it was
             fenced or failed fatally: the broker aborts it at its timeout then).
+        retriable: The same call may succeed if made again (a timeout).
     """
 
-    def __init__(self, transactional_id: str, step: str, reason: str) -> None:
+    def __init__(
+        self,
+        transactional_id: str,
+        step: str,
+        reason: str,
+        abortable: bool = False,
+        retriable: bool = False,
+    ) -> None:
         super().__init__(f"transaction of {transactional_id}: {step} failed: {reason}")
         self.transactional_id = transactional_id
         self.step = step
-        self.abortable = False
+        self.abortable = abortable
+        self.retriable = retriable

@@ -116,9 +116,13 @@ class TransactionalSink:
         error = exc.args[0] if exc.args else None
         if not isinstance(error, KafkaError):
             return TransactionFailed(self.transactional_id, step, str(exc))
-        failed = TransactionFailed(self.transactional_id, step, error.str())
-        failed.abortable = bool(error.txn_requires_abort())
-        return failed
+        return TransactionFailed(
+            self.transactional_id,
+            step,
+            error.str(),
+            abortable=bool(error.txn_requires_abort()),
+            retriable=bool(error.retriable()),
+        )
 
     async def start(self) -> None:
         """Register the transactional id (fencing an older producer with the same id)."""
@@ -212,15 +216,13 @@ class TransactionalSink:
     async def _commit(self) -> None:
         for attempt in range(COMMIT_RETRIES):
             try:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._calls, self.producer.commit_transaction, CALL_TIMEOUT_S
+                await self._call(
+                    "commit_transaction", self.producer.commit_transaction, CALL_TIMEOUT_S
                 )
                 return
-            except KafkaException as exc:
-                error = exc.args[0] if exc.args else None
-                retry = isinstance(error, KafkaError) and error.retriable()
-                if not retry or attempt == COMMIT_RETRIES - 1:
-                    raise self._failed("commit_transaction", exc) from exc
+            except TransactionFailed as exc:
+                if not exc.retriable or attempt == COMMIT_RETRIES - 1:
+                    raise
                 logger.warning("transaction commit retried", extra={"error": str(exc)})
 
     async def _abort(self) -> None:
