@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ MAX_ROWS = 4096
 
 def summarize(
     spans: TickSpans,
+    names: Sequence[str],
     slots: np.ndarray,
     accepted: np.ndarray,
     scored: np.ndarray,
@@ -32,6 +34,7 @@ def summarize(
 
     Args:
         spans: The decoded micro-batch.
+        names: The symbol of each feature slot (`FeatureEngine.symbols`).
         slots: Feature slot of each row (one per symbol).
         accepted: Rows whose price counts (not late, not replayed).
         scored: Rows whose signal carries the model's call.
@@ -41,8 +44,13 @@ def summarize(
         threshold: P(up) at or above which a signal says UP.
     """
     rows = np.flatnonzero(accepted)
-    uniq, first, index = np.unique(slots[rows], return_index=True, return_inverse=True)
-    symbols = tuple(spans.symbols(rows[first])) if len(uniq) else ()
+    held = slots[rows]
+    # slots are small integers: the distinct ones in slot order, and each row's index
+    # into them, without the sort np.unique would make
+    present = np.flatnonzero(np.bincount(held)) if len(held) else held
+    position = np.empty(int(present[-1]) + 1 if len(present) else 0, np.int32)
+    position[present] = np.arange(len(present), dtype=np.int32)
+    symbols = tuple(names[slot] for slot in present.tolist())
     called = scored[rows]
     direction = np.full(len(rows), FLAT, np.int8)
     direction[called] = np.where(scores[rows[called]] >= threshold, UP, DOWN)
@@ -50,7 +58,7 @@ def summarize(
         model.name,
         model.version,
         symbols,
-        index.astype(np.int32),
+        position[held],
         spans.event_ns[rows],
         spans.price[rows],
         direction,
@@ -61,9 +69,15 @@ def summarize(
 class SummaryPublisher:
     """Sends each micro-batch's summary to `topic`, keyed so that one worker's land in order."""
 
-    def __init__(self, sink: SignalSink, topic: str, key: bytes, threshold: float) -> None:
-        """Send through `sink`; `key` picks the partition (the worker's consumer group)."""
+    def __init__(
+        self, sink: SignalSink, topic: str, key: bytes, threshold: float, names: Sequence[str]
+    ) -> None:
+        """Send through `sink`; `key` picks the partition (the worker's consumer group).
+
+        `names` is the feature engine's symbol per slot (it grows as symbols arrive).
+        """
         self.sink = sink
+        self.names = names
         self.topic = topic
         self.key = key
         self.threshold = threshold
@@ -88,6 +102,8 @@ class SummaryPublisher:
         for start in range(0, len(rows), MAX_ROWS):
             part = np.zeros(len(accepted), np.bool_)
             part[rows[start : start + MAX_ROWS]] = True
-            summary = summarize(spans, slots, part, scored, scores, features, model, self.threshold)
+            summary = summarize(
+                spans, self.names, slots, part, scored, scores, features, model, self.threshold
+            )
             acks.append(await self.sink.send_record(self.topic, summary.encode(), self.key))
         return acks

@@ -63,6 +63,7 @@ class BatchTelemetry:
         self.symbols = symbols if symbols is not None else SymbolLabels()
         self._stages = [STAGE_LATENCY.labels(stage) for stage in STAGE_NAMES]
         self._signals: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        self._predictions: dict[tuple[str, str], Counter] = {}  # (model, symbol label)
         self._lagging: set[TopicPartition] = set()  # partitions whose lag this worker shows
 
     def scored(
@@ -94,8 +95,12 @@ class BatchTelemetry:
         if not_ready:
             unready.inc(not_ready)
         if records.size:
+            predictions = self._predictions
             for label, n in self.symbols.counts(slots):
-                PREDICTIONS.labels(name, label).inc(n)
+                counter = predictions.get((name, label))
+                if counter is None:
+                    counter = predictions[name, label] = PREDICTIONS.labels(name, label)
+                counter.inc(n)
             produced_ms = stamps_ns[4] / 1e6
             LATENCY.observe_many((produced_ms - fetched.timestamp_ms[records]) / 1e3)
 

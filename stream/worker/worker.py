@@ -164,7 +164,9 @@ class StreamWorker:
         self.summaries = None
         if cfg.summary_topic:
             key = cfg.dataplane.group_id.encode()
-            self.summaries = SummaryPublisher(self.sink, cfg.summary_topic, key, cfg.threshold)
+            self.summaries = SummaryPublisher(
+                self.sink, cfg.summary_topic, key, cfg.threshold, self.engine.symbols
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then commit, snapshot and close."""
