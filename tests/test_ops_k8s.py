@@ -8,6 +8,7 @@ by the npm packages of kubernetes-models, validators compiled from their CRDs' o
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from typing import Any
@@ -22,7 +23,7 @@ from tests.helpers import ROOT
 from tests.published import Unavailable, crd_errors
 
 K8S = ROOT / "deploy" / "k8s"
-VARIANTS = ["base", "overlays/dev", "overlays/prod", "hpa"]
+VARIANTS = ["base", "overlays/dev", "overlays/prod", "hpa", "exactly-once"]
 KUBERNETES = "1.30.0"
 CRD_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
@@ -54,6 +55,15 @@ def _crd_errors(objects: list[dict[str, Any]]) -> list[list[str]]:
 
 def _by_kind(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def _worker(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worker's Deployment, or its StatefulSet in the exactly-once variant."""
+    kinds = ("Deployment", "StatefulSet")
+    (found,) = [
+        o for o in objects if o["kind"] in kinds and o["metadata"]["name"] == "tickserve-worker"
+    ]
     return found
 
 
@@ -98,8 +108,7 @@ def test_a_bad_object_fails_validation(rendered: dict[str, list[dict[str, Any]]]
 def test_worker_probes_resources_and_security(
     rendered: dict[str, list[dict[str, Any]]], variant: str
 ) -> None:
-    worker = _by_kind(rendered[variant], "Deployment", "tickserve-worker")
-    pod = worker["spec"]["template"]["spec"]
+    pod = _worker(rendered[variant])["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
@@ -115,7 +124,7 @@ def test_worker_probes_resources_and_security(
     assert security["runAsNonRoot"] is True and pod["securityContext"]["runAsNonRoot"] is True
 
 
-@pytest.mark.parametrize("variant", ["base", "overlays/dev", "overlays/prod"])
+@pytest.mark.parametrize("variant", ["base", "overlays/dev", "overlays/prod", "exactly-once"])
 def test_keda_never_scales_past_the_partitions(
     rendered: dict[str, list[dict[str, Any]]], variant: str
 ) -> None:
@@ -155,3 +164,27 @@ def test_cronjob_trains_weekly_and_gates(rendered: dict[str, list[dict[str, Any]
     assert cron["spec"]["schedule"] == "0 1 * * 0" and cron["spec"]["timeZone"] == "Etc/UTC"
     (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     assert "tickserve validate --min-accuracy 0.54 --min-sharpe 1.0" in container["args"][0]
+
+
+def test_exactly_once_variant_runs_the_worker_with_stable_transactional_ids(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """A StatefulSet (stable pod names, so stable ids) with the base Deployment's pod, plus env."""
+    objects = rendered["exactly-once"]
+    worker = _worker(objects)
+    assert worker["kind"] == "StatefulSet"
+    scaled = _by_kind(objects, "ScaledObject", "tickserve-worker")
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "tickserve-worker",
+    }
+    pod = copy.deepcopy(worker["spec"]["template"])
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container.pop("env")}
+    assert env["TICKSERVE_EXACTLY_ONCE"] == "true"
+    assert env["TICKSERVE_TRANSACTIONAL_ID"] == "$(POD_NAMESPACE).$(POD_NAME)"
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # the rest of the pod is the base Deployment's: the two cannot drift apart
+    assert pod == _by_kind(rendered["base"], "Deployment", "tickserve-worker")["spec"]["template"]
