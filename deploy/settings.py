@@ -323,7 +323,7 @@ class Settings(BaseSettings):
     # Live model quality (`tickserve monitor`)
     summary_topic: str = Field(
         "signals.summary",
-        description="Topic of the workers' micro-batch summaries (prices, calls, features) "
+        description="Topic of the workers' summaries (prices, calls, features) "
         "that `tickserve monitor` judges; empty: not published",
     )
     monitor_http_port: int = Field(

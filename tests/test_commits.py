@@ -137,3 +137,46 @@ def test_after_a_commit_that_raised_no_commit_claims_success() -> None:
         assert await commits.commit() is False  # on revoke or stop: no snapshot follows
 
     asyncio.run(main())
+
+
+def test_a_commit_first_sends_what_waits_for_it_and_commits_once_that_is_acknowledged() -> None:
+    async def main() -> None:
+        source, sink = FakeSource(), FakeSink(auto_ack=False)
+        sent: list[asyncio.Future[None]] = []
+
+        async def before_commit() -> list[asyncio.Future[None]]:
+            sent.extend(await sink.send("summaries", [(0, b"rows", 1)]))
+            return sent
+
+        commits = CommitTracker(source, interval_s=0.0, before_commit=before_commit)
+        acks = await sink.send("s", [(0, b"a", 1)])
+        commits.track(acks, {TP0: 3})
+        acks[0].set_result(None)
+        await asyncio.sleep(0.01)
+        assert len(sent) == 1 and source.commits == []  # sent, not yet acknowledged
+        sent[0].set_result(None)
+        await commits.reap(block=True)
+        assert source.commits == [{TP0: 3}]
+
+    asyncio.run(main())
+
+
+def test_a_refused_before_commit_record_stops_the_commits() -> None:
+    async def main() -> None:
+        source, sink = FakeSource(), FakeSink(auto_ack=False)
+
+        async def before_commit() -> list[asyncio.Future[None]]:
+            [ack] = await sink.send("summaries", [(0, b"rows", 1)])
+            ack.set_exception(RuntimeError("refused"))
+            return [ack]
+
+        commits = CommitTracker(source, interval_s=0.0, before_commit=before_commit)
+        acks = await sink.send("s", [(0, b"a", 1)])
+        commits.track(acks, {TP0: 3})
+        acks[0].set_result(None)
+        with pytest.raises(RuntimeError, match="refused"):
+            await commits.reap(block=True)
+        assert source.commits == [] and commits.failed
+        assert not await commits.commit()  # nothing is committed after it
+
+    asyncio.run(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 
@@ -266,7 +268,7 @@ def test_faust_monitor_exports_known_truth_and_keeps_it_across_a_restart(
     assert after == before
 
 
-def test_the_worker_publishes_one_summary_per_micro_batch() -> None:
+def test_the_worker_publishes_a_summary_before_each_commit() -> None:
     """Prices of every accepted tick, the calls of the scored ones, and their feature rows."""
     import asyncio
     import time
@@ -304,7 +306,7 @@ def test_the_worker_publishes_one_summary_per_micro_batch() -> None:
         await task
 
     asyncio.run(main())
-    [record] = [r for r in sink.records if r.topic == "sum"]
+    [record] = [r for r in sink.records if r.topic == "sum"]  # one micro-batch, one commit
     assert record.key == b"g"
     summary = BatchSummary.decode(record.value)
     assert len(summary) == 120 and sorted(summary.symbols) == ["A", "B"]
@@ -337,3 +339,48 @@ def test_monitor_port_in_use_and_no_topic_are_one_line(tmp_path) -> None:
         "tickserve monitor: error: TICKSERVE_SUMMARY_TOPIC is empty: the workers publish "
         "nothing to judge"
     ]
+
+
+def test_summaries_gather_micro_batches_and_split_by_version_and_size(monkeypatch) -> None:
+    """One record per run of one model version, none over MAX_ROWS, rows in stream order."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from stream.contracts.tickcodec import TickSpans
+    from stream.kafka.testing import FakeSink
+    from stream.worker import summaries
+
+    monkeypatch.setattr(summaries, "MAX_ROWS", 5)
+    sink = FakeSink()
+    names = ["A", "B", "C"]
+    publisher = summaries.SummaryPublisher(sink, "sum", b"g", 0.5, names)
+    offset = 0
+
+    def add(n: int, version: str, slots: list[int]) -> None:
+        nonlocal offset
+        spans = SimpleNamespace(
+            event_ns=np.arange(offset, offset + n, dtype=np.int64),
+            price=np.arange(offset, offset + n, dtype=np.float64),
+        )
+        offset += n
+        scored = np.arange(n) % 2 == 0
+        scores = np.where(scored, 0.9, np.nan)
+        features = np.repeat(spans.price[:, None], 2, axis=1)
+        model = SimpleNamespace(name="m", version=version)
+        accepted = np.ones(n, np.bool_)
+        publisher.add(
+            cast(TickSpans, spans), np.array(slots), accepted, scored, scores, features, model
+        )
+
+    add(3, "1", [2, 0, 2])
+    add(4, "1", [1, 1, 1, 1])
+    add(7, "2", [0] * 7)  # alone over MAX_ROWS: cut
+    assert publisher.pending == 3
+    acks = asyncio.run(publisher.flush())
+    assert len(acks) == 4 and publisher.pending == 0
+    got = [BatchSummary.decode(r.value) for r in sink.records]
+    assert [(s.version, len(s)) for s in got] == [("1", 3), ("1", 4), ("2", 5), ("2", 2)]
+    assert got[0].symbols == ("A", "C") and got[0].symbol_index.tolist() == [1, 0, 1]
+    assert np.concatenate([s.event_ns for s in got]).tolist() == list(range(14))
+    for s in got:  # the feature rows are those of the called ticks
+        assert s.features[:, 0].tolist() == s.price[s.direction != 0].tolist()

@@ -1,10 +1,11 @@
-"""The micro-batch summary contract: one record per worker micro-batch on `signals.summary`.
+"""The summary contract: the accepted ticks of one worker commit interval on `signals.summary`.
 
 What the live quality monitor needs from the stream, in columns: every accepted
 tick's symbol, event time and price (the realized direction is computed from
 them), the direction the model called (FLAT where it did not score) and the
-feature rows it scored. One record per micro-batch keeps the monitor's message
-rate at the worker's batch rate, not its tick rate.
+feature rows it scored. A worker sends one before each offset commit (more where
+the model version changed, or past its row limit), holding every micro-batch since
+the last: the monitor's message rate is the workers' commit rate, not the tick rate.
 
 Layout: a 4-byte little-endian header length, the header (JSON: model, version,
 symbols, rows, features), then the columns as raw little-endian arrays: symbol
@@ -28,7 +29,7 @@ _COLUMNS = (("symbol_index", "<i4"), ("event_ns", "<i8"), ("price", "<f8"), ("di
 
 @dataclass(frozen=True, slots=True)
 class BatchSummary:
-    """One micro-batch as the monitor sees it.
+    """Consecutive micro-batches of one model version, as the monitor sees them.
 
     Attributes:
         model: Registered model name.

@@ -1,6 +1,6 @@
 """`tickserve monitor`: the faust app that keeps live accuracy and feature drift in tables.
 
-Summaries (`stream.contracts.summary`) arrive one per worker micro-batch; the agent
+Summaries (`stream.contracts.summary`) arrive one per worker offset commit; the agent
 takes them in runs, `Judge` turns a run into count deltas, and the deltas go into
 faust tables backed by changelog topics, so a restarted monitor resumes with the
 same figures:
@@ -144,7 +144,7 @@ class QualityMonitor:
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=1.0,
-            # a summary is one record of a micro-batch's columns: fetch many at once
+            # a summary is one record of many ticks' columns: fetch many at once
             consumer_max_fetch_size=16 * 1024 * 1024,
             producer_linger_ms=5,
             # one changelog record per produce batch: on restart faust reads each changelog

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import TopicPartition
@@ -36,6 +36,10 @@ class CommitTracker:
     much more: at-least-once either way), and whenever a batch carries work that must
     follow a commit (a snapshot reflecting those offsets).
 
+    `before_commit` sends what must be acknowledged before any commit but is not
+    tied to one micro-batch (the monitor's summaries, gathered across micro-batches):
+    each commit calls it and waits for the acks of what it sent.
+
     With a `transactional` committer (the exactly-once plane), a commit also commits
     everything the sink sent since the last one, so it must not fall inside a
     micro-batch: batches only record their offsets and follow-up work, and the worker
@@ -49,12 +53,14 @@ class CommitTracker:
         max_inflight: int = MAX_INFLIGHT_BATCHES,
         clock: Callable[[], float] = time.monotonic,
         transactional: bool = False,
+        before_commit: Callable[[], Awaitable[Sequence[asyncio.Future[Any]]]] | None = None,
     ) -> None:
         """Nothing tracked yet."""
         self._committer = committer
         self.interval_s = interval_s
         self.max_inflight = max_inflight
         self.transactional = transactional
+        self._before_commit = before_commit
         self._clock = clock
         self._after_commit: list[Callable[[], Awaitable[object]]] = []  # transactional
         self.failed = False  # a commit raised (a failed transaction): no commit follows
@@ -136,11 +142,15 @@ class CommitTracker:
         offsets, self._acked = self._acked, {}
         self._last_commit = self._clock()
         after, self._after_commit = self._after_commit, []
-        if not offsets:
-            await self._follow(after)
-            return True
         try:
-            await self._committer.commit(offsets)
+            if self._before_commit is not None:
+                # what it sends belongs to batches processed by now, those of `offsets`
+                # among them: acknowledged before they are committed
+                sent = await self._before_commit()
+                if sent:
+                    await asyncio.gather(*sent)
+            if offsets:
+                await self._committer.commit(offsets)
         except OffsetCommitFailed as exc:
             # the new owner of these partitions replays their records
             logger.warning("commit failed", extra={"error": str(exc)})

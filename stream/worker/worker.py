@@ -66,7 +66,7 @@ class WorkerConfig:
     # much more, at-least-once either way
     commit_interval_s: float = 0.1
     shadow_topic: str = ""  # challenger scores go here (never to signals); "" = not sent
-    summary_topic: str = ""  # one summary per micro-batch for the monitor; "" = not sent
+    summary_topic: str = ""  # the accepted ticks, per commit, for the monitor; "" = not sent
     # /ready says "stalled" once no position moved for this long while partitions lag
     stall_after_s: float = 30.0
 
@@ -154,19 +154,22 @@ class StreamWorker:
         cfg = self.config
         plane = self.open_dataplane(cfg.dataplane)
         self.source, self.sink = plane.source, plane.sink
-        self.commits = CommitTracker(
-            self.source, cfg.commit_interval_s, transactional=plane.transactional
-        )
-        self.dead_letters = DeadLetters(self.sink, cfg.dlq_topic)
-        self.shadow = (
-            ShadowSignals(self.sink, cfg.shadow_topic, cfg.threshold) if cfg.shadow_topic else None
-        )
         self.summaries = None
         if cfg.summary_topic:
             key = cfg.dataplane.group_id.encode()
             self.summaries = SummaryPublisher(
                 self.sink, cfg.summary_topic, key, cfg.threshold, self.engine.symbols
             )
+        self.commits = CommitTracker(
+            self.source,
+            cfg.commit_interval_s,
+            transactional=plane.transactional,
+            before_commit=None if self.summaries is None else self.summaries.flush,
+        )
+        self.dead_letters = DeadLetters(self.sink, cfg.dlq_topic)
+        self.shadow = (
+            ShadowSignals(self.sink, cfg.shadow_topic, cfg.threshold) if cfg.shadow_topic else None
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then commit, snapshot and close."""
@@ -350,10 +353,9 @@ class StreamWorker:
         failed = ready & ~stale & ~np.isfinite(scores)
         if self.summaries is not None:
             accepted = ~late if replayed is None else ~late & ~replayed[spans.index]
-            acks.extend(
-                await self.summaries.send(
-                    spans, slots, accepted, ready & ~stale & ~failed, scores, feats.values, model
-                )
+            # sent, and acknowledged, before the next commit (`CommitTracker`)
+            self.summaries.add(
+                spans, slots, accepted, ready & ~stale & ~failed, scores, feats.values, model
             )
         n_errors = int(failed.sum())
         if n_errors:
