@@ -342,7 +342,9 @@ def test_shared_connection_echo_lands_every_record_in_order(stack_settings: Sett
             await wire.leaders.refresh([sink])
             deadline = time.monotonic() + 60
             while echoed < len(sent):
-                assert time.monotonic() < deadline, f"{echoed} of {len(sent)} fetched in 60 s"
+                # where it stuck, should it: the group join, the first position, the fetches
+                where = (consumer.assignment(), fetcher.position(TopicPartition(source, 0)))
+                assert time.monotonic() < deadline, f"{echoed} of {len(sent)} in 60 s at {where}"
                 fetched = await fetcher.poll(500)
                 if not len(fetched):  # a busy broker may answer a fetch empty
                     continue
