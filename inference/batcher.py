@@ -294,7 +294,10 @@ class MicroBatcher:
                 if k == 0:
                     return
                 batch = self._batch[:k]
-                np.compress(fresh, rows, axis=0, out=batch)
+                # not np.compress(..., out=batch): into an `out` of another dtype it
+                # first casts what `out` holds, and leftover bytes that read as a
+                # signalling NaN raise "invalid value encountered in cast"
+                np.copyto(batch, rows[fresh], casting="same_kind")
                 scores[fresh] = model.scorer.score(batch)
                 if shadow is not None and challenger is not None:
                     shadow[fresh] = self._shadow_scores(challenger, batch)
